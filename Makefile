@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make up` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install up test unit lint bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: install
+	$(BIN)/shardline up
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+unit: install
+	$(BIN)/pytest tests/unit -q
+
+test: lint
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+
+bench: install
+	$(BIN)/python bench/download.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

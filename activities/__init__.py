@@ -1,0 +1,1 @@
+"""Everything that touches disk, network or MLX, run by node workers."""

@@ -1,0 +1,170 @@
+"""download_model: a model's files (all, or one layer range's) onto this node, with progress and resume."""
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from huggingface_hub import HfApi, RepoFile, hf_hub_download
+from temporalio import activity
+
+from activities.errors import application_error, classify
+from shardline.ids import InvalidId, check_model_id
+from shardline.model_files import (
+    COMPLETE_MARKER,
+    INDEX_FILE,
+    files_to_fetch,
+    model_path,
+)
+from shardline.types import DownloadProgress, DownloadRequest, DownloadResult
+
+log = structlog.get_logger(__name__)
+DISK_MARGIN = 64 * 2**20
+
+
+@dataclass
+class Plan:
+    files: dict[str, int]  # path in repo -> size in bytes
+    commit: str
+
+
+def plan_download(req: DownloadRequest, dest: Path) -> Plan:
+    """Ask the hub which files exist and which of them this request needs (blocking)."""
+    hub = HfApi()
+    info = hub.model_info(req.model_id, revision=req.revision or "main")
+    tree = hub.list_repo_tree(req.model_id, revision=info.sha, recursive=True)
+    sizes = {f.path: f.size for f in tree if isinstance(f, RepoFile)}
+    weight_map = None
+    if req.layers is not None and INDEX_FILE in sizes:
+        index = hf_hub_download(req.model_id, INDEX_FILE, revision=info.sha, local_dir=dest)
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+    wanted = files_to_fetch(sizes, weight_map, req.layers)
+    return Plan(files={f: sizes[f] for f in wanted}, commit=info.sha or "")
+
+
+def bytes_on_disk(dest: Path, files: dict[str, int]) -> tuple[int, int]:
+    """(bytes, complete files) present for the plan, counting huggingface_hub's in-flight partials
+    (named by hash, not by file, so they count towards the whole)."""
+    done, complete = 0, 0
+    for name, size in files.items():
+        path = dest / name
+        if path.is_file() and path.stat().st_size == size:
+            done, complete = done + size, complete + 1
+    partials = dest / ".cache" / "huggingface" / "download"
+    in_flight = sum(p.stat().st_size for p in partials.glob("**/*.incomplete")) if partials.is_dir() else 0
+    return min(done + in_flight, sum(files.values())), complete
+
+
+class DownloadActivities:
+    def __init__(self, models_dir: Path) -> None:
+        self._models_dir = models_dir
+
+    @activity.defn(name="download_model")
+    async def download_model(self, req: DownloadRequest) -> DownloadResult:
+        try:
+            check_model_id(req.model_id)
+        except InvalidId as exc:
+            raise application_error("bad_input", str(exc)) from exc
+        dest = model_path(self._models_dir, req.model_id)
+        logger = log.bind(model_id=req.model_id, workflow_id=activity.info().workflow_id)
+        activity.heartbeat(DownloadProgress(phase="listing"))
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            plan = await asyncio.to_thread(plan_download, req, dest)
+        except Exception as exc:
+            raise application_error(*classify(exc, req.model_id)) from exc
+        total = sum(plan.files.values())
+        start_bytes, _ = bytes_on_disk(dest, plan.files)
+        free = shutil.disk_usage(dest).free
+        if total - start_bytes + DISK_MARGIN > free:
+            raise application_error(
+                "disk_full",
+                f"disk full: {req.model_id} needs {total - start_bytes} more bytes, {free} free",
+            )
+        logger.info(
+            "download.start",
+            files=len(plan.files),
+            bytes_total=total,
+            bytes_present=start_bytes,
+        )
+        started = time.monotonic()
+        await self._fetch(req, plan, dest, start_bytes, started)
+        (dest / COMPLETE_MARKER).write_text(
+            json.dumps(
+                {
+                    "model_id": req.model_id,
+                    "commit": plan.commit,
+                    "files": sorted(plan.files),
+                }
+            )
+        )
+        seconds = time.monotonic() - started
+        logger.info(
+            "download.done",
+            seconds=round(seconds, 2),
+            bytes_fetched=total - start_bytes,
+        )
+        return DownloadResult(
+            req.model_id,
+            str(dest),
+            sorted(plan.files),
+            total,
+            total - start_bytes,
+            seconds,
+        )
+
+    async def _fetch(
+        self,
+        req: DownloadRequest,
+        plan: Plan,
+        dest: Path,
+        start_bytes: int,
+        started: float,
+    ) -> None:
+        spec = {"repo_id": req.model_id, "revision": plan.commit or req.revision, "local_dir": str(dest),
+                "files": sorted(plan.files)}  # fmt: skip
+        env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "activities.fetch",
+            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        assert proc.stdin and proc.stderr
+        proc.stdin.write(json.dumps(spec).encode())
+        proc.stdin.close()
+        stderr = asyncio.create_task(proc.stderr.read())
+        try:
+            while proc.returncode is None:
+                self._report(dest, plan, start_bytes, started)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), timeout=1.0)
+        finally:
+            if proc.returncode is None:  # canceled, or the worker is shutting down
+                proc.kill()
+                await proc.wait()
+        if proc.returncode != 0:
+            raise application_error(*child_failure(await stderr, req.model_id))
+
+    def _report(self, dest: Path, plan: Plan, start_bytes: int, started: float) -> None:
+        done, complete = bytes_on_disk(dest, plan.files)
+        total = sum(plan.files.values())
+        rate = (done - start_bytes) / max(time.monotonic() - started, 1e-3)
+        eta = (total - done) / rate if rate > 0 else None
+        activity.heartbeat(DownloadProgress("downloading", done, total, complete, len(plan.files), rate, eta))
+
+
+def child_failure(stderr: bytes, model_id: str) -> tuple[str, str]:
+    """The (kind, sentence) the fetch child printed last, or a transient failure if it died silently."""
+    for line in reversed(stderr.decode(errors="replace").splitlines()):
+        with contextlib.suppress(ValueError, KeyError):
+            report = json.loads(line)
+            return report["kind"], report["message"]
+    return (
+        "transient",
+        f"fetching {model_id} stopped unexpectedly: {stderr.decode(errors='replace')[-300:]}",
+    )

@@ -1,0 +1,50 @@
+"""The child process that moves a download's bytes (`python -m activities.fetch` < spec.json).
+
+A separate process so that cancel can stop a transfer at once (a thread cannot be killed), and so
+that it dies with the node worker: it exits when its parent does, leaving only resumable partials.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+from activities.errors import classify
+
+
+def exit_with_parent() -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main() -> int:
+    spec = json.load(sys.stdin)
+    exit_with_parent()
+    from huggingface_hub import (
+        snapshot_download,  # after the watcher: importing takes a while
+    )
+
+    try:
+        snapshot_download(
+            spec["repo_id"],
+            revision=spec["revision"],
+            local_dir=spec["local_dir"],
+            allow_patterns=spec["files"],
+            max_workers=spec.get("max_workers", 8),
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure goes to the parent as (kind, sentence)
+        kind, message = classify(exc, spec["repo_id"])
+        print(json.dumps({"kind": kind, "message": message}), file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""What a node has: memory, backend, disk, models on disk."""
+
+import json
+import platform
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import psutil
+
+from shardline.model_files import COMPLETE_MARKER
+from shardline.types import NodeResources
+
+
+def backend() -> str:
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "metal"
+    if shutil.which("nvidia-smi"):
+        return "cuda"
+    return "cpu"
+
+
+def chip() -> str:
+    if sys.platform == "linux":
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def models_on_disk(models_dir: Path) -> list[str]:
+    """Models whose download finished (they carry the completion marker)."""
+    if not models_dir.is_dir():
+        return []
+    found = []
+    for marker in models_dir.glob(f"**/{COMPLETE_MARKER}"):
+        try:
+            found.append(json.loads(marker.read_text())["model_id"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return sorted(found)
+
+
+def read_resources(node_id: str, home: Path) -> NodeResources:
+    memory = psutil.virtual_memory()
+    home.mkdir(parents=True, exist_ok=True)
+    return NodeResources(
+        node_id=node_id,
+        hostname=socket.gethostname(),
+        backend=backend(),
+        chip=chip(),
+        memory_total=memory.total,
+        memory_available=memory.available,
+        disk_free=shutil.disk_usage(home).free,
+        models=models_on_disk(home / "models"),
+    )

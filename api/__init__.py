@@ -1,0 +1,1 @@
+"""The HTTP face: admin endpoints and (later) the OpenAI-compatible API."""

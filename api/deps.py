@@ -1,0 +1,32 @@
+"""Dependencies shared by every router, as Annotated aliases."""
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+from temporalio.client import Client
+
+from shardline.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_client(request: Request) -> Client:
+    client: Client = request.app.state.client
+    return client
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ClientDep = Annotated[Client, Depends(get_client)]
+
+
+def require_api_key(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """With SHARDLINE_API_KEY set, every endpoint but /healthz wants `Authorization: Bearer <key>`."""
+    if settings.api_key is None:
+        return
+    expected = f"Bearer {settings.api_key.get_secret_value()}".encode()
+    if not secrets.compare_digest((authorization or "").encode(), expected):
+        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <SHARDLINE_API_KEY>'")

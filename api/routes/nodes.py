@@ -1,0 +1,57 @@
+import asyncio
+
+from fastapi import APIRouter, HTTPException
+from temporalio.client import WorkflowFailureError
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+
+from api import cluster
+from api.deps import ClientDep, SettingsDep
+from api.schemas import Accepted, NodeOut
+from shardline import search
+from shardline.ids import (
+    CONTROL_QUEUE,
+    InvalidId,
+    check_model_id,
+    check_node_id,
+    delete_workflow_id,
+)
+from workflows.delete import DeleteInput, DeleteModelWorkflow
+
+router = APIRouter(prefix="/nodes", tags=["nodes"])
+
+DELETE_WAIT = 20.0  # seconds the request waits for the delete before answering 202
+
+
+@router.get("", response_model=list[NodeOut])
+async def list_nodes(client: ClientDep, departed: bool = False) -> list[NodeOut]:
+    return await cluster.list_nodes(client, include_departed=departed)
+
+
+@router.delete("/{node_id}/models/{model_id:path}", response_model=Accepted)
+async def delete_model(node_id: str, model_id: str, client: ClientDep, settings: SettingsDep) -> Accepted:
+    try:
+        check_node_id(node_id)
+        check_model_id(model_id)
+    except InvalidId as exc:
+        raise HTTPException(422, str(exc)) from exc
+    node = await cluster.get_node(client, node_id)
+    if node is None:
+        raise HTTPException(404, f"node {node_id} is unknown: see GET /nodes")
+    workflow_id = delete_workflow_id(node_id, model_id)
+    handle = await client.start_workflow(
+        DeleteModelWorkflow.run,
+        DeleteInput(node_id, model_id, settings.node_wait, settings.heartbeat_timeout),
+        id=workflow_id,
+        task_queue=CONTROL_QUEUE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        search_attributes=search.attributes("delete", "running", node=node_id, model=model_id),
+        static_summary=f"Delete {model_id} from {node_id}",
+    )
+    try:
+        result = await asyncio.wait_for(handle.result(), DELETE_WAIT)
+    except WorkflowFailureError as err:
+        raise HTTPException(409, getattr(err.cause, "message", None) or str(err)) from err
+    except TimeoutError:  # still waiting for its node: the workflow carries on
+        return Accepted(workflow_id=workflow_id, state="running")
+    return Accepted(workflow_id=workflow_id, state="completed", result=vars(result))

@@ -1,0 +1,82 @@
+"""Request and response models of the admin endpoints."""
+
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from shardline.ids import check_model_id, check_node_id
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class NodeOut(BaseModel):
+    node_id: str
+    state: str
+    workflow_id: str
+    hostname: str | None = None
+    backend: str | None = None
+    chip: str | None = None
+    memory_total: int | None = None
+    memory_available: int | None = None
+    disk_free: int | None = None
+    models: list[str] = Field(default_factory=list)
+
+
+class DownloadCreate(BaseModel):
+    model: str
+    node_id: str | None = None
+    revision: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return check_model_id(value)
+
+    @field_validator("node_id")
+    @classmethod
+    def _node(cls, value: str | None) -> str | None:
+        return None if value is None else check_node_id(value)
+
+
+class DownloadsStarted(BaseModel):
+    workflow_ids: list[str]
+
+
+class Progress(BaseModel):
+    phase: str
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    bytes_per_s: float
+    eta_s: float | None
+    percent: float
+
+
+class DownloadOut(BaseModel):
+    workflow_id: str
+    node_id: str | None
+    model_id: str | None
+    state: str
+    status: str
+    started_at: str | None = None
+    closed_at: str | None = None
+    attempt: int | None = None
+    progress: Progress | None = None
+    last_failure: str | None = None
+    reason: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class Accepted(BaseModel):
+    workflow_id: str
+    state: str
+    result: dict[str, Any] | None = None

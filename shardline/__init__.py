@@ -1,0 +1,1 @@
+"""shardline: one LLM across several machines, all cluster state in Temporal."""

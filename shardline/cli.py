@@ -1,0 +1,211 @@
+"""`shardline`: run the pieces of a cluster, and drive it through the HTTP API."""
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from shardline.logs import configure_logging
+from shardline.settings import Settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="One LLM across several machines; cluster state in Temporal.",
+)
+console = Console()
+FINAL = {"completed", "failed", "canceled", "terminated"}
+
+
+def settings_and_logs(**bound: str) -> Settings:
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json, **bound)
+    return settings
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+@app.command()
+def control() -> None:
+    """Run the control worker (every workflow)."""
+    from workers.control import run_control
+
+    asyncio.run(run_control(settings_and_logs(process="control")))
+
+
+@app.command()
+def node() -> None:
+    """Run this machine's node worker."""
+    from workers.node import run_node
+
+    asyncio.run(run_node(settings_and_logs(process="node")))
+
+
+@app.command()
+def api() -> None:
+    """Run the HTTP API."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = settings_and_logs(process="api")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+    )
+
+
+@app.command()
+def up() -> None:
+    """Everything on this machine: Temporal (unless SHARDLINE_TEMPORAL_ADDRESS), control, node, API."""
+    from shardline.supervisor import run_all
+
+    sys.exit(run_all(settings_and_logs(process="up")))
+
+
+# --- client commands (through the HTTP API) ----------------------------------------------------
+
+
+def call(method: str, path: str, **kwargs: Any) -> Any:
+    settings = Settings()
+    headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
+    try:
+        response = httpx.request(method, settings.api_base + path, headers=headers, timeout=60, **kwargs)
+    except httpx.TransportError as exc:
+        console.print(
+            f"[red]cannot reach the shardline API at {settings.api_base}: {exc}[/red] (is `shardline up` running?)"
+        )
+        raise typer.Exit(2) from exc
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        console.print(f"[red]error {response.status_code}:[/red] {message}")
+        raise typer.Exit(1)
+    return response.json()
+
+
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+@app.command()
+def nodes(departed: bool = False) -> None:
+    """The nodes of the cluster."""
+    table = Table("node", "state", "backend", "memory free / total", "disk free", "models")
+    for n in call("GET", "/nodes", params={"departed": departed}):
+        mem = f"{gib(n['memory_available'])} / {gib(n['memory_total'])}"
+        table.add_row(
+            n["node_id"],
+            n["state"],
+            n["backend"] or "-",
+            mem,
+            gib(n["disk_free"]),
+            ", ".join(n["models"]),
+        )
+    console.print(table)
+
+
+@app.command()
+def download(
+    model: str,
+    node_id: Annotated[str | None, typer.Option("--node", help="Node id (default: every online node)")] = None,
+    revision: str | None = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until done")] = False,
+) -> None:
+    """Download MODEL onto one node, or onto every online node."""
+    started = call(
+        "POST",
+        "/downloads",
+        json={"model": model, "node_id": node_id, "revision": revision},
+    )
+    for workflow_id in started["workflow_ids"]:
+        console.print(f"started {workflow_id}")
+    if wait:
+        failed = [wid for wid in started["workflow_ids"] if watch_download(wid) != "completed"]
+        if failed:
+            raise typer.Exit(1)
+
+
+def watch_download(workflow_id: str) -> str:
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(workflow_id, total=None)
+        while True:
+            d = call("GET", f"/downloads/{workflow_id}")
+            if d["progress"]:
+                bar.update(
+                    task,
+                    completed=d["progress"]["bytes_done"],
+                    total=d["progress"]["bytes_total"] or None,
+                )
+            if d["state"] in FINAL:
+                break
+            time.sleep(1)
+    console.print(f"{workflow_id}: {d['state']}" + (f" - {d['reason']}" if d.get("reason") else ""))
+    return str(d["state"])
+
+
+@app.command()
+def downloads(
+    node_id: Annotated[str | None, typer.Option("--node")] = None,
+    model: str | None = None,
+) -> None:
+    """Every download workflow, newest first."""
+    table = Table("workflow id", "state", "started")
+    for d in call(
+        "GET",
+        "/downloads",
+        params={k: v for k, v in {"node": node_id, "model": model}.items() if v},
+    ):
+        table.add_row(d["workflow_id"], d["state"], d["started_at"] or "")
+    console.print(table)
+
+
+@app.command()
+def delete(model: str, node_id: Annotated[str, typer.Option("--node", help="Node id")]) -> None:
+    """Delete MODEL's files from a node."""
+    done = call("DELETE", f"/nodes/{node_id}/models/{model}")
+    console.print(f"{done['workflow_id']}: {done['state']}")
+
+
+@app.command()
+def cancel(workflow_id: str) -> None:
+    """Cancel any shardline workflow (a download, a serving instance) by its id."""
+    from shardline.temporal import connect
+
+    async def run() -> None:
+        client = await connect(Settings())
+        await client.get_workflow_handle(workflow_id).cancel()
+
+    asyncio.run(run())
+    console.print(f"cancel requested: {workflow_id}")
+
+
+def main() -> None:
+    # Ctrl-C in a client command: exit quietly, like other CLIs
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    app()

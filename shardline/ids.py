@@ -1,0 +1,67 @@
+"""Ids users type and Temporal stores: validation and the workflow id scheme."""
+
+import re
+
+CONTROL_QUEUE = "shardline-control"
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_MODEL_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+class InvalidId(ValueError):
+    """A node or model id that cannot be used; the message says why."""
+
+
+def check_node_id(node_id: str) -> str:
+    if not _NODE_ID.match(node_id):
+        raise InvalidId(
+            f"invalid node id {node_id!r}: use 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+        )
+    return node_id
+
+
+def check_model_id(model_id: str) -> str:
+    """A hub model id: `name` or `org/name`, each part safe as a directory name."""
+    parts = model_id.split("/")
+    if len(parts) > 2:
+        raise InvalidId(f"invalid model id {model_id!r}: expected 'org/name', got {len(parts)} parts")
+    for part in parts:
+        if ".." in part or not _MODEL_PART.match(part):
+            raise InvalidId(
+                f"invalid model id {model_id!r}: each part must be 1-96 letters, digits, '.', '-' or '_', "
+                "start with a letter or digit, and not contain '..'"
+            )
+    return model_id
+
+
+def node_queue(node_id: str) -> str:
+    return f"shardline-node-{node_id}"
+
+
+def node_workflow_id(node_id: str) -> str:
+    return f"node:{node_id}"
+
+
+def download_workflow_id(node_id: str, model_id: str) -> str:
+    return f"download:{node_id}:{model_id}"
+
+
+def delete_workflow_id(node_id: str, model_id: str) -> str:
+    return f"delete:{node_id}:{model_id}"
+
+
+def serve_workflow_id(instance_id: str) -> str:
+    return f"serve:{instance_id}"
+
+
+def parse_workflow_id(workflow_id: str) -> tuple[str, list[str]]:
+    """`download:n1:org/m` -> ("download", ["n1", "org/m"])."""
+    kind, _, rest = workflow_id.partition(":")
+    if not rest:
+        raise InvalidId(f"invalid workflow id {workflow_id!r}: expected '<kind>:<...>'")
+    if kind in ("download", "delete"):
+        node_id, sep, model_id = rest.partition(":")
+        if not sep:
+            raise InvalidId(f"invalid workflow id {workflow_id!r}: expected '{kind}:<node_id>:<model_id>'")
+        return kind, [check_node_id(node_id), check_model_id(model_id)]
+    return kind, [rest]

@@ -1,0 +1,53 @@
+"""Which files of a model repo a node needs: pure functions over the repo's file list and index."""
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from shardline.types import LayerRange
+
+INDEX_FILE = "model.safetensors.index.json"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".onnx", ".h5", ".msgpack", ".ckpt")
+
+
+def tensor_layer(name: str) -> int | None:
+    """`model.layers.7.mlp.up_proj.weight` -> 7; embeddings, norms and head -> None."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def is_weight_file(path: str) -> bool:
+    return path.endswith(".safetensors") or path.endswith(_OTHER_WEIGHTS)
+
+
+def support_files(files: Iterable[str]) -> list[str]:
+    """Config, tokenizer, index and the like: everything that is not weights or git metadata."""
+    return sorted(f for f in files if not is_weight_file(f) and not f.startswith(".git"))
+
+
+def weight_files_for_layers(weight_map: dict[str, str], layers: LayerRange) -> list[str]:
+    """Files holding a tensor of a layer in range, or a tensor outside every layer (embeddings, norms, head)."""
+    wanted = set()
+    for tensor, filename in weight_map.items():
+        layer = tensor_layer(tensor)
+        if layer is None or layer in layers:
+            wanted.add(filename)
+    return sorted(wanted)
+
+
+def files_to_fetch(files: Iterable[str], weight_map: dict[str, str] | None, layers: LayerRange | None) -> list[str]:
+    """The whole repo without other weight formats, or only what a layer range needs."""
+    files = list(files)
+    safetensors = sorted(f for f in files if f.endswith(".safetensors"))
+    if layers is None or weight_map is None:
+        return sorted(support_files(files) + safetensors)
+    return sorted(support_files(files) + weight_files_for_layers(weight_map, layers))
+
+
+COMPLETE_MARKER = ".shardline-complete.json"
+
+
+def model_path(models_dir: Path, model_id: str) -> Path:
+    """Where a model lives on a node; `model_id` must already be checked (see ids.check_model_id)."""
+    return models_dir.joinpath(*model_id.split("/"))

@@ -1,0 +1,67 @@
+"""Every SHARDLINE_* setting, read once at each entry point and passed down."""
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARDLINE_", frozen=True)
+
+    home: Path = Field(
+        default=Path.home() / ".shardline",
+        description="Data dir: node id, models, embedded Temporal database",
+    )
+    temporal_address: str | None = Field(
+        default=None,
+        description="host:port of an existing Temporal cluster; unset = the embedded dev server",
+    )
+    temporal_port: int = Field(default=7233, description="gRPC port of the embedded Temporal server")
+    ui_port: int = Field(default=8233, description="Port of the embedded Temporal UI")
+    namespace: str = Field(default="default", description="Temporal namespace")
+    node_id: str | None = Field(
+        default=None,
+        description="This node's id; unset = generated once and kept in <home>/node_id",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds")
+    api_port: int = Field(default=8000, description="Port of the HTTP API")
+    api_url: str | None = Field(
+        default=None,
+        description="API the CLI talks to; unset = http://127.0.0.1:<api_port>",
+    )
+    api_key: SecretStr | None = Field(default=None, description="Bearer key the API requires (unset = open)")
+    heartbeat_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds without a heartbeat before a node (or its work) counts as gone",
+    )
+    node_grace: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a node may stay offline before it is departed",
+    )
+    node_wait: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds node-bound work waits for its node to pick it up (each attempt)",
+    )
+    download_attempts: int = Field(default=5, ge=1, description="Attempts of a download before it fails")
+    log_level: str = Field(default="info", description="Log level")
+    log_json: bool | None = Field(default=None, description="JSON logs; unset = JSON unless stderr is a terminal")
+
+    @property
+    def target(self) -> str:
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.temporal_address is None
+
+    @property
+    def api_base(self) -> str:
+        return self.api_url or f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"

@@ -1,0 +1,78 @@
+"""Domain types shared by workflows, activities and the API (plain, serialisable dataclasses)."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """Transformer layers [start, end): half-open, like Python slices."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"invalid layer range [{self.start}, {self.end})")
+
+    def __contains__(self, layer: object) -> bool:
+        return isinstance(layer, int) and self.start <= layer < self.end
+
+
+@dataclass
+class NodeResources:
+    node_id: str
+    hostname: str
+    backend: str  # cpu | metal | cuda
+    chip: str
+    memory_total: int
+    memory_available: int
+    disk_free: int
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PresenceInput:
+    node_id: str
+    report_every_s: float
+    lease_s: float
+
+
+@dataclass
+class DownloadRequest:
+    node_id: str
+    model_id: str
+    revision: str | None = None
+    layers: LayerRange | None = None
+
+
+@dataclass
+class DownloadProgress:
+    phase: str  # listing | downloading | done
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    files_total: int = 0
+    bytes_per_s: float = 0.0
+    eta_s: float | None = None
+
+
+@dataclass
+class DownloadResult:
+    model_id: str
+    path: str
+    files: list[str]
+    bytes_total: int
+    bytes_fetched: int  # what crossed the network in the last attempt; 0 = all already on disk
+    seconds: float
+
+
+@dataclass
+class DeleteRequest:
+    node_id: str
+    model_id: str
+
+
+@dataclass
+class DeleteResult:
+    removed: bool
+    bytes_freed: int

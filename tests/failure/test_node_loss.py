@@ -1,0 +1,118 @@
+"""exo issue 2136, replayed: work for a node that is gone ends in bounded time, and stops growing."""
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
+
+from shardline import search
+from shardline.ids import CONTROL_QUEUE
+from tests.conftest import CHUNKY, TIMEOUTS, TINY, Cluster
+from tests.support.throttle import ThrottledProxy
+from tests.support.waits import eventually, node_state, start_download, wait_download, wait_node, wait_progress
+from workflows.download import DownloadInput, DownloadWorkflow
+
+HEARTBEAT = float(TIMEOUTS["SHARDLINE_HEARTBEAT_TIMEOUT"])
+NODE_WAIT = float(TIMEOUTS["SHARDLINE_NODE_WAIT"])
+GRACE = float(TIMEOUTS["SHARDLINE_NODE_GRACE"])
+SLACK = 10.0  # scheduling, retry back-off and polling on a busy 2-core machine
+
+
+async def event_count(client: Client, workflow_id: str) -> int:
+    return len((await client.get_workflow_handle(workflow_id).fetch_history()).events)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+async def test_lost_node_ends_its_download(
+    cluster: Cluster,
+    client: Client,
+    api: httpx.AsyncClient,
+    slow_link: ThrottledProxy,
+    node_id: str,
+    how: signal.Signals,
+) -> None:
+    cluster.start_node(node_id, hub=slow_link.endpoint)
+    await wait_node(api, node_id, "online")
+    workflow_id = await start_download(api, CHUNKY, node_id)
+    await wait_progress(api, workflow_id)
+
+    cluster.signal(f"node-{node_id}", how)
+    lost_at = time.monotonic()
+    d = await wait_download(api, workflow_id, timeout=HEARTBEAT + NODE_WAIT + SLACK + 10)
+    took = time.monotonic() - lost_at
+    assert d["state"] == "failed" and f"node {node_id} unavailable" in d["reason"], d
+    assert took <= HEARTBEAT + NODE_WAIT + SLACK, f"took {took:.1f} s"
+
+    events = await event_count(client, workflow_id)
+    await asyncio.sleep(3)
+    assert await event_count(client, workflow_id) == events  # nothing loops on a dead node
+
+    assert await node_state(api, node_id) in ("offline", "departed")
+    await wait_node(api, node_id, "departed", timeout=GRACE + HEARTBEAT + SLACK)
+    assert node_id not in [n["node_id"] for n in (await api.get("/nodes")).json()]
+
+    refused = await api.post("/downloads", json={"model": TINY, "node_id": node_id})
+    assert refused.status_code == 409 and "departed" in refused.json()["error"]["message"]
+    # started behind the API's back, it ends the same way: within the node wait
+    direct = f"download:{node_id}:{TINY}"
+    started = time.monotonic()
+    await client.start_workflow(
+        DownloadWorkflow.run,
+        DownloadInput(node_id, TINY, node_wait_s=NODE_WAIT, heartbeat_timeout_s=HEARTBEAT),
+        id=direct,
+        task_queue=CONTROL_QUEUE,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        search_attributes=search.attributes("download", "running", node=node_id, model=TINY),
+    )
+    ghost = await wait_download(api, direct, timeout=NODE_WAIT + SLACK + 10)
+    assert ghost["state"] == "failed" and "unavailable" in ghost["reason"]
+    assert time.monotonic() - started <= NODE_WAIT + SLACK
+
+
+async def test_restarted_node_resumes_without_refetching(
+    cluster: Cluster, api: httpx.AsyncClient, slow_link: ThrottledProxy, node_id: str
+) -> None:
+    home = cluster.start_node(node_id, hub=slow_link.endpoint)
+    await wait_node(api, node_id, "online")
+    workflow_id = await start_download(api, CHUNKY, node_id)
+    model_dir = home / "models" / "test-org" / "chunky"
+
+    async def a_weight_file_is_complete() -> bool:
+        return any(model_dir.glob("*.safetensors"))  # moved into place only once complete
+
+    await eventually(a_weight_file_is_complete, 60, "a weight file is complete")
+    cluster.signal(f"node-{node_id}", signal.SIGKILL)
+    finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in model_dir.glob("*.safetensors")}
+    assert finished, "at least one weight file was complete before the kill"
+    finished_bytes = sum(p.stat().st_size for p in finished)
+
+    cluster.start_node(node_id, hub=slow_link.endpoint)  # same id, same data dir
+    d = await wait_download(api, workflow_id, timeout=120)
+    assert d["state"] == "completed", d
+    result = d["result"]
+    assert result["bytes_fetched"] <= result["bytes_total"] - finished_bytes
+    assert finished == {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
+    await wait_node(api, node_id, "online")
+
+
+async def test_control_and_server_restart_mid_download(
+    cluster: Cluster, api: httpx.AsyncClient, slow_link: ThrottledProxy, node_id: str
+) -> None:
+    cluster.start_node(node_id, hub=slow_link.endpoint)
+    await wait_node(api, node_id, "online")
+    workflow_id = await start_download(api, CHUNKY, node_id)
+    await wait_progress(api, workflow_id)
+
+    cluster.signal("control", signal.SIGKILL)
+    cluster.stop("temporal")
+    await asyncio.sleep(2)
+    cluster.start_server()
+    cluster.start_control()
+
+    d = await wait_download(api, workflow_id, timeout=120)
+    assert d["state"] == "completed", d
+    await wait_node(api, node_id, "online")

@@ -1,0 +1,58 @@
+"""The pure parts of the node activities: error sorting, byte counting, delete rules."""
+
+import errno
+from pathlib import Path
+
+import pytest
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from temporalio.exceptions import ApplicationError
+
+from activities.delete import remove_model
+from activities.download import bytes_on_disk, child_failure
+from activities.errors import application_error, classify
+
+
+def hub_error(cls: type[Exception]) -> Exception:
+    return cls.__new__(cls)  # the constructor wants an HTTP response we do not have
+
+
+def test_classify_sorts_what_a_retry_cannot_fix() -> None:
+    assert classify(hub_error(RepositoryNotFoundError), "o/m")[0] == "not_found"
+    assert classify(hub_error(GatedRepoError), "o/m")[0] == "gated"
+    assert classify(OSError(errno.ENOSPC, "No space left"), "o/m")[0] == "disk_full"
+    assert classify(ConnectionResetError("peer reset"), "o/m")[0] == "transient"
+    assert application_error("not_found", "x").non_retryable
+    assert not application_error("transient", "x").non_retryable
+
+
+def test_child_failure_reads_the_last_report() -> None:
+    stderr = b'noise\n{"kind": "not_found", "message": "repo o/m not found"}\n'
+    assert child_failure(stderr, "o/m") == ("not_found", "repo o/m not found")
+    assert child_failure(b"Killed", "o/m")[0] == "transient"
+
+
+def test_bytes_on_disk_counts_complete_files_and_partials(tmp_path: Path) -> None:
+    (tmp_path / "a.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "b.safetensors").write_bytes(b"x" * 3)  # wrong size: not complete
+    partials = tmp_path / ".cache" / "huggingface" / "download"
+    partials.mkdir(parents=True)
+    (partials / "Zm9vYmFy.etag.1234abcd.incomplete").write_bytes(b"x" * 4)
+    files = {"a.safetensors": 10, "b.safetensors": 5, "c.safetensors": 8}
+    assert bytes_on_disk(tmp_path, files) == (14, 1)
+
+
+def test_remove_model_absent_present_and_odd(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    assert remove_model(models, "org/m").removed is False
+    (models / "org" / "m").mkdir(parents=True)
+    (models / "org" / "m" / "w.safetensors").write_bytes(b"x" * 7)
+    result = remove_model(models, "org/m")
+    assert result.removed and result.bytes_freed == 7 and not (models / "org").exists()
+
+    (models / "org").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (models / "org" / "link").symlink_to(elsewhere)
+    with pytest.raises(ApplicationError, match="refusing to delete") as err:
+        remove_model(models, "org/link")
+    assert err.value.non_retryable and elsewhere.exists()

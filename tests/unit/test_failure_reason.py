@@ -1,0 +1,42 @@
+"""How a failed node-bound activity reads to a person, and whether the workflow tries again."""
+
+from temporalio.api.common.v1 import Payload
+from temporalio.exceptions import ActivityError, ApplicationError, RetryState, TimeoutError, TimeoutType
+
+from workflows.common import failure_reason, worth_retrying
+
+
+def activity_error(cause: BaseException) -> ActivityError:
+    err = ActivityError(
+        "activity failed", scheduled_event_id=1, started_event_id=2, identity="w", activity_type="download_model",
+        activity_id="1", retry_state=RetryState.MAXIMUM_ATTEMPTS_REACHED,
+    )  # fmt: skip
+    err.__cause__ = cause
+    return err
+
+
+def timeout(kind: TimeoutType, details: list[Payload] | None = None) -> TimeoutError:
+    return TimeoutError("timeout", type=kind, last_heartbeat_details=details or [])
+
+
+def test_heartbeat_timeout_names_the_node() -> None:
+    err = activity_error(timeout(TimeoutType.HEARTBEAT))
+    assert failure_reason(err, "ghost", wait_s=300, heartbeat_s=30) == "node ghost unavailable: no heartbeat for 30 s"
+
+
+def test_schedule_to_start_timeout_names_the_node() -> None:
+    err = activity_error(timeout(TimeoutType.SCHEDULE_TO_START))
+    assert "node ghost unavailable" in failure_reason(err, "ghost", wait_s=300, heartbeat_s=30)
+    assert not worth_retrying(err)
+
+
+def test_retry_only_a_node_that_made_progress() -> None:
+    assert worth_retrying(activity_error(timeout(TimeoutType.HEARTBEAT, [Payload(data=b"1")])))
+    assert not worth_retrying(activity_error(timeout(TimeoutType.HEARTBEAT)))  # swallowed by a frozen node
+
+
+def test_application_errors_keep_their_message() -> None:
+    fatal = activity_error(ApplicationError("repo o/m not found", non_retryable=True))
+    assert failure_reason(fatal, "n1", wait_s=1, heartbeat_s=1) == "repo o/m not found"
+    assert not worth_retrying(fatal)
+    assert worth_retrying(activity_error(ApplicationError("connection reset")))

@@ -1,0 +1,31 @@
+import pytest
+
+from shardline.ids import InvalidId, check_model_id, check_node_id, download_workflow_id, parse_workflow_id
+
+
+@pytest.mark.parametrize("good", ["gpt2", "org/name", "mlx-community/Llama-3.2-1B-Instruct-4bit", "a.b/c_d-1.5"])
+def test_valid_model_ids(good: str) -> None:
+    assert check_model_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "..", "org/..", "a//b", "/a", "a/", "a b", "a/b/c", "-x", "org/.hidden", "a/b..c"])
+def test_invalid_model_ids_say_why(bad: str) -> None:
+    with pytest.raises(InvalidId, match="invalid model id"):
+        check_model_id(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "a:b", "a/b", " n1", "x" * 65, "-n"])
+def test_invalid_node_ids(bad: str) -> None:
+    with pytest.raises(InvalidId, match="invalid node id"):
+        check_node_id(bad)
+
+
+def test_workflow_ids_round_trip() -> None:
+    workflow_id = download_workflow_id("n1", "org/model")
+    assert workflow_id == "download:n1:org/model"
+    assert parse_workflow_id(workflow_id) == ("download", ["n1", "org/model"])
+    assert parse_workflow_id("serve:abc") == ("serve", ["abc"])
+    with pytest.raises(InvalidId):
+        parse_workflow_id("download:n1")
+    with pytest.raises(InvalidId):
+        parse_workflow_id("download:n1:../etc")

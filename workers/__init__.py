@@ -1,0 +1,1 @@
+"""Process entry points: the control worker and the node worker."""

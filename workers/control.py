@@ -1,0 +1,21 @@
+"""The control worker: runs every workflow, on the `shardline-control` task queue."""
+
+import structlog
+from temporalio.worker import Worker
+
+from shardline.ids import CONTROL_QUEUE
+from shardline.settings import Settings
+from shardline.temporal import connect
+from workers.run import run_until_signal
+from workflows.delete import DeleteModelWorkflow
+from workflows.download import DownloadWorkflow
+from workflows.node import NodeWorkflow
+
+WORKFLOWS = [NodeWorkflow, DownloadWorkflow, DeleteModelWorkflow]
+
+
+async def run_control(settings: Settings) -> None:
+    client = await connect(settings, wait_s=60)
+    worker = Worker(client, task_queue=CONTROL_QUEUE, workflows=WORKFLOWS)
+    structlog.get_logger(__name__).info("control.started", task_queue=CONTROL_QUEUE, temporal=settings.target)
+    await run_until_signal(worker)

@@ -1,0 +1,102 @@
+"""What every node-bound activity call shares: its options and how its failure reads to a person."""
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    TimeoutError,
+    TimeoutType,
+)
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from shardline import search
+    from shardline.ids import node_queue
+
+
+def node_activity_options(node_id: str, *, wait_s: float, heartbeat_s: float, run_for: timedelta) -> dict[str, Any]:
+    """One attempt that waits at most `wait_s` for the node and dies `heartbeat_s` after the node goes
+    silent; the caller decides about another attempt, so work for a vanished node always ends."""
+    return {
+        "task_queue": node_queue(node_id),
+        "schedule_to_start_timeout": timedelta(seconds=wait_s),
+        "heartbeat_timeout": timedelta(seconds=heartbeat_s),
+        "start_to_close_timeout": run_for,
+        "retry_policy": RetryPolicy(maximum_attempts=1),
+        # a canceled workflow reports Canceled only once the node has really stopped the work
+        "cancellation_type": ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+    }
+
+
+def failure_reason(err: ActivityError, node_id: str, *, wait_s: float, heartbeat_s: float) -> str:
+    """The sentence a person reads in the UI and the API for a failed node-bound activity."""
+    cause = err.cause
+    if isinstance(cause, TimeoutError):
+        if cause.type == TimeoutType.HEARTBEAT:
+            return f"node {node_id} unavailable: no heartbeat for {heartbeat_s:g} s"
+        if cause.type == TimeoutType.SCHEDULE_TO_START:
+            return f"node {node_id} unavailable: it did not pick the work up within {wait_s:g} s"
+        return f"node {node_id} timed out ({cause.type.name.lower() if cause.type else 'unknown'})"
+    if isinstance(cause, ApplicationError):
+        return cause.message
+    return str(cause or err)
+
+
+def is_cancel(err: BaseException) -> bool:
+    return isinstance(err, CancelledError) or (isinstance(err, ActivityError) and isinstance(err.cause, CancelledError))
+
+
+def set_state(state: str, details: str = "") -> None:
+    workflow.upsert_search_attributes([search.STATE.value_set(state)])
+    workflow.set_current_details(details or state)
+
+
+def worth_retrying(err: ActivityError) -> bool:
+    """A retry may help: a transient error, or a node that died after making progress (it may be back).
+    An attempt that never heartbeat was swallowed by a dead or frozen node: retrying only waits again."""
+    cause = err.cause
+    if isinstance(cause, TimeoutError):
+        return cause.type == TimeoutType.HEARTBEAT and bool(cause.last_heartbeat_details)
+    if isinstance(cause, ApplicationError):
+        return not cause.non_retryable
+    return True
+
+
+async def run_on_node(
+    activity: str,
+    request: Any,
+    result_type: type,
+    node_id: str,
+    *,
+    wait_s: float,
+    heartbeat_s: float,
+    attempts: int,
+    run_for: timedelta,
+) -> Any:
+    """Run one node-bound activity, retrying here rather than in the server so that a node that is gone
+    ends the work within heartbeat + wait; a failure ends the workflow with a readable reason."""
+    options = node_activity_options(node_id, wait_s=wait_s, heartbeat_s=heartbeat_s, run_for=run_for)
+    reason = "no attempt made"
+    for attempt in range(1, attempts + 1):
+        try:
+            return await workflow.execute_activity(activity, request, result_type=result_type, **options)
+        except asyncio.CancelledError:
+            set_state("canceled")
+            raise
+        except ActivityError as err:
+            if is_cancel(err):
+                set_state("canceled")
+                raise
+            reason = failure_reason(err, node_id, wait_s=wait_s, heartbeat_s=heartbeat_s)
+            if not worth_retrying(err) or attempt == attempts:
+                break
+            set_state("retrying", f"attempt {attempt} of {attempts} failed: {reason}")
+            await workflow.sleep(min(2 ** (attempt - 1), 10))
+    set_state("failed", reason)
+    raise ApplicationError(reason, non_retryable=True)

@@ -1,0 +1,38 @@
+"""DeleteModelWorkflow `delete:<node>:<model>`: a model's files off one node; already absent is success."""
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from shardline.types import DeleteRequest, DeleteResult
+    from workflows.common import run_on_node, set_state
+
+
+@dataclass
+class DeleteInput:
+    node_id: str
+    model_id: str
+    node_wait_s: float = 300.0
+    heartbeat_timeout_s: float = 30.0
+    attempts: int = 3
+
+
+@workflow.defn(name="DeleteModelWorkflow")
+class DeleteModelWorkflow:
+    @workflow.run
+    async def run(self, inp: DeleteInput) -> DeleteResult:
+        set_state("running", f"deleting {inp.model_id} from {inp.node_id}")
+        result: DeleteResult = await run_on_node(
+            "delete_model",
+            DeleteRequest(inp.node_id, inp.model_id),
+            DeleteResult,
+            inp.node_id,
+            wait_s=inp.node_wait_s,
+            heartbeat_s=inp.heartbeat_timeout_s,
+            attempts=inp.attempts,
+            run_for=timedelta(minutes=30),
+        )
+        set_state("completed", "removed" if result.removed else "already absent")
+        return result

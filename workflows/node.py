@@ -1,0 +1,74 @@
+"""NodeWorkflow `node:<id>`: a node's presence, online -> offline -> departed."""
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, TimeoutError, TimeoutType
+
+with workflow.unsafe.imports_passed_through():
+    from shardline.types import NodeResources, PresenceInput
+    from workflows.common import node_activity_options, set_state
+
+# The presence activity returns after this long, so history grows by a few events per lease.
+PRESENCE_LEASE = timedelta(hours=1)
+
+
+@dataclass
+class NodeInput:
+    node_id: str
+    heartbeat_timeout_s: float = 30.0
+    grace_s: float = 600.0
+
+
+@dataclass
+class NodeStatus:
+    node_id: str
+    state: str  # starting | online | offline | departed
+    resources: NodeResources | None = None
+    boots: int = 0
+
+
+@workflow.defn(name="NodeWorkflow")
+class NodeWorkflow:
+    def __init__(self) -> None:
+        self._status = NodeStatus(node_id="", state="starting")
+
+    @workflow.run
+    async def run(self, inp: NodeInput) -> NodeStatus:
+        self._status.node_id = inp.node_id
+        options = node_activity_options(
+            inp.node_id,
+            wait_s=inp.grace_s,
+            heartbeat_s=inp.heartbeat_timeout_s,
+            run_for=PRESENCE_LEASE + timedelta(minutes=5),
+        )
+        presence = PresenceInput(
+            node_id=inp.node_id,
+            report_every_s=max(0.5, inp.heartbeat_timeout_s / 4),
+            lease_s=PRESENCE_LEASE.total_seconds(),
+        )
+        while True:
+            try:
+                await workflow.execute_activity("node_presence", presence, **options)
+            except ActivityError as err:
+                if isinstance(err.cause, TimeoutError) and err.cause.type == TimeoutType.SCHEDULE_TO_START:
+                    self._set("departed", f"offline for more than {inp.grace_s:g} s")
+                    return self._status
+                self._set("offline", f"no heartbeat for {inp.heartbeat_timeout_s:g} s")
+            if workflow.info().is_continue_as_new_suggested():
+                workflow.continue_as_new(inp)  # nothing is running here: presence just ended
+
+    @workflow.signal
+    def online(self, resources: NodeResources) -> None:
+        self._status.resources = resources
+        self._status.boots += 1
+        self._set("online", f"{resources.hostname} {resources.backend}")
+
+    @workflow.query
+    def status(self) -> NodeStatus:
+        return self._status
+
+    def _set(self, state: str, details: str) -> None:
+        self._status.state = state
+        set_state(state, details)
