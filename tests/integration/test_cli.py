@@ -1,0 +1,53 @@
+"""The `shardline` CLI against a real cluster, as a person would type it."""
+
+import subprocess
+import sys
+
+import httpx
+
+from tests.conftest import CHUNKY, TINY, Cluster
+from tests.support.throttle import ThrottledProxy
+from tests.support.waits import start_download, wait_download, wait_node, wait_progress
+
+
+def shardline(cluster: Cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = cluster.env(SHARDLINE_API_URL=cluster.api, COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "shardline", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+async def test_cli_download_list_delete(cluster: Cluster, api: httpx.AsyncClient, node_id: str) -> None:
+    cluster.start_node(node_id)
+    await wait_node(api, node_id, "online")
+    listed = shardline(cluster, "nodes")
+    assert listed.returncode == 0 and node_id in listed.stdout and "online" in listed.stdout
+
+    done = shardline(cluster, "download", TINY, "--node", node_id, "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"download:{node_id}:{TINY}: completed" in done.stdout
+
+    downloads = shardline(cluster, "downloads", "--node", node_id)
+    assert f"download:{node_id}:{TINY}" in downloads.stdout and "completed" in downloads.stdout
+
+    deleted = shardline(cluster, "delete", TINY, "--node", node_id)
+    assert deleted.returncode == 0 and "completed" in deleted.stdout
+
+    bad = shardline(cluster, "download", "a/b/c", "--node", node_id)
+    assert bad.returncode == 1 and "invalid model id" in bad.stdout
+
+
+async def test_cli_cancel(cluster: Cluster, api: httpx.AsyncClient, slow_link: ThrottledProxy, node_id: str) -> None:
+    cluster.start_node(node_id, hub=slow_link.endpoint)
+    await wait_node(api, node_id, "online")
+    workflow_id = await start_download(api, CHUNKY, node_id)
+    await wait_progress(api, workflow_id)
+    canceled = shardline(cluster, "cancel", workflow_id)
+    assert canceled.returncode == 0, canceled.stderr
+    assert (await wait_download(api, workflow_id, timeout=20))["state"] == "canceled"
+
+
+def test_cli_without_api_says_so(cluster: Cluster) -> None:
+    env = cluster.env(SHARDLINE_API_URL="http://127.0.0.1:9")
+    out = subprocess.run([sys.executable, "-m", "shardline", "nodes"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "cannot reach the shardline API" in out.stdout
