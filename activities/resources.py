@@ -42,8 +42,9 @@ def models_on_disk(models_dir: Path) -> list[str]:
     return sorted(found)
 
 
-def read_resources(node_id: str, home: Path) -> NodeResources:
+def read_resources(node_id: str, home: Path, host: str = "127.0.0.1", memory_cap: int | None = None) -> NodeResources:
     memory = psutil.virtual_memory()
+    available = min(memory.available, memory_cap) if memory_cap else memory.available
     home.mkdir(parents=True, exist_ok=True)
     return NodeResources(
         node_id=node_id,
@@ -51,7 +52,8 @@ def read_resources(node_id: str, home: Path) -> NodeResources:
         backend=backend(),
         chip=chip(),
         memory_total=memory.total,
-        memory_available=memory.available,
+        memory_available=available,
         disk_free=shutil.disk_usage(home).free,
         models=models_on_disk(home / "models"),
+        host=host,
     )

@@ -3,11 +3,13 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import Depends, FastAPI
 
 from api.deps import require_api_key
 from api.errors import install_error_handlers
-from api.routes import downloads, health, nodes
+from api.instances import InstanceCache
+from api.routes import downloads, health, instances, nodes, openai
 from shardline.settings import Settings
 from shardline.temporal import connect
 
@@ -17,11 +19,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.client = await connect(settings, wait_s=60)
-        yield
+        app.state.instances = InstanceCache(app.state.client)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None)) as http:
+            app.state.http = http
+            yield
 
     app = FastAPI(title="shardline", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(health.router)
-    for router in (nodes.router, downloads.router):
+    for router in (nodes.router, downloads.router, instances.router, openai.router):
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app

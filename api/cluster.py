@@ -1,96 +1,30 @@
-"""Reading cluster state out of Temporal: visibility queries and describe(), never the workers."""
+"""Cluster state shaped for the API."""
 
 from typing import Any
 
 from temporalio.api.enums.v1 import PendingActivityState
-from temporalio.client import (
-    Client,
-    WorkflowExecution,
-    WorkflowExecutionDescription,
-    WorkflowExecutionStatus,
-    WorkflowFailureError,
-)
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowFailureError
 
 from api.schemas import DownloadOut, NodeOut, Progress
-from shardline import search
-from shardline.ids import node_workflow_id
-from shardline.types import DownloadProgress, NodeResources
+from shardline import search, state
+from shardline.state import describe, heartbeat, list_query, state_of
+from shardline.types import DownloadProgress
 
 
-def quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def list_query(kind: str, running_only: bool = False, **equals: str | None) -> str:
-    clauses = [f"{search.KIND.name} = {quote(kind)}"]
-    names = {
-        "node": search.NODE.name,
-        "model": search.MODEL.name,
-        "state": search.STATE.name,
-    }
-    clauses += [f"{names[k]} = {quote(v)}" for k, v in equals.items() if v]
-    if running_only:
-        clauses.append("ExecutionStatus = 'Running'")
-    return " AND ".join(clauses)
-
-
-async def describe(client: Client, workflow_id: str) -> WorkflowExecutionDescription | None:
-    try:
-        return await client.get_workflow_handle(workflow_id).describe()
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            return None
-        raise
-
-
-async def heartbeat(client: Client, desc: WorkflowExecutionDescription, as_type: type) -> tuple[Any, Any]:
-    """(last heartbeat details, pending activity) of the workflow's one pending activity, if any."""
-    for pending in desc.raw_description.pending_activities:
-        details = None
-        if pending.heartbeat_details.payloads:
-            decoded = await client.data_converter.decode(pending.heartbeat_details.payloads, [as_type])
-            details = decoded[0] if decoded else None
-        return details, pending
-    return None, None
-
-
-def state_of(execution: WorkflowExecution) -> str:
-    state = execution.typed_search_attributes.get(search.STATE)
-    if execution.status == WorkflowExecutionStatus.RUNNING:
-        return state or "running"
-    closed = {
-        WorkflowExecutionStatus.COMPLETED: "completed",
-        WorkflowExecutionStatus.CANCELED: "canceled",
-        WorkflowExecutionStatus.TERMINATED: "terminated",
-        WorkflowExecutionStatus.TIMED_OUT: "failed",
-        WorkflowExecutionStatus.FAILED: "failed",
-    }
-    # a node's last state (departed) says more than "completed"
-    return state if state == "departed" else closed.get(execution.status, state or "unknown")  # type: ignore[arg-type]
-
-
-async def node_out(client: Client, desc: WorkflowExecutionDescription) -> NodeOut:
-    node_id = desc.typed_search_attributes.get(search.NODE) or desc.id.removeprefix("node:")
-    resources, _ = await heartbeat(client, desc, NodeResources)
-    out = NodeOut(node_id=node_id, state=state_of(desc), workflow_id=desc.id)
-    if isinstance(resources, NodeResources):
-        out = out.model_copy(update={k: v for k, v in vars(resources).items() if k != "node_id"})
+def node_out(view: state.NodeView) -> NodeOut:
+    out = NodeOut(node_id=view.node_id, state=view.state, workflow_id=view.workflow_id)
+    if view.resources is not None:
+        out = out.model_copy(update={k: v for k, v in vars(view.resources).items() if k != "node_id"})
     return out
 
 
 async def list_nodes(client: Client, include_departed: bool = False) -> list[NodeOut]:
-    nodes = []
-    async for execution in client.list_workflows(list_query("node", running_only=not include_departed)):
-        desc = await describe(client, execution.id)
-        if desc is not None and (include_departed or desc.status == WorkflowExecutionStatus.RUNNING):
-            nodes.append(await node_out(client, desc))
-    return sorted(nodes, key=lambda n: n.node_id)
+    return [node_out(v) for v in await state.list_nodes(client, include_departed)]
 
 
 async def get_node(client: Client, node_id: str) -> NodeOut | None:
-    desc = await describe(client, node_workflow_id(node_id))
-    return None if desc is None else await node_out(client, desc)
+    view = await state.get_node(client, node_id)
+    return None if view is None else node_out(view)
 
 
 def download_summary(execution: WorkflowExecution) -> DownloadOut:

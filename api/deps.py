@@ -3,9 +3,11 @@
 import secrets
 from typing import Annotated
 
+import httpx
 from fastapi import Depends, Header, HTTPException, Request
 from temporalio.client import Client
 
+from api.instances import InstanceCache
 from shardline.settings import Settings
 
 
@@ -19,7 +21,19 @@ def get_client(request: Request) -> Client:
     return client
 
 
+def get_instances(request: Request) -> InstanceCache:
+    cache: InstanceCache = request.app.state.instances
+    return cache
+
+
+def get_http(request: Request) -> httpx.AsyncClient:
+    http: httpx.AsyncClient = request.app.state.http
+    return http
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+InstancesDep = Annotated[InstanceCache, Depends(get_instances)]
+HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
 ClientDep = Annotated[Client, Depends(get_client)]
 
 

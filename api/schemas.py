@@ -1,6 +1,6 @@
 """Request and response models of the admin endpoints."""
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -80,3 +80,52 @@ class Accepted(BaseModel):
     workflow_id: str
     state: str
     result: dict[str, Any] | None = None
+
+
+class InstanceCreate(BaseModel):
+    model: str
+    nodes: list[str] | None = None
+    strategy: Literal["pipeline", "tensor"] = "pipeline"
+    revision: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return check_model_id(value)
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [check_node_id(n) for n in value]
+
+
+class ShardOut(BaseModel):
+    node_id: str
+    rank: int
+    layers: tuple[int, int]  # [start, end)
+    ready: bool
+
+
+class InstanceOut(BaseModel):
+    instance_id: str
+    workflow_id: str
+    model: str
+    state: str
+    strategy: str
+    shards: list[ShardOut] = Field(default_factory=list)
+    endpoint: str | None = None
+    recoveries: int = 0
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, instance_id: str, model: str, state: str, strategy: str) -> "InstanceOut":
+        return cls(instance_id=instance_id, workflow_id=f"serve:{instance_id}", model=model, state=state,
+                   strategy=strategy)  # fmt: skip
+
+    @classmethod
+    def from_status(cls, s: Any) -> "InstanceOut":
+        shards = [ShardOut(node_id=x.node_id, rank=x.rank, layers=(x.layer_start, x.layer_end), ready=x.ready)
+                  for x in s.shards]  # fmt: skip
+        out = cls.of(s.instance_id, s.model_id, s.state, s.strategy)
+        return out.model_copy(update={"shards": shards, "endpoint": s.endpoint, "recoveries": s.recoveries,
+                                      "reason": s.reason})  # fmt: skip

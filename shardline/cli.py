@@ -1,6 +1,7 @@
 """`shardline`: run the pieces of a cluster, and drive it through the HTTP API."""
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -203,6 +204,79 @@ def cancel(workflow_id: str) -> None:
 
     asyncio.run(run())
     console.print(f"cancel requested: {workflow_id}")
+
+
+@app.command()
+def serve(
+    model: str,
+    nodes: Annotated[
+        str | None, typer.Option("--nodes", help="Comma-separated node ids (default: all with room)")
+    ] = None,
+    strategy: Annotated[str, typer.Option("--strategy", help="pipeline or tensor")] = "pipeline",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until it is ready")] = False,
+) -> None:
+    """Serve MODEL across the cluster."""
+    pinned = [n.strip() for n in nodes.split(",")] if nodes else None
+    started = call("POST", "/instances", json={"model": model, "nodes": pinned, "strategy": strategy})
+    console.print(f"started {started['workflow_id']}")
+    if wait:
+        with console.status(f"{started['instance_id']}: placing") as spinner:
+            while True:
+                current = call("GET", f"/instances/{started['instance_id']}")
+                spinner.update(f"{current['instance_id']}: {current['state']}")
+                if current["state"] in ("ready", "failed", "stopped"):
+                    break
+                time.sleep(1)
+        console.print(
+            f"{current['instance_id']}: {current['state']}" + (f" - {current['reason']}" if current["reason"] else "")
+        )
+        if current["state"] != "ready":
+            raise typer.Exit(1)
+
+
+@app.command()
+def instances() -> None:
+    """Served model instances and where their layers are."""
+    table = Table("instance", "model", "state", "strategy", "shards (node: layers)")
+    for i in call("GET", "/instances"):
+        shards = ", ".join(f"{s['node_id']}: {s['layers'][0]}-{s['layers'][1] - 1}" for s in i["shards"])
+        table.add_row(i["instance_id"], i["model"], i["state"], i["strategy"], shards)
+    console.print(table)
+
+
+@app.command()
+def stop(instance: str) -> None:
+    """Stop a served instance: every runner stops and frees its memory."""
+    done = call("DELETE", f"/instances/{instance}")
+    console.print(f"{done['instance_id']}: {done['state']}")
+
+
+@app.command()
+def chat(
+    model: str,
+    prompt: str,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.0,
+) -> None:
+    """Ask MODEL one question; the answer streams to the terminal."""
+    settings = Settings()
+    headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "max_tokens": max_tokens, "temperature": temperature}  # fmt: skip
+    with httpx.stream(
+        "POST", f"{settings.api_base}/v1/chat/completions", json=body, headers=headers, timeout=None
+    ) as r:
+        if r.status_code != 200:
+            r.read()
+            console.print(f"[red]error {r.status_code}:[/red] {r.json()['error']['message']}")
+            raise typer.Exit(1)
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                delta = json.loads(line[6:])["choices"]
+                if delta and delta[0]["delta"].get("content"):
+                    sys.stdout.write(delta[0]["delta"]["content"])
+                    sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from shardline.types import LayerRange
 
@@ -51,3 +52,19 @@ COMPLETE_MARKER = ".shardline-complete.json"
 def model_path(models_dir: Path, model_id: str) -> Path:
     """Where a model lives on a node; `model_id` must already be checked (see ids.check_model_id)."""
     return models_dir.joinpath(*model_id.split("/"))
+
+
+def param_bytes(config: dict[str, Any]) -> float:
+    quantization = config.get("quantization") or config.get("quantization_config") or {}
+    if "bits" in quantization:
+        return quantization["bits"] / 8
+    return 4.0 if config.get("torch_dtype", config.get("dtype")) == "float32" else 2.0
+
+
+def layer_sizes(config: dict[str, Any], weight_bytes: int) -> tuple[int, int, int]:
+    """(layers, bytes per layer, bytes outside the layers), estimated from the config and total weight bytes."""
+    layers = int(config["num_hidden_layers"])
+    vocab, hidden = int(config.get("vocab_size", 0)), int(config.get("hidden_size", 0))
+    tables = 1 if config.get("tie_word_embeddings", False) else 2  # embeddings, and a separate head
+    outer = min(int(vocab * hidden * tables * param_bytes(config)), weight_bytes // 2)
+    return layers, max((weight_bytes - outer) // layers, 1), outer

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
         default=None,
         description="This node's id; unset = generated once and kept in <home>/node_id",
     )
+    node_host: str = Field(default="127.0.0.1", description="Address other nodes reach this node's runners at")
+    node_memory: int | None = Field(
+        default=None, gt=0, description="Bytes of memory shards may use here; unset = what is free"
+    )
     api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds")
     api_port: int = Field(default=8000, description="Port of the HTTP API")
     api_url: str | None = Field(

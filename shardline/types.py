@@ -28,6 +28,7 @@ class NodeResources:
     memory_available: int
     disk_free: int
     models: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
 
 
 @dataclass
@@ -76,3 +77,34 @@ class DeleteRequest:
 class DeleteResult:
     removed: bool
     bytes_freed: int
+
+
+@dataclass
+class ShardSpec:
+    """One rank of a served instance, as the serving workflow hands it to run_shard."""
+
+    instance_id: str
+    model_id: str
+    strategy: str  # pipeline | tensor
+    rank: int
+    world_size: int
+    layers: LayerRange
+    splits: list[int]  # layers per rank, in rank order (pipeline)
+    hosts: list[str]  # "ip:port" of every rank's ring endpoint, in rank order
+    generation: int = 0  # which placement of the instance this runner belongs to
+
+
+@dataclass
+class RunnerReady:
+    instance_id: str
+    rank: int
+    node_id: str
+    endpoint: str | None  # rank 0's HTTP endpoint
+    generation: int = 0
+    memory_bytes: int = 0
+
+
+@dataclass
+class InspectRequest:
+    model_id: str
+    revision: str | None = None

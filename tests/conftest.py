@@ -3,6 +3,7 @@ a hub mirror (olah) on loopback serving models made on the spot, and node worker
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,14 +18,26 @@ from tests.support.throttle import ThrottledProxy
 
 __all__ = ["TIMEOUTS", "Cluster"]
 TINY = "test-org/tiny"  # 4 layers in 3 files: quick
+QWEN = "test-org/qwen-tiny"  # qwen2: pipeline and tensor parallel in mlx-lm
 CHUNKY = "test-org/chunky"  # ~40 MB in 4 files: slow enough, behind the throttle, to act mid-download
 
 
 @pytest.fixture(scope="session")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubMirror]:
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The source of each model the mirror serves (tests compare against plain mlx_lm on these)."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        TINY: make_tiny_model(root / "tiny", num_layers=4, num_files=3),
+        QWEN: make_tiny_model(root / "qwen", model_type="qwen2", num_layers=6, num_files=4, seed=1),
+    }
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, Path]) -> Iterator[HubMirror]:
     root = tmp_path_factory.mktemp("hub")
     mirrors = root / "mirrors"
-    publish_model(make_tiny_model(root / "src-tiny", num_layers=4, num_files=3), mirrors, TINY)
+    for repo_id, source in model_dirs.items():
+        publish_model(source, mirrors, repo_id)
     chunky = make_tiny_model(root / "src-chunky", num_layers=4, hidden_size=512, intermediate_size=1536,
                              vocab_size=512, num_files=4)  # fmt: skip
     publish_model(chunky, mirrors, CHUNKY)

@@ -3,6 +3,7 @@
 import structlog
 from temporalio.worker import Worker
 
+from activities.cluster import ClusterActivities
 from shardline.ids import CONTROL_QUEUE
 from shardline.settings import Settings
 from shardline.temporal import connect
@@ -10,12 +11,19 @@ from workers.run import run_until_signal
 from workflows.delete import DeleteModelWorkflow
 from workflows.download import DownloadWorkflow
 from workflows.node import NodeWorkflow
+from workflows.serve import ServingWorkflow
 
-WORKFLOWS = [NodeWorkflow, DownloadWorkflow, DeleteModelWorkflow]
+WORKFLOWS = [NodeWorkflow, DownloadWorkflow, DeleteModelWorkflow, ServingWorkflow]
 
 
 async def run_control(settings: Settings) -> None:
     client = await connect(settings, wait_s=60)
-    worker = Worker(client, task_queue=CONTROL_QUEUE, workflows=WORKFLOWS)
+    cluster = ClusterActivities(client, settings.home / "cache")
+    worker = Worker(
+        client,
+        task_queue=CONTROL_QUEUE,
+        workflows=WORKFLOWS,
+        activities=[cluster.online_nodes, cluster.inspect_model],
+    )
     structlog.get_logger(__name__).info("control.started", task_queue=CONTROL_QUEUE, temporal=settings.target)
     await run_until_signal(worker)

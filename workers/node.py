@@ -9,6 +9,7 @@ from temporalio.worker import Worker
 from activities.delete import DeleteActivities
 from activities.download import DownloadActivities
 from activities.presence import PresenceActivities
+from activities.serve import ShardActivities
 from shardline import search
 from shardline.ids import CONTROL_QUEUE, node_queue, node_workflow_id
 from shardline.node_identity import resolve_node_id
@@ -23,9 +24,10 @@ async def run_node(settings: Settings) -> None:
     structlog.contextvars.bind_contextvars(node_id=node_id)
     client = await connect(settings, wait_s=60)
     activities = [
-        PresenceActivities(client, settings.home).node_presence,
+        PresenceActivities(client, settings).node_presence,
         DownloadActivities(settings.models_dir).download_model,
         DeleteActivities(settings.models_dir).delete_model,
+        ShardActivities(client, settings, node_id).run_shard,
     ]
     worker = Worker(
         client,

@@ -1,4 +1,4 @@
-"""Random-weight llama models in MLX layout, for tests and benchmarks.
+"""Random-weight llama (or qwen2) models in MLX layout, for tests and benchmarks.
 
 The weights are split into safetensors files by layer, so a process that
 serves only some layers needs only some files.
@@ -60,6 +60,7 @@ class ModelShape:
     num_kv_heads: int
     vocab_size: int
     tie_word_embeddings: bool
+    model_type: str = "llama"
 
     @property
     def head_dim(self) -> int:
@@ -82,11 +83,14 @@ def make_tiny_model(
     num_files: int = 3,
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    model_type: str = "llama",
 ) -> Path:
-    """Write a random llama model loadable by `mlx_lm.load(str(dest))`; return `dest`.
+    """Write a random model loadable by `mlx_lm.load(str(dest))`; return `dest`.
 
-    Weights are deterministic in `seed` (and independent of `num_files`). Existing
-    `model*.safetensors` files in `dest` are deleted first.
+    `model_type` is "llama" or "qwen2" (qwen2 adds q/k/v biases and supports
+    pipeline parallelism in mlx_lm). Weights are deterministic in `seed` (and
+    independent of `num_files`). Existing `model*.safetensors` files in `dest`
+    are deleted first.
     """
     shape = ModelShape(
         num_layers=num_layers,
@@ -96,6 +100,7 @@ def make_tiny_model(
         num_kv_heads=num_kv_heads,
         vocab_size=vocab_size,
         tie_word_embeddings=tie_word_embeddings,
+        model_type=model_type,
     )
     validate_shape(shape, num_files)
     dest.mkdir(parents=True, exist_ok=True)
@@ -157,6 +162,8 @@ def remove_stale_shards(dest: Path) -> None:
 
 
 def validate_shape(shape: ModelShape, num_files: int) -> None:
+    if shape.model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type must be one of {sorted(ARCHITECTURES)}")
     if shape.hidden_size % shape.num_heads != 0:
         raise ValueError("hidden_size must be a multiple of num_heads")
     if shape.num_heads % shape.num_kv_heads != 0:
@@ -215,10 +222,13 @@ def write_tokenizer(dest: Path, tokenizer: Tokenizer) -> None:
     write_json(dest / "special_tokens_map.json", {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN})
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 def write_config(dest: Path, shape: ModelShape, *, eos_token_id: int) -> None:
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": shape.model_type,
+        "architectures": [ARCHITECTURES[shape.model_type]],
         "hidden_size": shape.hidden_size,
         "num_hidden_layers": shape.num_layers,
         "intermediate_size": shape.intermediate_size,
@@ -244,7 +254,7 @@ def write_json(path: Path, data: object) -> None:
 def layer_tensors(shape: ModelShape, layer: int) -> list[tuple[str, tuple[int, ...]]]:
     prefix = f"model.layers.{layer}"
     hidden, inter, kv = shape.hidden_size, shape.intermediate_size, shape.kv_dim
-    return [
+    tensors = [
         (f"{prefix}.input_layernorm.weight", (hidden,)),
         (f"{prefix}.self_attn.q_proj.weight", (hidden, hidden)),
         (f"{prefix}.self_attn.k_proj.weight", (kv, hidden)),
@@ -255,6 +265,14 @@ def layer_tensors(shape: ModelShape, layer: int) -> list[tuple[str, tuple[int, .
         (f"{prefix}.mlp.up_proj.weight", (inter, hidden)),
         (f"{prefix}.mlp.down_proj.weight", (hidden, inter)),
     ]
+    if shape.model_type == "qwen2":
+        # Appended, so the llama tensors keep their seeds.
+        tensors += [
+            (f"{prefix}.self_attn.q_proj.bias", (hidden,)),
+            (f"{prefix}.self_attn.k_proj.bias", (kv,)),
+            (f"{prefix}.self_attn.v_proj.bias", (kv,)),
+        ]
+    return tensors
 
 
 def outer_tensors(shape: ModelShape) -> list[tuple[str, tuple[int, ...]]]:

@@ -1,0 +1,61 @@
+"""Cluster-wide activities, run by the control worker: which nodes are online, what a model needs."""
+
+import asyncio
+import json
+from pathlib import Path
+
+from huggingface_hub import HfApi, RepoFile, hf_hub_download
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+
+from activities.errors import application_error, classify
+from shardline import state
+from shardline.engine.capabilities import sharding_support
+from shardline.model_files import INDEX_FILE, layer_sizes
+from shardline.placement import ModelProfile, NodeCapacity
+from shardline.types import InspectRequest
+
+
+def profile_model(req: InspectRequest, cache: Path) -> ModelProfile:
+    hub = HfApi()
+    revision = hub.model_info(req.model_id, revision=req.revision or "main").sha
+    tree = hub.list_repo_tree(req.model_id, revision=revision, recursive=True)
+    sizes = {f.path: f.size for f in tree if isinstance(f, RepoFile)}
+    config_path = hf_hub_download(req.model_id, "config.json", revision=revision, local_dir=cache)
+    config = json.loads(Path(config_path).read_text())
+    if INDEX_FILE not in sizes and "model.safetensors" not in sizes:
+        raise application_error("bad_input", f"{req.model_id} has no safetensors weights: mlx-lm cannot load it")
+    weight_bytes = sum(size for name, size in sizes.items() if name.endswith(".safetensors"))
+    layers, layer_bytes, outer = layer_sizes(config, weight_bytes)
+    try:
+        pipeline, tensor = sharding_support(config)
+    except (ValueError, ImportError) as exc:
+        raise application_error("bad_input", f"{req.model_id}: mlx-lm does not support it: {exc}") from exc
+    heads = int(config.get("num_attention_heads", 1))
+    return ModelProfile(req.model_id, layers, layer_bytes, outer, pipeline, tensor, heads,
+                        int(config.get("num_key_value_heads", heads)))  # fmt: skip
+
+
+class ClusterActivities:
+    def __init__(self, client: Client, cache: Path) -> None:
+        self._client = client
+        self._cache = cache
+
+    @activity.defn(name="online_nodes")
+    async def online_nodes(self) -> list[NodeCapacity]:
+        views = await state.list_nodes(self._client)
+        return [
+            NodeCapacity(v.node_id, v.resources.memory_available, v.resources.host)
+            for v in views
+            if v.state == "online" and v.resources is not None
+        ]
+
+    @activity.defn(name="inspect_model")
+    async def inspect_model(self, req: InspectRequest) -> ModelProfile:
+        try:
+            return await asyncio.to_thread(profile_model, req, self._cache / req.model_id)
+        except ApplicationError:
+            raise
+        except Exception as exc:
+            raise application_error(*classify(exc, req.model_id)) from exc

@@ -1,0 +1,115 @@
+"""run_shard: one rank of a served instance, in a runner subprocess that lives as long as this activity."""
+
+import asyncio
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import structlog
+from temporalio import activity
+from temporalio.client import Client
+
+from activities.errors import application_error
+from shardline.model_files import model_path
+from shardline.settings import Settings
+from shardline.types import RunnerReady, ShardSpec
+
+log = structlog.get_logger(__name__)
+TICK = 1.0  # seconds between heartbeats; cancellation reaches us only through one
+
+
+def runner_spec(spec: ShardSpec, model_dir: Path, http_host: str) -> dict[str, object]:
+    return {
+        "model_path": str(model_dir),
+        "strategy": spec.strategy if spec.world_size > 1 else "single",
+        "rank": spec.rank,
+        "world_size": spec.world_size,
+        "layers": [spec.layers.start, spec.layers.end],
+        "splits": spec.splits,
+        "hosts": spec.hosts,
+        "http_host": http_host,
+        "http_port": 0,
+    }
+
+
+def log_tail(path: Path, chars: int = 600) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace")[-chars:].strip()
+    return ""
+
+
+class ShardActivities:
+    def __init__(self, client: Client, settings: Settings, node_id: str) -> None:
+        self._client = client
+        self._settings = settings
+        self._node_id = node_id
+
+    @activity.defn(name="run_shard")
+    async def run_shard(self, spec: ShardSpec) -> None:
+        info = activity.info()
+        logger = log.bind(workflow_id=info.workflow_id, rank=spec.rank, generation=spec.generation)
+        run_dir = self._settings.home / "runs" / spec.instance_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = run_dir / f"rank{spec.rank}-gen{spec.generation}.json"
+        model_dir = model_path(self._settings.models_dir, spec.model_id)
+        spec_path.write_text(json.dumps(runner_spec(spec, model_dir, self._settings.node_host)))
+        log_path = spec_path.with_suffix(".log")
+        with open(log_path, "ab") as runner_log:  # noqa: ASYNC230 - a local append, instant
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "shardline.engine.runner", str(spec_path),
+                stdout=asyncio.subprocess.PIPE, stderr=runner_log,
+            )  # fmt: skip
+        logger.info("runner.started", pid=proc.pid)
+        try:
+            ready = await self._until_ready(proc, log_path)
+            workflow = self._client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
+            report = RunnerReady(spec.instance_id, spec.rank, self._node_id, ready.get("endpoint"), spec.generation,
+                                 int(ready.get("memory_bytes") or 0))  # fmt: skip
+            await workflow.signal("runner_ready", report)
+            logger.info("runner.ready", endpoint=report.endpoint)
+            while proc.returncode is None:
+                activity.heartbeat("serving")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), TICK)
+            raise application_error(
+                "transient", f"runner {spec.rank} on {self._node_id} exited ({proc.returncode}): {log_tail(log_path)}"
+            )
+        finally:
+            await stop_process(proc)
+            logger.info("runner.stopped", returncode=proc.returncode)
+
+    async def _until_ready(self, proc: asyncio.subprocess.Process, log_path: Path) -> dict[str, object]:
+        assert proc.stdout is not None
+        line_task = asyncio.ensure_future(proc.stdout.readline())
+        while True:
+            activity.heartbeat("loading")
+            done, _ = await asyncio.wait({line_task}, timeout=TICK)
+            if not done:
+                continue
+            line = line_task.result()
+            if not line:  # the runner died before saying anything
+                await proc.wait()
+                raise application_error(
+                    "bad_input", f"runner exited ({proc.returncode}) while loading: {log_tail(log_path)}"
+                )
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "ready":
+                    return dict(event)
+                if event.get("event") == "error":
+                    raise application_error(
+                        "bad_input", f"runner on {self._node_id} cannot load: {event.get('message')}"
+                    )
+            line_task = asyncio.ensure_future(proc.stdout.readline())
+
+
+async def stop_process(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

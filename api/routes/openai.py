@@ -1,0 +1,110 @@
+"""OpenAI-compatible inference: the request goes to rank 0's runner; tokens never pass through Temporal."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.deps import HttpDep, InstancesDep
+from api.openai_types import ChatRequest, ModelCard, ModelList, Usage, chunk, completion, completion_id, now
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+KEEPALIVE_S = 5.0  # an SSE comment this often while the prompt is still being processed
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(instances: InstancesDep) -> ModelList:
+    ready = sorted({i.model_id for i in await instances.all() if i.state == "ready"})
+    return ModelList(data=[ModelCard(id=m, created=now()) for m in ready])
+
+
+async def endpoint_for(instances: InstancesDep, model: str) -> str:
+    candidates = await instances.for_model(model)
+    ready = [i for i in candidates if i.state == "ready" and i.endpoint]
+    if ready:
+        return str(ready[0].endpoint)
+    if not candidates:
+        raise HTTPException(404, f"model {model!r} is not served: start it with POST /instances or `shardline serve`")
+    states = ", ".join(f"{i.instance_id} is {i.state}" + (f" ({i.reason})" if i.reason else "") for i in candidates)
+    raise HTTPException(503, f"model {model!r} is not ready: {states}")
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatRequest, instances: InstancesDep, http: HttpDep
+) -> StreamingResponse | JSONResponse:
+    endpoint = await endpoint_for(instances, body.model)
+    lines = generate(http, endpoint, body.generate_body())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(sse(lines, body.model, include_usage), media_type="text/event-stream")
+    text, final = [], {}
+    async for event in lines:
+        if event is None:
+            continue
+        if "text" in event:
+            text.append(event["text"])
+        else:
+            final = event
+    return JSONResponse(completion(completion_id(), body.model, "".join(text), final.get("finish_reason", "stop"),
+                                   usage_of(final)))  # fmt: skip
+
+
+def usage_of(final: dict[str, Any]) -> Usage:
+    prompt, done = int(final.get("prompt_tokens", 0)), int(final.get("completion_tokens", 0))
+    return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
+
+
+async def generate(
+    http: httpx.AsyncClient, endpoint: str, body: dict[str, Any]
+) -> AsyncIterator[dict[str, Any] | None]:
+    """The runner's NDJSON events; None while nothing came for KEEPALIVE_S. Closing this generator closes
+    the connection, and the runner stops that generation."""
+    try:
+        async with http.stream("POST", f"{endpoint}/generate", json=body, timeout=None) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")[:500]
+                raise HTTPException(502 if response.status_code >= 500 else 400, f"runner refused: {detail}")
+            lines = response.aiter_lines()
+            pending = asyncio.ensure_future(anext(lines))
+            try:
+                while True:
+                    done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+                    if not done:
+                        yield None
+                        continue
+                    try:
+                        line = pending.result()
+                    except StopAsyncIteration:
+                        return
+                    if line.strip():
+                        yield json.loads(line)
+                    pending = asyncio.ensure_future(anext(lines))
+            finally:
+                pending.cancel()
+    except httpx.TransportError as exc:
+        raise HTTPException(503, f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
+
+
+async def sse(lines: AsyncIterator[dict[str, Any] | None], model: str, include_usage: bool) -> AsyncIterator[str]:
+    cid = completion_id()
+    yield data(chunk(cid, model, {"role": "assistant", "content": ""}))
+    async for event in lines:
+        if event is None:
+            yield ": keep-alive\n\n"
+        elif "text" in event:
+            if event["text"]:
+                yield data(chunk(cid, model, {"content": event["text"]}))
+        else:
+            yield data(chunk(cid, model, {}, event.get("finish_reason", "stop")))
+            if include_usage:
+                yield data({**chunk(cid, model, {}), "choices": [], "usage": usage_of(event).model_dump()})
+    yield "data: [DONE]\n\n"
+
+
+def data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
