@@ -3,7 +3,9 @@
 import asyncio
 import contextlib
 import json
+import os
 import sys
+import sysconfig
 from pathlib import Path
 
 import structlog
@@ -33,6 +35,25 @@ def runner_spec(spec: ShardSpec, model_dir: Path, http_host: str) -> dict[str, o
     }
 
 
+def optimized_blas(choice: str) -> str | None:
+    """The BLAS to preload into a runner: mlx's Linux CPU wheel ships the slow reference BLAS, and
+    OpenBLAS (cmeel-openblas) measured about 2x decode and 10x prefill here. 'auto' uses it if installed."""
+    if choice == "reference" or sys.platform != "linux":
+        return None
+    if choice != "auto":
+        return choice
+    lib = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
+    return str(lib) if lib.exists() else None
+
+
+def runner_env(blas: str) -> dict[str, str]:
+    env = dict(os.environ)
+    preload = optimized_blas(blas)
+    if preload:
+        env["LD_PRELOAD"] = " ".join(p for p in (preload, env.get("LD_PRELOAD", "")) if p)
+    return env
+
+
 def log_tail(path: Path, chars: int = 600) -> str:
     with contextlib.suppress(OSError):
         return path.read_text(errors="replace")[-chars:].strip()
@@ -58,7 +79,7 @@ class ShardActivities:
         with open(log_path, "ab") as runner_log:  # noqa: ASYNC230 - a local append, instant
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "shardline.engine.runner", str(spec_path),
-                stdout=asyncio.subprocess.PIPE, stderr=runner_log,
+                stdout=asyncio.subprocess.PIPE, stderr=runner_log, env=runner_env(self._settings.runner_blas),
             )  # fmt: skip
         logger.info("runner.started", pid=proc.pid)
         try:

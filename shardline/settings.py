@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     node_memory: int | None = Field(
         default=None, gt=0, description="Bytes of memory shards may use here; unset = what is free"
     )
+    runner_blas: str = Field(
+        default="auto",
+        description="BLAS for MLX runners on Linux: auto (cmeel-openblas if installed), reference, or a path",
+    )
     api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds")
     api_port: int = Field(default=8000, description="Port of the HTTP API")
     api_url: str | None = Field(

@@ -56,3 +56,12 @@ def test_remove_model_absent_present_and_odd(tmp_path: Path) -> None:
     with pytest.raises(ApplicationError, match="refusing to delete") as err:
         remove_model(models, "org/link")
     assert err.value.non_retryable and elsewhere.exists()
+
+
+def test_runner_blas_choice() -> None:
+    from activities.serve import optimized_blas
+
+    assert optimized_blas("reference") is None
+    assert optimized_blas("/opt/lib/libblis.so") == "/opt/lib/libblis.so"
+    auto = optimized_blas("auto")
+    assert auto is None or auto.endswith("libopenblas.so.0")
