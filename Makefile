@@ -29,7 +29,7 @@ test: lint
 	$(BIN)/pytest -q -p no:cacheprovider --durations=15
 
 bench: install
-	$(BIN)/python bench/download.py
+	$(BIN)/python -m bench.download
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
