@@ -2,8 +2,10 @@
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -13,6 +15,7 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.errors import application_error
+from shardline.engine.spec import RunnerSpec
 from shardline.model_files import model_path
 from shardline.settings import Settings
 from shardline.types import RunnerReady, ShardSpec
@@ -21,29 +24,47 @@ log = structlog.get_logger(__name__)
 TICK = 1.0  # seconds between heartbeats; cancellation reaches us only through one
 
 
-def runner_spec(spec: ShardSpec, model_dir: Path, http_host: str) -> dict[str, object]:
-    return {
-        "model_path": str(model_dir),
-        "strategy": spec.strategy if spec.world_size > 1 else "single",
-        "rank": spec.rank,
-        "world_size": spec.world_size,
-        "layers": [spec.layers.start, spec.layers.end],
-        "splits": spec.splits,
-        "hosts": spec.hosts,
-        "http_host": http_host,
-        "http_port": 0,
-    }
+def runner_spec(spec: ShardSpec, model_dir: Path, http_host: str) -> RunnerSpec:
+    single = spec.world_size == 1
+    return RunnerSpec(
+        model_path=str(model_dir),
+        strategy="single" if single else spec.strategy,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        layers=None if single or spec.strategy == "tensor" else spec.layers,
+        splits=[] if single else spec.splits,
+        hosts=[] if single else spec.hosts,
+        http_host=http_host,
+    )
 
 
 def optimized_blas(choice: str) -> str | None:
     """The BLAS to preload into a runner: mlx's Linux CPU wheel ships the slow reference BLAS, and
-    OpenBLAS (cmeel-openblas) measured about 2x decode and 10x prefill here. 'auto' uses it if installed."""
+    OpenBLAS (cmeel-openblas) measured about 2x decode and 10x prefill on some machines. 'auto' uses
+    it if installed and if it works here (see blas_works)."""
     if choice == "reference" or sys.platform != "linux":
         return None
     if choice != "auto":
         return choice
     lib = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
-    return str(lib) if lib.exists() else None
+    return str(lib) if lib.exists() and blas_works(str(lib)) else None
+
+
+BLAS_PROBE = "import mlx.core as mx; a = mx.ones((64, 64)); print(int(mx.sum(a @ a).item()))"
+
+
+@functools.cache
+def blas_works(lib: str) -> bool:
+    """Run one matmul with the library preloaded: a build for another CPU (cmeel's kernels need AVX-512
+    on some versions) dies of SIGILL, and one missing libgfortran does not even start."""
+    env = {**os.environ, "LD_PRELOAD": lib}
+    try:
+        probe = subprocess.run([sys.executable, "-c", BLAS_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False
+    works = probe.returncode == 0 and probe.stdout.strip() == str(64 * 64 * 64)
+    log.info("runner.blas_probe", library=lib, works=works, returncode=probe.returncode)
+    return works
 
 
 def runner_env(blas: str) -> dict[str, str]:
@@ -74,12 +95,16 @@ class ShardActivities:
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path = run_dir / f"rank{spec.rank}-gen{spec.generation}.json"
         model_dir = model_path(self._settings.models_dir, spec.model_id)
-        spec_path.write_text(json.dumps(runner_spec(spec, model_dir, self._settings.node_host)))
+        try:
+            spec_path.write_text(runner_spec(spec, model_dir, self._settings.node_host).to_json())
+        except ValueError as exc:
+            raise application_error("bad_input", f"cannot run shard {spec.rank}: {exc}") from exc
         log_path = spec_path.with_suffix(".log")
+        env = await asyncio.to_thread(runner_env, self._settings.runner_blas)
         with open(log_path, "ab") as runner_log:  # noqa: ASYNC230 - a local append, instant
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "shardline.engine.runner", str(spec_path),
-                stdout=asyncio.subprocess.PIPE, stderr=runner_log, env=runner_env(self._settings.runner_blas),
+                stdout=asyncio.subprocess.PIPE, stderr=runner_log, env=env,
             )  # fmt: skip
         logger.info("runner.started", pid=proc.pid)
         try:

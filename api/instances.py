@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
+from api.cluster import outcome
 from shardline import search
 from shardline.state import describe, list_query, state_of
 from workflows.serve import InstanceStatus, ServingWorkflow
@@ -28,6 +29,8 @@ async def instance_status(client: Client, workflow_id: str) -> InstanceStatus | 
     ended = InstanceStatus(instance_id, model, state_of(desc), "")
     if ended.state == "canceled":
         ended.state = "stopped"
+    elif ended.state == "failed":
+        _, ended.reason = await outcome(client, workflow_id)
     return ended
 
 

@@ -66,10 +66,10 @@ class InstanceStatus:
     reason: str | None = None
 
 
-class RunnerLost(Exception):
-    def __init__(self, node_id: str, reason: str, node_gone: bool) -> None:
-        super().__init__(reason)
-        self.node_id, self.reason, self.node_gone = node_id, reason, node_gone
+@dataclass
+class RunnerLost:
+    reason: str
+    gone: list[str]  # nodes that went silent: left out of the next placement
 
 
 @workflow.defn(name="ServingWorkflow")
@@ -92,26 +92,26 @@ class ServingWorkflow:
             raise
 
     async def _serve(self, inp: ServeInput) -> InstanceStatus:
-        profile = await self._control("inspect_model", InspectRequest(inp.model_id, inp.revision), ModelProfile)
+        profile = await self._control("inspect_model", [InspectRequest(inp.model_id, inp.revision)], ModelProfile)
         excluded = list(inp.excluded)
         while True:
             placement = await self._place(inp, profile, excluded)
             await self._download(inp, placement)
-            lost = await self._run(inp, placement)
-            await self._stop_runners()
+            await self._run(inp, placement)
+            lost = self._lost(inp, placement, await self._stop_runners())
             self._status.recoveries += 1
             if self._status.recoveries > inp.max_recoveries:
                 reason = f"gave up after {inp.max_recoveries} recoveries; last: {lost.reason}"
                 self._set("failed", reason)
                 raise ApplicationError(reason, non_retryable=True)
             self._set("recovering", lost.reason)
-            excluded = [lost.node_id] if lost.node_gone else []
+            excluded = lost.gone
             if workflow.info().is_continue_as_new_suggested():  # every runner is drained: nothing is orphaned
                 workflow.continue_as_new(replace(inp, recoveries=self._status.recoveries, excluded=excluded))
 
-    async def _control(self, activity: str, arg: object, result_type: type) -> object:
+    async def _control(self, activity: str, args: list[object], result_type: type) -> object:
         try:
-            return await workflow.execute_activity(activity, arg, result_type=result_type, **CONTROL_ACTIVITY)
+            return await workflow.execute_activity(activity, args=args, result_type=result_type, **CONTROL_ACTIVITY)
         except ActivityError as err:
             reason = getattr(err.cause, "message", None) or str(err.cause or err)
             self._set("failed", reason)
@@ -119,7 +119,7 @@ class ServingWorkflow:
 
     async def _place(self, inp: ServeInput, profile: ModelProfile, excluded: list[str]) -> Placement:
         self._set("placing" if not self._status.recoveries else "recovering", f"placing {inp.model_id}")
-        nodes = await self._control("online_nodes", None, list[NodeCapacity])
+        nodes = await self._control("online_nodes", [], list[NodeCapacity])
         nodes = [n for n in nodes if n.node_id not in excluded]  # type: ignore[attr-defined]
         try:
             placement = place(profile, nodes, inp.strategy, inp.nodes)  # type: ignore[arg-type]
@@ -151,7 +151,8 @@ class ServingWorkflow:
                 await workflow.sleep(5)  # someone else's download of the same model: let it finish first
         raise ApplicationError(f"a download of {inp.model_id} onto {node_id} never finished", non_retryable=True)
 
-    async def _run(self, inp: ServeInput, placement: Placement) -> RunnerLost:
+    async def _run(self, inp: ServeInput, placement: Placement) -> None:
+        """Start every rank; return when the first one ends."""
         self._generation += 1
         self._ready = {}
         self._set("loading" if not self._status.recoveries else "recovering", "starting runners")
@@ -169,34 +170,38 @@ class ServingWorkflow:
             self._status.endpoint = self._ready[0].endpoint
             self._set("ready", f"serving at {self._status.endpoint}")
             await workflow.wait_condition(self._any_runner_done)
-        return self._lost(inp, placement)
 
     def _any_runner_done(self) -> bool:
         return any(r.done() for r in self._runners)
 
-    def _lost(self, inp: ServeInput, placement: Placement) -> RunnerLost:
-        rank = next(i for i, r in enumerate(self._runners) if r.done())
-        node_id = placement.shards[rank].node_id
-        err = self._runners[rank].exception()
-        if not isinstance(err, ActivityError):
-            return RunnerLost(node_id, f"runner {rank} on {node_id} stopped", node_gone=False)
-        reason = failure_reason(err, node_id, wait_s=inp.node_wait_s, heartbeat_s=inp.heartbeat_timeout_s)
-        gone = isinstance(err.cause, TimeoutError) and err.cause.type in (
-            TimeoutType.HEARTBEAT,
-            TimeoutType.SCHEDULE_TO_START,
-        )
-        return RunnerLost(node_id, reason, node_gone=gone)
+    def _lost(self, inp: ServeInput, placement: Placement, outcomes: list[BaseException | None]) -> RunnerLost:
+        """Why the ranks stopped. When a node dies the others lose the ring at once, before its own
+        heartbeat times out, so look at every rank once all have ended and blame a silent node first."""
+        reasons, gone = [], []
+        for shard, outcome in zip(placement.shards, outcomes, strict=True):
+            if not isinstance(outcome, ActivityError):
+                continue
+            reason = failure_reason(outcome, shard.node_id, wait_s=inp.node_wait_s, heartbeat_s=inp.heartbeat_timeout_s)
+            timeout = outcome.cause.type if isinstance(outcome.cause, TimeoutError) else None
+            if timeout in (TimeoutType.HEARTBEAT, TimeoutType.SCHEDULE_TO_START):
+                gone.append(shard.node_id)
+                reasons.insert(0, reason)
+            else:
+                reasons.append(reason)
+        return RunnerLost(reasons[0] if reasons else "a runner stopped", gone)
 
-    async def _stop_runners(self) -> None:
-        """Cancel every runner and wait until each has really stopped (and freed its memory)."""
+    async def _stop_runners(self) -> list[BaseException | None]:
+        """Cancel every runner and wait until each has really stopped (and freed its memory);
+        what each ended with, in rank order."""
         for runner in self._runners:
             if not runner.done():
                 runner.cancel()
-        await asyncio.gather(*self._runners, return_exceptions=True)
+        outcomes = await asyncio.gather(*self._runners, return_exceptions=True)
         self._runners = []
         self._status.endpoint = None
         for shard in self._status.shards:
             shard.ready = False
+        return [o if isinstance(o, BaseException) else None for o in outcomes]
 
     @workflow.signal
     def runner_ready(self, ready: RunnerReady) -> None:

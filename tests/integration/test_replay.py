@@ -12,6 +12,7 @@ async def test_histories_replay_deterministically(client: Client) -> None:
     histories = [h async for h in client.list_workflows("ExecutionStatus != 'Running'").map_histories()]
     kinds = {h.events[0].workflow_execution_started_event_attributes.workflow_type.name for h in histories}
     assert {"DownloadWorkflow", "DeleteModelWorkflow"} <= kinds, kinds  # earlier tests ran them
+
     async def each() -> AsyncIterator[WorkflowHistory]:
         for history in histories:
             yield history

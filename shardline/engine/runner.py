@@ -1,0 +1,87 @@
+"""One rank of a served model: `python -m shardline.engine.runner SPEC_JSON_PATH`.
+
+stdout carries only JSON events, one per line (everything else printed goes to stderr):
+  {"event": "ready", "rank": r, "endpoint": "http://host:port" | null, "memory_bytes": n}
+  {"event": "error", "message": "..."}
+Exit codes: 0 shut down (SIGTERM/SIGINT to rank 0 stops every rank), 1 failed while
+serving (or the parent died), 2 could not start (bad spec, missing files, out of memory).
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+import structlog
+
+log = structlog.get_logger(__name__)
+EXIT_FAILED, EXIT_START = 1, 2
+PARENT_POLL_S = 0.5
+
+
+def claim_stdout() -> TextIO:
+    """A private handle on stdout for the events; fd 1 itself now points at stderr."""
+    sys.stdout.flush()
+    events = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    return events
+
+
+def reporter(events: TextIO) -> Callable[[dict], None]:
+    def report(event: dict) -> None:
+        events.write(json.dumps(event) + "\n")
+        events.flush()
+
+    return report
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, MemoryError):
+        return "out of memory while loading the model"
+    return str(error) or type(error).__name__
+
+
+def watch_parent() -> None:
+    """Exit when the process that started us dies, so no runner is ever orphaned."""
+    parent = os.getppid()
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(EXIT_FAILED)
+
+    threading.Thread(target=poll, daemon=True, name="parent-watch").start()
+
+
+def main(argv: list[str]) -> int:
+    report = reporter(claim_stdout())
+    watch_parent()
+    if len(argv) != 2:
+        report({"event": "error", "message": "usage: python -m shardline.engine.runner SPEC_JSON_PATH"})
+        return EXIT_START
+    # Imported only now: MLX and mlx_lm take seconds to import, and the parent watch must run by then.
+    from shardline.engine.rank import Rank
+
+    try:
+        rank = Rank(argv[1])
+    except Exception as error:  # every start failure is reported the same way
+        log.exception("runner.start_failed")
+        report({"event": "error", "message": describe(error)})
+        return EXIT_START
+    try:
+        rank.run(report)
+    except Exception as error:  # the parent learns why from the event
+        log.exception("runner.failed")
+        report({"event": "error", "message": describe(error)})
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv)
+    sys.stderr.flush()
+    # Not sys.exit: the HTTP thread may be mid-request, and nothing needs unwinding.
+    os._exit(code)

@@ -1,0 +1,110 @@
+"""Rank 0's HTTP face: `GET /health`, and `POST /generate` streaming NDJSON.
+
+Routes only tokenize and queue a Job; the MLX thread (generation.serve) does the rest.
+"""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from queue import Queue
+from typing import Any, Self
+
+import uvicorn
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from pydantic import BaseModel, Field, model_validator
+
+from shardline.engine.generation import Job, random_seed
+from shardline.engine.protocol import Sampling
+
+MAX_SEED = 2**64
+
+
+class GenerateBody(BaseModel):
+    messages: list[dict[str, Any]] | None = None  # chat, rendered with the tokenizer's chat template
+    prompt: str | None = None
+    max_tokens: int = Field(default=256, ge=1, lt=2**31)  # int32 on the ring
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None  # None = a fresh random seed
+    stop: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def one_input(self) -> Self:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        return self
+
+
+def prompt_tokens(tokenizer: TokenizerWrapper, body: GenerateBody) -> list[int]:
+    if body.messages is not None:
+        if not tokenizer.has_chat_template:
+            raise ValueError("this model has no chat template; send a prompt instead")
+        return list(tokenizer.apply_chat_template(body.messages, add_generation_prompt=True))
+    # The same rule as mlx_lm's stream_generate, so results match it exactly.
+    bos = tokenizer.bos_token
+    return tokenizer.encode(body.prompt, add_special_tokens=bos is None or not body.prompt.startswith(bos))
+
+
+def make_job(tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Queue) -> Job:
+    try:
+        tokens = prompt_tokens(tokenizer, body)
+    except Exception as error:  # a template or tokenizer failure is the client's input
+        raise HTTPException(status_code=400, detail=f"cannot tokenize the request: {error}") from error
+    if not tokens:
+        raise HTTPException(status_code=400, detail="the prompt is empty")
+    seed = random_seed() if body.seed is None else body.seed % MAX_SEED
+    sampling = Sampling(body.max_tokens, body.temperature, body.top_p, seed)
+    loop = asyncio.get_running_loop()
+    return Job(tokens, sampling, body.stop, emit=lambda item: loop.call_soon_threadsafe(lines.put_nowait, item))
+
+
+async def stream_lines(job: Job, lines: asyncio.Queue, jobs: "Queue[Job]") -> AsyncIterator[str]:
+    jobs.put(job)
+    try:
+        while True:
+            item = await lines.get()
+            yield json.dumps(item) + "\n"
+            if "finish_reason" in item:
+                return
+    finally:
+        # Also reached when the client goes away (the stream is cancelled): generation stops at once.
+        job.cancelled.set()
+
+
+def create_app(tokenizer: TokenizerWrapper, jobs: "Queue[Job]") -> FastAPI:
+    app = FastAPI(title="shardline runner")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/generate")
+    async def generate(body: GenerateBody) -> StreamingResponse:
+        lines: asyncio.Queue = asyncio.Queue()
+        job = make_job(tokenizer, body, lines)
+        return StreamingResponse(stream_lines(job, lines, jobs), media_type="application/x-ndjson")
+
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
+def start_http(app: FastAPI, sock: socket.socket, timeout: float = 30.0) -> uvicorn.Server:
+    """Serve `app` on `sock` from a daemon thread; returns once it accepts connections."""
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="http")
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.01)
+    return server
