@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import structlog
@@ -128,8 +129,14 @@ class ShardActivities:
     async def _until_ready(self, proc: asyncio.subprocess.Process, log_path: Path) -> dict[str, object]:
         assert proc.stdout is not None
         line_task = asyncio.ensure_future(proc.stdout.readline())
+        deadline = time.monotonic() + self._settings.load_timeout
         while True:
             activity.heartbeat("loading")
+            if time.monotonic() > deadline:  # e.g. a peer rank that never joins the ring
+                line_task.cancel()
+                raise application_error(
+                    "transient", f"runner on {self._node_id} not ready within {self._settings.load_timeout:g} s"
+                )
             done, _ = await asyncio.wait({line_task}, timeout=TICK)
             if not done:
                 continue

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     node_memory: int | None = Field(
         default=None, gt=0, description="Bytes of memory shards may use here; unset = what is free"
     )
+    load_timeout: float = Field(default=600.0, gt=0, description="Seconds a runner may take to load and join its peers")
     runner_blas: str = Field(
         default="auto",
         description="BLAS for MLX runners on Linux: auto (cmeel-openblas if installed), reference, or a path",
