@@ -62,8 +62,9 @@ def bytes_on_disk(dest: Path, files: dict[str, int]) -> tuple[int, int]:
 
 
 class DownloadActivities:
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, max_concurrent: int = 4) -> None:
         self._models_dir = models_dir
+        self._slots = asyncio.Semaphore(max_concurrent)
 
     @activity.defn(name="download_model")
     async def download_model(self, req: DownloadRequest) -> DownloadResult:
@@ -71,6 +72,26 @@ class DownloadActivities:
             check_model_id(req.model_id)
         except InvalidId as exc:
             raise application_error("bad_input", str(exc)) from exc
+        await self._take_slot()
+        try:
+            return await self._download(req)
+        finally:
+            self._slots.release()
+
+    async def _take_slot(self) -> None:
+        """Wait for a free transfer slot, heartbeating: a queued download is alive, and cancelable."""
+        waiter = asyncio.ensure_future(self._slots.acquire())
+        try:
+            while not waiter.done():
+                activity.heartbeat(DownloadProgress(phase="queued"))
+                await asyncio.wait({waiter}, timeout=1.0)
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._slots.release()
+            waiter.cancel()
+            raise
+
+    async def _download(self, req: DownloadRequest) -> DownloadResult:
         dest = model_path(self._models_dir, req.model_id)
         logger = log.bind(model_id=req.model_id, workflow_id=activity.info().workflow_id)
         activity.heartbeat(DownloadProgress(phase="listing"))

@@ -9,7 +9,8 @@ from fastapi import Depends, FastAPI
 from api.deps import require_api_key
 from api.errors import install_error_handlers
 from api.instances import InstanceCache
-from api.routes import downloads, health, instances, nodes, openai
+from api.metrics import Metrics
+from api.routes import dashboard, downloads, health, instances, metrics, nodes, openai
 from shardline.settings import Settings
 from shardline.temporal import connect
 
@@ -25,8 +26,11 @@ def create_app(settings: Settings) -> FastAPI:
             yield
 
     app = FastAPI(title="shardline", lifespan=lifespan)
+    app.state.metrics = Metrics()  # this app's own registry
     install_error_handlers(app)
     app.include_router(health.router)
-    for router in (nodes.router, downloads.router, instances.router, openai.router):
+    app.include_router(dashboard.page)  # the page is public; it asks for the key the data wants
+    protected = (nodes.router, downloads.router, instances.router, openai.router, dashboard.router, metrics.router)
+    for router in protected:
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app

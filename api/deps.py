@@ -8,6 +8,7 @@ from fastapi import Depends, Header, HTTPException, Request
 from temporalio.client import Client
 
 from api.instances import InstanceCache
+from api.metrics import Metrics
 from shardline.settings import Settings
 
 
@@ -31,10 +32,16 @@ def get_http(request: Request) -> httpx.AsyncClient:
     return http
 
 
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 InstancesDep = Annotated[InstanceCache, Depends(get_instances)]
 HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
 ClientDep = Annotated[Client, Depends(get_client)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def require_api_key(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:

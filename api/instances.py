@@ -1,8 +1,11 @@
 """Serving instances as the API sees them: listing, status, and the endpoint for a model (cached briefly)."""
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
+import structlog
+from fastapi import HTTPException
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
@@ -12,6 +15,8 @@ from shardline.state import describe, list_query, state_of
 from workflows.serve import InstanceStatus, ServingWorkflow
 
 CACHE_SECONDS = 1.0
+LOOKUP_TIMEOUT = 3.0  # seconds; past it, the cached endpoints answer
+log = structlog.get_logger(__name__)
 
 
 async def instance_status(client: Client, workflow_id: str) -> InstanceStatus | None:
@@ -45,21 +50,42 @@ async def list_instances(client: Client, running_only: bool = True) -> list[Inst
 
 @dataclass
 class InstanceCache:
-    """Chat requests look their model's instance up here; Temporal is asked at most once a second."""
+    """Chat requests look their model's instance up here; Temporal is asked at most once a second, and
+    never while a request waits if a ready endpoint is already known: Temporal is the control plane
+    only, so while it is unreachable the last known endpoints keep serving."""
 
     client: Client
     _at: float = 0.0
     _instances: list[InstanceStatus] = field(default_factory=list)
+    _refreshing: asyncio.Task[None] | None = None
 
     async def for_model(self, model: str) -> list[InstanceStatus]:
+        known = [i for i in self._instances if i.model_id == model]
         if time.monotonic() - self._at > CACHE_SECONDS:
-            self._instances = await list_instances(self.client)
-            self._at = time.monotonic()
-        return [i for i in self._instances if i.model_id == model]
+            if any(i.state == "ready" for i in known):
+                if self._refreshing is None or self._refreshing.done():
+                    self._refreshing = asyncio.create_task(self._refresh())
+            else:
+                await self._refresh()
+                known = [i for i in self._instances if i.model_id == model]
+        return known
 
     async def all(self) -> list[InstanceStatus]:
-        await self.for_model("")
+        if time.monotonic() - self._at > CACHE_SECONDS:
+            await self._refresh()
         return list(self._instances)
 
+    async def _refresh(self) -> None:
+        try:
+            self._instances = await asyncio.wait_for(list_instances(self.client), LOOKUP_TIMEOUT)
+        except (RPCError, TimeoutError) as err:
+            if not self._instances:
+                raise HTTPException(503, f"the cluster's Temporal server did not answer ({err}): try again") from err
+            log.warning("instances.stale", reason=str(err) or type(err).__name__, known=len(self._instances))
+        finally:
+            self._at = time.monotonic()
+
     def forget(self) -> None:
+        """After this API started or stopped an instance: the next request asks Temporal first."""
         self._at = 0.0
+        self._instances = []

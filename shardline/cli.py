@@ -22,6 +22,7 @@ from rich.table import Table
 
 from shardline.logs import configure_logging
 from shardline.settings import Settings
+from shardline.temporal import TemporalConfigError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -282,4 +283,8 @@ def chat(
 def main() -> None:
     # Ctrl-C in a client command: exit quietly, like other CLIs
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-    app()
+    try:
+        app()
+    except TemporalConfigError as err:  # a setting that cannot work: say which, without a traceback
+        console.print(f"[red]{err}[/red]")
+        sys.exit(2)

@@ -19,7 +19,23 @@ class Settings(BaseSettings):
     )
     temporal_port: int = Field(default=7233, description="gRPC port of the embedded Temporal server")
     ui_port: int = Field(default=8233, description="Port of the embedded Temporal UI")
+    temporal_ui_url: str | None = Field(
+        default=None,
+        description="Temporal UI the dashboard links workflows to; unset = http://127.0.0.1:<ui_port>",
+    )
     namespace: str = Field(default="default", description="Temporal namespace")
+    temporal_tls: bool = Field(default=False, description="Reach SHARDLINE_TEMPORAL_ADDRESS over TLS")
+    temporal_tls_ca: Path | None = Field(
+        default=None, description="PEM CA the server's certificate must chain to; unset = the system's roots"
+    )
+    temporal_tls_cert: Path | None = Field(
+        default=None, description="PEM client certificate for mTLS; needs SHARDLINE_TEMPORAL_TLS_KEY"
+    )
+    temporal_tls_key: Path | None = Field(default=None, description="PEM private key of the client certificate")
+    temporal_tls_server_name: str | None = Field(
+        default=None,
+        description="Name (and SNI) the server's certificate is checked against; unset = the address's host",
+    )
     node_id: str | None = Field(
         default=None,
         description="This node's id; unset = generated once and kept in <home>/node_id",
@@ -55,9 +71,17 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds node-bound work waits for its node to pick it up (each attempt)",
     )
+    max_downloads: int = Field(default=4, ge=1, description="Downloads a node transfers at once; the rest queue")
     download_attempts: int = Field(default=5, ge=1, description="Attempts of a download before it fails")
     log_level: str = Field(default="info", description="Log level")
     log_json: bool | None = Field(default=None, description="JSON logs; unset = JSON unless stderr is a terminal")
+    metrics_port: int | None = Field(
+        default=None,
+        gt=0,
+        lt=65536,
+        description="Port a worker serves Temporal SDK Prometheus metrics on; unset = none (one port per process)",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Address the workers' metrics port binds")
 
     @property
     def target(self) -> str:
@@ -70,6 +94,10 @@ class Settings(BaseSettings):
     @property
     def api_base(self) -> str:
         return self.api_url or f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def temporal_ui(self) -> str:
+        return (self.temporal_ui_url or f"http://127.0.0.1:{self.ui_port}").rstrip("/")
 
     @property
     def models_dir(self) -> Path:

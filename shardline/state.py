@@ -1,5 +1,6 @@
 """Reading cluster state out of Temporal: visibility queries and describe(), never the workers."""
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,36 @@ def state_of(execution: WorkflowExecution) -> str:
     }
     # a node's last state (departed) says more than "completed"
     return state if state == "departed" else closed.get(execution.status, state or "unknown")  # type: ignore[arg-type]
+
+
+# closed statuses as visibility names them, and the state state_of gives each; ContinuedAsNew is left out:
+# that workflow carries on under the same id
+CLOSED = {"Completed": "completed", "Canceled": "canceled", "Terminated": "terminated", "TimedOut": "failed",
+          "Failed": "failed"}  # fmt: skip
+# where a kind's last state says more than its status (a departed node, a stopped instance, as GET /instances)
+ENDED_AS = {("node", "completed"): "departed", ("serve", "canceled"): "stopped"}
+
+
+BY_STATUS = "GROUP BY ExecutionStatus"
+
+
+def closed_state(kind: str, status: str) -> str | None:
+    state = CLOSED.get(status)
+    return None if state is None else ENDED_AS.get((kind, state), state)
+
+
+async def count_states(client: Client, kind: str, limit: int = 10_000) -> dict[str, int]:
+    """Workflows of one kind by state. Running ones are listed (a few per node); closed ones pile up, so the
+    server counts them (visibility can GROUP BY ExecutionStatus only, not by ShardlineState)."""
+    counts: Counter[str] = Counter()
+    async for execution in client.list_workflows(list_query(kind, running_only=True), limit=limit):
+        counts[state_of(execution)] += 1
+    closed = await client.count_workflows(f"{list_query(kind)} AND ExecutionStatus != 'Running' {BY_STATUS}")
+    for group in closed.groups:
+        state = closed_state(kind, str(group.group_values[0]))
+        if state is not None:
+            counts[state] += group.count
+    return dict(counts)
 
 
 @dataclass

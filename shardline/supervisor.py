@@ -16,8 +16,17 @@ log = structlog.get_logger(__name__)
 PIECES = ("control", "node", "api")
 
 
-def spawn(piece: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "shardline", piece], env=os.environ.copy())
+def piece_env(piece: str, settings: Settings) -> dict[str, str]:
+    """Each process serving SDK metrics needs a port of its own: SHARDLINE_METRICS_PORT for control, +1 for the node."""
+    env = os.environ.copy()
+    offsets = {"control": 0, "node": 1}
+    if settings.metrics_port is not None and piece in offsets:
+        env["SHARDLINE_METRICS_PORT"] = str(settings.metrics_port + offsets[piece])
+    return env
+
+
+def spawn(piece: str, settings: Settings) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "shardline", piece], env=piece_env(piece, settings))
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -54,7 +63,7 @@ def run_all(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         asyncio.run(prepare())
-        children = [spawn(piece) for piece in PIECES]
+        children = [spawn(piece, settings) for piece in PIECES]
         log.info("cluster.up", api=f"http://{settings.api_host}:{settings.api_port}")
         while not stopping and all(c.poll() is None for c in children):
             time.sleep(0.5)

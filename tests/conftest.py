@@ -56,10 +56,7 @@ def slow_link(hub: HubMirror) -> Iterator[ThrottledProxy]:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory, hub: HubMirror) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cluster"), hub.endpoint)
-    c.start_server()
-    c.start_control()
-    c.start_api()
+    c = Cluster(tmp_path_factory.mktemp("cluster"), hub.endpoint).start_all()
     yield c
     c.stop_all()
 

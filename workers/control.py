@@ -17,7 +17,7 @@ WORKFLOWS = [NodeWorkflow, DownloadWorkflow, DeleteModelWorkflow, ServingWorkflo
 
 
 async def run_control(settings: Settings) -> None:
-    client = await connect(settings, wait_s=60)
+    client = await connect(settings, wait_s=60, export_metrics=True)
     cluster = ClusterActivities(client, settings.home / "cache")
     worker = Worker(
         client,

@@ -22,10 +22,10 @@ from workflows.node import NodeInput, NodeWorkflow
 async def run_node(settings: Settings) -> None:
     node_id = resolve_node_id(settings.node_id, settings.home)
     structlog.contextvars.bind_contextvars(node_id=node_id)
-    client = await connect(settings, wait_s=60)
+    client = await connect(settings, wait_s=60, export_metrics=True)
     activities = [
         PresenceActivities(client, settings).node_presence,
-        DownloadActivities(settings.models_dir).download_model,
+        DownloadActivities(settings.models_dir, settings.max_downloads).download_model,
         DeleteActivities(settings.models_dir).delete_model,
         ShardActivities(client, settings, node_id).run_shard,
     ]
@@ -33,7 +33,10 @@ async def run_node(settings: Settings) -> None:
         client,
         task_queue=node_queue(node_id),
         activities=activities,
+        max_concurrent_activities=1000,  # queued downloads wait in the activity, heartbeating
         graceful_shutdown_timeout=timedelta(seconds=5),
+        # progress reaches the UI and API every 2 s, not every 0.8 x heartbeat timeout (24 s by default)
+        max_heartbeat_throttle_interval=timedelta(seconds=2),
     )
     await client.start_workflow(
         NodeWorkflow.run,

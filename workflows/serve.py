@@ -121,8 +121,9 @@ class ServingWorkflow:
         self._set("placing" if not self._status.recoveries else "recovering", f"placing {inp.model_id}")
         nodes = await self._control("online_nodes", [], list[NodeCapacity])
         nodes = [n for n in nodes if n.node_id not in excluded]  # type: ignore[attr-defined]
+        pinned = [n for n in inp.nodes if n not in excluded] if inp.nodes else None  # heal on the rest of them
         try:
-            placement = place(profile, nodes, inp.strategy, inp.nodes)  # type: ignore[arg-type]
+            placement = place(profile, nodes, inp.strategy, pinned)  # type: ignore[arg-type]
         except PlacementError as err:
             self._set("failed", str(err))
             raise ApplicationError(str(err), type="placement", non_retryable=True) from err

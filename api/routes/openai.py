@@ -2,18 +2,21 @@
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import httpx
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.deps import HttpDep, InstancesDep
+from api.deps import HttpDep, InstancesDep, MetricsDep
+from api.metrics import UNSERVED, ChatWatch, outcome_of
 from api.openai_types import ChatRequest, ModelCard, ModelList, Usage, chunk, completion, completion_id, now
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 KEEPALIVE_S = 5.0  # an SSE comment this often while the prompt is still being processed
+Events = AsyncGenerator[dict[str, Any] | None, None]  # the runner's NDJSON events; None: nothing came for a while
 
 
 @router.get("/models", response_model=ModelList)
@@ -35,10 +38,15 @@ async def endpoint_for(instances: InstancesDep, model: str) -> str:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatRequest, instances: InstancesDep, http: HttpDep
+    body: ChatRequest, instances: InstancesDep, http: HttpDep, metrics: MetricsDep
 ) -> StreamingResponse | JSONResponse:
-    endpoint = await endpoint_for(instances, body.model)
-    lines = generate(http, endpoint, body.generate_body())
+    watch = metrics.chat(body.model)
+    try:
+        endpoint = await endpoint_for(instances, body.model)
+    except Exception as exc:
+        failed(watch, exc)
+        raise
+    lines = watched(generate(http, endpoint, body.generate_body()), watch)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(sse(lines, body.model, include_usage), media_type="text/event-stream")
@@ -54,14 +62,36 @@ async def chat_completions(
                                    usage_of(final)))  # fmt: skip
 
 
+def failed(watch: ChatWatch, exc: Exception) -> None:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        watch.model = UNSERVED
+    watch.end(outcome_of(status))
+
+
+async def watched(lines: Events, watch: ChatWatch) -> Events:
+    """The events, passed on as they are and timed on the way."""
+    outcome = "cancelled"  # unless the stream is read to its end: the client went away
+    async with aclosing(lines):
+        try:
+            async for event in lines:
+                if event is not None:
+                    watch.saw(event)
+                yield event
+            outcome = "ok"
+        except Exception as exc:
+            failed(watch, exc)
+            raise
+        finally:
+            watch.end(outcome)  # a no-op after failed()
+
+
 def usage_of(final: dict[str, Any]) -> Usage:
     prompt, done = int(final.get("prompt_tokens", 0)), int(final.get("completion_tokens", 0))
     return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
 
-async def generate(
-    http: httpx.AsyncClient, endpoint: str, body: dict[str, Any]
-) -> AsyncIterator[dict[str, Any] | None]:
+async def generate(http: httpx.AsyncClient, endpoint: str, body: dict[str, Any]) -> Events:
     """The runner's NDJSON events; None while nothing came for KEEPALIVE_S. Closing this generator closes
     the connection, and the runner stops that generation."""
     try:

@@ -24,7 +24,7 @@ async def instance(cluster: Cluster) -> AsyncIterator[str]:
     node_ids = ["api-a", "api-b"]
     async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as api:
         await start_nodes(cluster, api, node_ids)
-        instance_id = await serve(api, QWEN)
+        instance_id = await serve(api, QWEN, nodes=node_ids)
         assert (await wait_state(api, instance_id, {"ready", "failed"}))["state"] == "ready"
         yield instance_id
         await api.delete(f"/instances/{instance_id}")
@@ -57,12 +57,12 @@ async def test_seed_makes_sampling_repeatable(cluster: Cluster, instance: str) -
     assert first.usage.prompt_tokens > 0 and first.usage.total_tokens == first.usage.prompt_tokens + 12
 
 
-async def test_concurrent_requests_are_not_mixed_up(
+async def test_64_concurrent_requests_are_not_mixed_up(
     cluster: Cluster, instance: str, model_dirs: dict[str, Path]
 ) -> None:
     expected = reference(model_dirs[QWEN])
     short = reference(model_dirs[QWEN], max_tokens=5)
-    replies = await asyncio.gather(*(ask(cluster, temperature=0, max_tokens=12 if i % 2 else 5) for i in range(8)))
+    replies = await asyncio.gather(*(ask(cluster, temperature=0, max_tokens=12 if i % 2 else 5) for i in range(64)))
     for i, reply in enumerate(replies):
         assert reply.choices[0].message.content == (expected if i % 2 else short), i
 

@@ -92,7 +92,7 @@ async def test_pipeline_matches_mlx_lm(
     node_ids = [f"p{size}-{i}-{id(api) % 10000}" for i in range(size)]
     homes = await start_nodes(cluster, api, node_ids)
     try:
-        instance = await serve(api, QWEN, strategy="pipeline")
+        instance = await serve(api, QWEN, strategy="pipeline", nodes=node_ids)
         ready = await wait_state(api, instance, {"ready", "failed"})
         assert ready["state"] == "ready", ready
         assert sorted(s["node_id"] for s in ready["shards"]) == sorted(node_ids)
@@ -115,7 +115,7 @@ async def test_tensor_parallel_matches_mlx_lm(
     node_ids = [f"t2-{i}-{id(api) % 10000}" for i in range(2)]
     homes = await start_nodes(cluster, api, node_ids)
     try:
-        instance = await serve(api, TINY, strategy="tensor")
+        instance = await serve(api, TINY, strategy="tensor", nodes=node_ids)
         ready = await wait_state(api, instance, {"ready", "failed"})
         assert ready["state"] == "ready" and ready["strategy"] == "tensor", ready
         assert await greedy(cluster, TINY, stream=True) == reference(model_dirs[TINY])
@@ -131,7 +131,7 @@ async def test_node_killed_instance_heals_on_the_rest(
     node_ids = [f"k3-{i}-{id(api) % 10000}" for i in range(3)]
     homes = await start_nodes(cluster, api, node_ids)
     try:
-        instance = await serve(api, QWEN)
+        instance = await serve(api, QWEN, nodes=node_ids)  # on recovery: those of them still online
         assert (await wait_state(api, instance, {"ready", "failed"}))["state"] == "ready"
         victim = node_ids[1]
         cluster.signal(f"node-{victim}", signal.SIGKILL)

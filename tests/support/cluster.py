@@ -21,7 +21,8 @@ TIMEOUTS = {"SHARDLINE_HEARTBEAT_TIMEOUT": "3", "SHARDLINE_NODE_WAIT": "6", "SHA
 class Cluster:
     """The processes of a shardline cluster, started and killed the way an operator would."""
 
-    def __init__(self, root: Path, hub: str) -> None:
+    def __init__(self, root: Path, hub: str, **overrides: str) -> None:
+        self.overrides = overrides  # env for every process, over the short test TIMEOUTS
         self.root = root
         self.temporal_port, self.api_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.temporal_port}"
@@ -41,6 +42,7 @@ class Cluster:
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "PYTHONPATH": str(REPO),
             **TIMEOUTS,
+            **self.overrides,
             **extra,
         }
 
@@ -53,6 +55,13 @@ class Cluster:
     def start_server(self) -> None:
         settings = Settings(home=self.root, temporal_port=self.temporal_port, ui_port=free_port())
         self.spawn("temporal", devserver_command(settings, headless=True))
+
+    def start_all(self) -> "Cluster":
+        """Temporal, the control worker and the API: a cluster with no node yet."""
+        self.start_server()
+        self.start_control()
+        self.start_api()
+        return self
 
     def start_control(self) -> None:
         self.spawn("control", [sys.executable, "-m", "shardline", "control"])

@@ -3,27 +3,14 @@
 import re
 from pathlib import Path
 
-from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from api.app import create_app
 from shardline.settings import Settings
-
-
-def app_without_temporal(**overrides: object) -> TestClient:
-    app = create_app(Settings(**overrides))  # type: ignore[arg-type]
-    app.router.lifespan_context = _no_lifespan
-    app.state.settings = Settings(**overrides)  # type: ignore[arg-type]
-    app.state.client = None
-    return TestClient(app)
-
-
-async def _no_lifespan(_app: object):  # type: ignore[no-untyped-def]
-    yield
+from tests.support.offline_app import offline_app
 
 
 def test_api_key_required_everywhere_but_healthz() -> None:
-    http = app_without_temporal(api_key=SecretStr("s3cret"))
+    http = offline_app(None, api_key=SecretStr("s3cret"))
     assert http.get("/healthz").status_code == 200
     denied = http.get("/nodes")
     assert denied.status_code == 401 and "API key" in denied.json()["error"]["message"]
@@ -32,7 +19,7 @@ def test_api_key_required_everywhere_but_healthz() -> None:
 
 
 def test_invalid_model_id_is_a_readable_422() -> None:
-    http = app_without_temporal()
+    http = offline_app(None)
     response = http.post("/downloads", json={"model": "a/b/c"})
     assert response.status_code == 422
     assert response.json()["error"]["message"].startswith("model: invalid model id 'a/b/c'")

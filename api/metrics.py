@@ -1,0 +1,111 @@
+"""Prometheus metrics of one API app: chat requests as they are relayed, cluster state counted at scrape time."""
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from shardline.state import count_states
+
+UNSERVED = "unserved"  # the model label of requests for a model nobody serves: client input is no label
+CLUSTER_TIMEOUT = 5.0  # seconds a scrape waits for Temporal before it answers without the cluster gauges
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+KINDS = {"node": "nodes", "download": "downloads", "serve": "instances"}  # ShardlineKind -> gauge
+log = structlog.get_logger(__name__)
+
+
+class Metrics:
+    """Every metric of one app, in a registry of its own (several apps, as in tests, never share one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("shardline_chat_requests", "Chat completion requests by model and outcome "
+                                "(ok, 4xx, 5xx, cancelled)", ["model", "outcome"], registry=r)  # fmt: skip
+        self.prompt_tokens = Counter("shardline_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generated = Counter("shardline_generated_tokens", "Completion tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("shardline_time_to_first_token_seconds", "From the request to the first token",
+                              ["model"], buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
+        self.decode = Histogram("shardline_decode_tokens_per_second", "Decode speed of each completion",
+                                ["model"], buckets=RATE_BUCKETS, registry=r)  # fmt: skip
+        self.temporal_up = Gauge("shardline_temporal_up", "1 if the last scrape read the cluster state", registry=r)
+        self.cluster = {
+            kind: Gauge(f"shardline_{name}", f"{name.capitalize()} by state", ["state"], registry=r)
+            for kind, name in KINDS.items()
+        }
+
+    def chat(self, model: str) -> "ChatWatch":
+        return ChatWatch(self, model)
+
+    async def read_cluster(self, client: Client) -> None:
+        """Set the cluster gauges from Temporal visibility; without an answer in time, leave them out."""
+        kinds = list(self.cluster)
+        try:
+            counts = await asyncio.wait_for(asyncio.gather(*(count_states(client, k) for k in kinds)), CLUSTER_TIMEOUT)
+        except (RPCError, TimeoutError) as err:
+            log.warning("metrics.cluster_unread", reason=str(err) or type(err).__name__)
+            self.temporal_up.set(0)
+            for gauge in self.cluster.values():
+                gauge.clear()
+            return
+        self.temporal_up.set(1)
+        for kind, by_state in zip(kinds, counts, strict=True):
+            gauge = self.cluster[kind]
+            gauge.clear()  # a state nothing is in any more is gone, not stuck at its last count
+            for state, n in by_state.items():
+                gauge.labels(state).set(n)
+
+
+def decode_rate(tokens: int, first: float | None, last: float) -> float | None:
+    """Tokens/s after the first: that one came out of the prefill, which time to first token measures."""
+    if first is None or tokens < 2 or last <= first:
+        return None
+    return (tokens - 1) / (last - first)
+
+
+def outcome_of(status: int) -> str:
+    return "ok" if status < 400 else f"{status // 100}xx"
+
+
+@dataclass
+class ChatWatch:
+    """One chat request, watched from its start; each metric is recorded once, as soon as it is known."""
+
+    metrics: Metrics
+    model: str
+    started: float = field(default_factory=time.monotonic)
+    first: float | None = None
+    texts: int = 0
+    final: bool = False
+    ended: bool = False
+
+    def saw(self, event: dict[str, Any]) -> None:
+        """One of the runner's NDJSON events: a token's text, or the final one with the usage."""
+        now = time.monotonic()
+        if "text" in event:
+            self.texts += 1
+            if self.first is None:
+                self.first = now
+                self.metrics.ttft.labels(self.model).observe(now - self.started)
+            return
+        self.final = True
+        done = int(event.get("completion_tokens", 0))
+        self.metrics.prompt_tokens.labels(self.model).inc(int(event.get("prompt_tokens", 0)))
+        self.metrics.generated.labels(self.model).inc(done)
+        rate = decode_rate(done, self.first, now)
+        if rate is not None:
+            self.metrics.decode.labels(self.model).observe(rate)
+
+    def end(self, outcome: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if not self.final and self.texts:  # cut short: the tokens made so far were still generated
+            self.metrics.generated.labels(self.model).inc(self.texts)
+        self.metrics.requests.labels(self.model, outcome).inc()
