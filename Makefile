@@ -30,6 +30,7 @@ test: lint
 
 bench: install
 	$(BIN)/python -m bench.download
+	$(BIN)/python -m bench.serve
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
