@@ -587,6 +587,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop every process
     with tempfile.TemporaryDirectory(prefix="shardline-bench-") as tmp:
         data = bench(Path(tmp), args.size, args.dtype, args.max_tokens, args.runs)
     report(data)
