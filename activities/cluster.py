@@ -51,6 +51,12 @@ class ClusterActivities:
             if v.state == "online" and v.resources is not None
         ]
 
+    @activity.defn(name="node_state")
+    async def node_state(self, node_id: str) -> str:
+        """online | offline | departed as the node's presence workflow says; unknown if it never joined."""
+        view = await state.get_node(self._client, node_id)
+        return view.state if view else "unknown"
+
     @activity.defn(name="inspect_model")
     async def inspect_model(self, req: InspectRequest) -> ModelProfile:
         try:

@@ -72,6 +72,14 @@ class DownloadActivities:
             check_model_id(req.model_id)
         except InvalidId as exc:
             raise application_error("bad_input", str(exc)) from exc
+        info = activity.info()
+        log.info(
+            "download.accepted",
+            model_id=req.model_id,
+            workflow_id=info.workflow_id,
+            attempt=info.attempt,
+            queued_s=round((time.time() - info.current_attempt_scheduled_time.timestamp()), 2),
+        )
         await self._take_slot()
         try:
             return await self._download(req)

@@ -85,6 +85,10 @@ class InstanceCache:
         finally:
             self._at = time.monotonic()
 
+    async def refresh(self) -> None:
+        """Ask Temporal now (keeping what is known if it does not answer)."""
+        await self._refresh()
+
     def forget(self) -> None:
         """After this API started or stopped an instance: the next request asks Temporal first."""
         self._at = 0.0

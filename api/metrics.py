@@ -48,7 +48,7 @@ class Metrics:
         kinds = list(self.cluster)
         try:
             counts = await asyncio.wait_for(asyncio.gather(*(count_states(client, k) for k in kinds)), CLUSTER_TIMEOUT)
-        except (RPCError, TimeoutError) as err:
+        except (RPCError, TimeoutError, RuntimeError) as err:  # RuntimeError: a client's first connect failed
             log.warning("metrics.cluster_unread", reason=str(err) or type(err).__name__)
             self.temporal_up.set(0)
             for gauge in self.cluster.values():

@@ -116,6 +116,7 @@ class InstanceOut(BaseModel):
     endpoint: str | None = None
     recoveries: int = 0
     reason: str | None = None
+    incidents: list[str] = Field(default_factory=list, description="why it recovered, newest last")
 
     @classmethod
     def of(cls, instance_id: str, model: str, state: str, strategy: str) -> "InstanceOut":
@@ -128,4 +129,4 @@ class InstanceOut(BaseModel):
                   for x in s.shards]  # fmt: skip
         out = cls.of(s.instance_id, s.model_id, s.state, s.strategy)
         return out.model_copy(update={"shards": shards, "endpoint": s.endpoint, "recoveries": s.recoveries,
-                                      "reason": s.reason})  # fmt: skip
+                                      "reason": s.reason, "incidents": list(s.incidents)})  # fmt: skip

@@ -8,9 +8,6 @@ shardline MB/s ÷ bare MB/s (medians), where shardline's time goes, and the mach
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -24,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 from huggingface_hub import snapshot_download
 from huggingface_hub.utils import disable_progress_bars
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
+from bench.common import machine, save, start_cluster, start_node
 from shardline.settings import Settings
 from shardline.temporal import connect
 from tests.support.cluster import Cluster
@@ -38,20 +35,7 @@ from tests.support.model_factory import make_bench_model
 
 REPO_ID = "bench-org/bench-model"
 OUT = Path(__file__).resolve().parent / "out" / "download.json"
-# the product's defaults, not the tests' short TIMEOUTS
-DEFAULTS = {"SHARDLINE_HEARTBEAT_TIMEOUT": "30", "SHARDLINE_NODE_WAIT": "300", "SHARDLINE_NODE_GRACE": "600"}
 MB = 10**6
-
-
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    return {
-        "cpu": model.group(1) if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-    }
 
 
 def dir_bytes(path: Path) -> int:
@@ -72,26 +56,6 @@ def time_bare(mirror: HubMirror, dest: Path) -> dict[str, Any]:
     snapshot_download(REPO_ID, revision="main", local_dir=dest, endpoint=mirror.endpoint)
     seconds = time.monotonic() - started
     return {"bytes": dir_bytes(dest), "seconds": seconds}
-
-
-async def start_cluster(root: Path, endpoint: str) -> tuple[Cluster, str, Path]:
-    cluster = Cluster(root, endpoint)
-    cluster.start_server()
-    cluster.spawn("control", [sys.executable, "-m", "shardline", "control"], **DEFAULTS)
-    cluster.spawn("api", [sys.executable, "-m", "shardline", "api"], **DEFAULTS)
-    node_id = f"n{uuid.uuid4().hex[:8]}"
-    home = cluster.start_node(node_id, **DEFAULTS)
-    async with httpx.AsyncClient(base_url=cluster.api, timeout=30) as api:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                nodes = (await api.get("/nodes")).json()
-                if any(n["node_id"] == node_id and n["state"] == "online" for n in nodes):
-                    return cluster, node_id, home
-            except (httpx.TransportError, ValueError):
-                pass
-            await asyncio.sleep(0.2)
-    raise TimeoutError(f"node {node_id} not online within 90 s")
 
 
 async def time_shardline(api: httpx.AsyncClient, client: Client, node_id: str) -> dict[str, Any]:
@@ -181,7 +145,9 @@ async def bench(root: Path, size_mb: int, runs: int) -> dict[str, Any]:
     cluster: Cluster | None = None
     try:
         mirror.start()
-        cluster, node_id, home = await start_cluster(root / "cluster", mirror.endpoint)
+        cluster = await asyncio.to_thread(start_cluster, root / "cluster", mirror.endpoint)
+        node_id = f"n{uuid.uuid4().hex[:8]}"
+        home = await asyncio.to_thread(start_node, cluster, node_id)
         client = await connect(Settings(temporal_address=cluster.address), wait_s=30)
         order = [kind for i in range(runs) for kind in (("bare", "shardline") if i % 2 == 0 else ("shardline", "bare"))]
         results: list[dict[str, Any]] = []
@@ -221,9 +187,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shardline-bench-") as tmp:
         data = asyncio.run(bench(Path(tmp), args.size_mb, args.runs))
     report(data)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(data, indent=2))
-    print(f"\nwritten: {OUT}")
+    save(OUT, data)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,12 @@ import httpx
 import psutil
 
 from activities.serve import blas_works, optimized_blas, runner_env
-from bench.download import DEFAULTS, machine
+from bench.common import machine, save, start_cluster, start_node, wait_for
 from shardline.engine.spec import RunnerSpec, pipeline_layers
-from tests.support.cluster import REPO, Cluster, wait_http
+from tests.support.cluster import REPO, Cluster, stop_process
 from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import make_tiny_model
-from tests.support.throttle import free_port
+from tests.support.relay import free_port
 
 REPO_ID = "bench-org/serve-model"
 OUT = Path(__file__).resolve().parent / "out" / "serve.json"
@@ -289,38 +289,6 @@ def measure(request: Callable[[], Run], runs: int, watch: dict[str, psutil.Proce
 # --- shardline ---------------------------------------------------------------------------------
 
 
-def start_cluster(root: Path, endpoint: str) -> Cluster:
-    cluster = Cluster(root, endpoint)
-    cluster.start_server()
-    cluster.spawn("control", [sys.executable, "-m", "shardline", "control"], **DEFAULTS)
-    cluster.spawn("api", [sys.executable, "-m", "shardline", "api"], **DEFAULTS)
-    wait_http(cluster.api + "/healthz")
-    return cluster
-
-
-def start_node(cluster: Cluster, node_id: str) -> None:
-    cluster.start_node(node_id, **DEFAULTS)
-
-    def online() -> bool:
-        nodes = httpx.get(f"{cluster.api}/nodes", timeout=30).json()
-        return any(n["node_id"] == node_id and n["state"] == "online" for n in nodes)
-
-    wait_for(online, 90, f"node {node_id} online")
-
-
-def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            found = probe()
-            if found:
-                return found
-        except (httpx.TransportError, ValueError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"not within {timeout} s: {what}")
-
-
 def serve(api: str, nodes: list[str]) -> dict[str, Any]:
     """POST /instances pinned to `nodes`; the instance once ready, with `ready_s` since the POST."""
     started = time.perf_counter()
@@ -380,13 +348,7 @@ def read_event(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
 
 def stop_procs(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:  # rank 0 first: SIGTERM to it stops every rank
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def time_runners(root: Path, model_dir: Path, splits: list[int], max_tokens: int, runs: int) -> dict[str, Any]:
@@ -591,9 +553,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shardline-bench-") as tmp:
         data = bench(Path(tmp), args.size, args.dtype, args.max_tokens, args.runs)
     report(data)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(data, indent=2))
-    print(f"\nwritten: {OUT}")
+    save(OUT, data)
 
 
 if __name__ == "__main__":

@@ -61,15 +61,24 @@ def place(
     profile: ModelProfile, nodes: list[NodeCapacity], strategy: str = "pipeline", pinned: list[str] | None = None
 ) -> Placement:
     candidates = choose_nodes(nodes, pinned)
-    if strategy == "pipeline":
-        if not profile.pipeline:
-            raise PlacementError(f"{profile.model_id} does not support pipeline parallelism in mlx-lm: try tensor")
-        return place_pipeline(profile, candidates)
-    if strategy == "tensor":
-        if not profile.tensor:
-            raise PlacementError(f"{profile.model_id} does not support tensor parallelism in mlx-lm: try pipeline")
-        return place_tensor(profile, candidates)
-    raise PlacementError(f"unknown strategy {strategy!r}: use pipeline or tensor")
+    if strategy not in ("pipeline", "tensor"):
+        raise PlacementError(f"unknown strategy {strategy!r}: use pipeline or tensor")
+    if not (profile.pipeline if strategy == "pipeline" else profile.tensor):
+        if whole := unsplit(profile, candidates, strategy, pinned):
+            return whole
+        other = "tensor" if strategy == "pipeline" else "pipeline"
+        raise PlacementError(f"{profile.model_id} does not support {strategy} parallelism in mlx-lm: try {other}")
+    return place_pipeline(profile, candidates) if strategy == "pipeline" else place_tensor(profile, candidates)
+
+
+def unsplit(
+    profile: ModelProfile, candidates: list[NodeCapacity], strategy: str, pinned: list[str] | None
+) -> Placement | None:
+    """A model mlx-lm cannot split this way still runs whole on one node: the one named, or the roomiest."""
+    node = candidates[0]
+    if (pinned and len(pinned) > 1) or node.memory_available * HEADROOM < profile.total_bytes:
+        return None
+    return Placement(strategy, [Shard(node.node_id, 0, LayerRange(0, profile.num_layers), node.host)])
 
 
 def choose_nodes(nodes: list[NodeCapacity], pinned: list[str] | None) -> list[NodeCapacity]:

@@ -83,6 +83,8 @@ def closed_state(kind: str, status: str) -> str | None:
 async def count_states(client: Client, kind: str, limit: int = 10_000) -> dict[str, int]:
     """Workflows of one kind by state. Running ones are listed (a few per node); closed ones pile up, so the
     server counts them (visibility can GROUP BY ExecutionStatus only, not by ShardlineState)."""
+    if kind == "node":  # few, and one may have runs that departed before it came back: the last run counts
+        return dict(Counter(n.state for n in await list_nodes(client, include_departed=True)))
     counts: Counter[str] = Counter()
     async for execution in client.list_workflows(list_query(kind, running_only=True), limit=limit):
         counts[state_of(execution)] += 1
@@ -109,12 +111,15 @@ async def node_view(client: Client, desc: WorkflowExecutionDescription) -> NodeV
 
 
 async def list_nodes(client: Client, include_departed: bool = False) -> list[NodeView]:
-    nodes = []
+    """Every node once, as its latest run says (a node that departed and came back has several runs)."""
+    nodes: dict[str, NodeView] = {}
     async for execution in client.list_workflows(list_query("node", running_only=not include_departed)):
+        if execution.id in nodes:
+            continue
         desc = await describe(client, execution.id)
         if desc is not None and (include_departed or desc.status == WorkflowExecutionStatus.RUNNING):
-            nodes.append(await node_view(client, desc))
-    return sorted(nodes, key=lambda n: n.node_id)
+            nodes[execution.id] = await node_view(client, desc)
+    return sorted(nodes.values(), key=lambda n: n.node_id)
 
 
 async def get_node(client: Client, node_id: str) -> NodeView | None:

@@ -14,7 +14,7 @@ from shardline.temporal import connect
 from tests.support.cluster import TIMEOUTS, Cluster
 from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import make_tiny_model
-from tests.support.throttle import ThrottledProxy
+from tests.support.relay import Relay
 
 __all__ = ["TIMEOUTS", "Cluster"]
 TINY = "test-org/tiny"  # 4 layers in 3 files: quick
@@ -48,8 +48,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, Path]) -
 
 
 @pytest.fixture(scope="session")
-def slow_link(hub: HubMirror) -> Iterator[ThrottledProxy]:
-    proxy = ThrottledProxy(int(hub.endpoint.rsplit(":", 1)[1]), bytes_per_s=4 * 2**20).start()
+def slow_link(hub: HubMirror) -> Iterator[Relay]:
+    proxy = Relay(int(hub.endpoint.rsplit(":", 1)[1]), bytes_per_s=4 * 2**20).start()
     yield proxy
     proxy.stop()
 

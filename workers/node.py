@@ -1,9 +1,12 @@
 """The node worker: this machine's activities on `shardline-node-<id>`, and its NodeWorkflow."""
 
+import asyncio
 from datetime import timedelta
 
 import structlog
+from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.delete import DeleteActivities
@@ -17,6 +20,8 @@ from shardline.settings import Settings
 from shardline.temporal import connect
 from workers.run import run_until_signal
 from workflows.node import NodeInput, NodeWorkflow
+
+log = structlog.get_logger(__name__)
 
 
 async def run_node(settings: Settings) -> None:
@@ -38,7 +43,18 @@ async def run_node(settings: Settings) -> None:
         # progress reaches the UI and API every 2 s, not every 0.8 x heartbeat timeout (24 s by default)
         max_heartbeat_throttle_interval=timedelta(seconds=2),
     )
-    await client.start_workflow(
+    run_id = await join(client, settings, node_id)
+    log.info("node.started", task_queue=node_queue(node_id), home=str(settings.home))
+    rejoin = asyncio.create_task(stay_joined(client, settings, node_id, run_id))
+    try:
+        await run_until_signal(worker)
+    finally:
+        rejoin.cancel()
+
+
+async def join(client: Client, settings: Settings, node_id: str, rpc_timeout: timedelta | None = None) -> str | None:
+    """Start this node's NodeWorkflow, or find the one already running; its run id."""
+    handle = await client.start_workflow(
         NodeWorkflow.run,
         NodeInput(node_id, settings.heartbeat_timeout, settings.node_grace),
         id=node_workflow_id(node_id),
@@ -47,6 +63,21 @@ async def run_node(settings: Settings) -> None:
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         search_attributes=search.attributes("node", "starting", node=node_id),
         static_summary=f"Node {node_id}",
+        rpc_timeout=rpc_timeout,
     )
-    structlog.get_logger(__name__).info("node.started", task_queue=node_queue(node_id), home=str(settings.home))
-    await run_until_signal(worker)
+    return handle.first_execution_run_id or handle.result_run_id
+
+
+async def stay_joined(client: Client, settings: Settings, node_id: str, run_id: str | None) -> None:
+    """A node cut off for longer than the grace period (a partition, a laptop asleep) was declared departed
+    while this process lived on: join again, as itself, once the cluster is reachable."""
+    while True:
+        await asyncio.sleep(settings.heartbeat_timeout)
+        try:
+            joined = await join(client, settings, node_id, rpc_timeout=timedelta(seconds=10))
+        except RPCError as exc:
+            log.warning("node.join_failed", error=str(exc))
+            continue
+        if joined != run_id:
+            log.info("node.workflow_run", previous_run_id=run_id, run_id=joined)  # rejoined, or continued as new
+            run_id = joined

@@ -17,7 +17,14 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from shardline import search
-    from shardline.ids import node_queue
+    from shardline.ids import CONTROL_QUEUE, node_queue
+
+# calls on the control worker's own queue: short, and retried by the server (the control worker restarts)
+CONTROL_ACTIVITY: dict[str, Any] = {
+    "task_queue": CONTROL_QUEUE,
+    "start_to_close_timeout": timedelta(minutes=2),
+    "retry_policy": RetryPolicy(maximum_attempts=3, non_retryable_error_types=["bad_input", "not_found", "gated"]),
+}
 
 
 def node_activity_options(node_id: str, *, wait_s: float, heartbeat_s: float, run_for: timedelta) -> dict[str, Any]:
@@ -68,6 +75,17 @@ def worth_retrying(err: ActivityError) -> bool:
     return True
 
 
+def never_started(err: ActivityError) -> bool:
+    """The attempt timed out without a single heartbeat: the node never ran it."""
+    cause = err.cause
+    return isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT and not cause.last_heartbeat_details
+
+
+async def node_is_online(node_id: str) -> bool:
+    state = await workflow.execute_activity("node_state", node_id, result_type=str, **CONTROL_ACTIVITY)
+    return state == "online"
+
+
 async def run_on_node(
     activity: str,
     request: Any,
@@ -94,7 +112,11 @@ async def run_on_node(
                 set_state("canceled")
                 raise
             reason = failure_reason(err, node_id, wait_s=wait_s, heartbeat_s=heartbeat_s)
-            if not worth_retrying(err) or attempt == attempts:
+            if attempt == attempts:
+                break
+            # an overloaded server can hand a task to a poll the worker no longer waits on: the attempt is
+            # lost though the node is alive. Try again then, but not for a node that went silent with it.
+            if not worth_retrying(err) and not (never_started(err) and await node_is_online(node_id)):
                 break
             set_state("retrying", f"attempt {attempt} of {attempts} failed: {reason}")
             await workflow.sleep(min(2 ** (attempt - 1), 10))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -20,14 +20,13 @@ with workflow.unsafe.imports_passed_through():
     from shardline.ids import CONTROL_QUEUE, download_workflow_id
     from shardline.placement import ModelProfile, NodeCapacity, Placement, PlacementError, place
     from shardline.types import InspectRequest, RunnerReady, ShardSpec
-    from workflows.common import failure_reason, node_activity_options, set_state
+    from workflows.common import CONTROL_ACTIVITY, failure_reason, node_activity_options, set_state
     from workflows.download import DownloadInput, DownloadWorkflow
 
-CONTROL_ACTIVITY = {
-    "task_queue": CONTROL_QUEUE,
-    "start_to_close_timeout": timedelta(minutes=2),
-    "retry_policy": RetryPolicy(maximum_attempts=3, non_retryable_error_types=["bad_input", "not_found", "gated"]),
-}
+MAX_INCIDENTS = 10
+# ring ports, below the ephemeral ranges of Linux (32768-60999) and macOS (49152-65535): a port taken by some
+# outgoing connection would fail the runner's bind and cost a recovery
+RING_PORTS = (20000, 32767)
 RUNNER_LIFETIME = timedelta(days=365)  # a runner lives until stopped; its heartbeat says it is alive
 
 
@@ -43,6 +42,7 @@ class ServeInput:
     max_recoveries: int = 3
     recoveries: int = 0  # carried across continue-as-new
     excluded: list[str] = field(default_factory=list)  # nodes just lost: not placed on next time
+    incidents: list[str] = field(default_factory=list)  # carried across continue-as-new
 
 
 @dataclass
@@ -64,6 +64,7 @@ class InstanceStatus:
     endpoint: str | None = None
     recoveries: int = 0
     reason: str | None = None
+    incidents: list[str] = field(default_factory=list)  # why each recovery happened, the last few
 
 
 @dataclass
@@ -82,7 +83,8 @@ class ServingWorkflow:
 
     @workflow.run
     async def run(self, inp: ServeInput) -> InstanceStatus:
-        self._status = InstanceStatus(inp.instance_id, inp.model_id, "placing", inp.strategy, recoveries=inp.recoveries)
+        self._status = InstanceStatus(inp.instance_id, inp.model_id, "placing", inp.strategy, recoveries=inp.recoveries,
+                                      incidents=list(inp.incidents))  # fmt: skip
         self._generation = inp.recoveries
         try:
             return await self._serve(inp)
@@ -100,6 +102,7 @@ class ServingWorkflow:
             await self._run(inp, placement)
             lost = self._lost(inp, placement, await self._stop_runners())
             self._status.recoveries += 1
+            self._status.incidents = [*self._status.incidents, lost.reason][-MAX_INCIDENTS:]
             if self._status.recoveries > inp.max_recoveries:
                 reason = f"gave up after {inp.max_recoveries} recoveries; last: {lost.reason}"
                 self._set("failed", reason)
@@ -107,7 +110,11 @@ class ServingWorkflow:
             self._set("recovering", lost.reason)
             excluded = lost.gone
             if workflow.info().is_continue_as_new_suggested():  # every runner is drained: nothing is orphaned
-                workflow.continue_as_new(replace(inp, recoveries=self._status.recoveries, excluded=excluded))
+                workflow.continue_as_new(
+                    replace(
+                        inp, recoveries=self._status.recoveries, excluded=excluded, incidents=self._status.incidents
+                    )
+                )
 
     async def _control(self, activity: str, args: list[object], result_type: type) -> object:
         try:
@@ -157,7 +164,7 @@ class ServingWorkflow:
         self._generation += 1
         self._ready = {}
         self._set("loading" if not self._status.recoveries else "recovering", "starting runners")
-        hosts = [f"{s.host}:{workflow.random().randint(20000, 60000)}" for s in placement.shards]
+        hosts = [f"{s.host}:{workflow.random().randint(*RING_PORTS)}" for s in placement.shards]
         for shard in placement.shards:
             spec = ShardSpec(inp.instance_id, inp.model_id, placement.strategy, shard.rank, len(placement.shards),
                              shard.layers, placement.splits, hosts, self._generation)  # fmt: skip

@@ -16,6 +16,8 @@ from api.openai_types import ChatRequest, ModelCard, ModelList, Usage, chunk, co
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 KEEPALIVE_S = 5.0  # an SSE comment this often while the prompt is still being processed
+# a runner's host that is gone (partitioned, powered off) is a 503 within seconds, not after the OS gives up
+RUNNER_TIMEOUT = httpx.Timeout(None, connect=10.0)
 Events = AsyncGenerator[dict[str, Any] | None, None]  # the runner's NDJSON events; None: nothing came for a while
 
 
@@ -42,11 +44,11 @@ async def chat_completions(
 ) -> StreamingResponse | JSONResponse:
     watch = metrics.chat(body.model)
     try:
-        endpoint = await endpoint_for(instances, body.model)
+        events = await runner_events(instances, http, body)
     except Exception as exc:
         failed(watch, exc)
         raise
-    lines = watched(generate(http, endpoint, body.generate_body()), watch)
+    lines = watched(events, watch)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(sse(lines, body.model, include_usage), media_type="text/event-stream")
@@ -86,6 +88,45 @@ async def watched(lines: Events, watch: ChatWatch) -> Events:
             watch.end(outcome)  # a no-op after failed()
 
 
+class RunnerUnreachable(HTTPException):
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, detail)
+
+
+async def runner_events(instances: InstancesDep, http: httpx.AsyncClient, body: ChatRequest) -> Events:
+    """One generation's events, from the first on: so a runner that is gone is a 503 before any response
+    starts, not a 200 cut short. A runner that moved (its instance recovered since the last lookup) is
+    looked up again, once."""
+    endpoint = await endpoint_for(instances, body.model)
+    try:
+        return await first_event(generate(http, endpoint, body.generate_body()))
+    except RunnerUnreachable:
+        await instances.refresh()
+        moved = await endpoint_for(instances, body.model)
+        if moved == endpoint:
+            raise
+        return await first_event(generate(http, moved, body.generate_body()))
+
+
+async def first_event(lines: Events) -> Events:
+    """Wait for the runner's first event (or the first keep-alive), then stream everything from there."""
+    try:
+        first = await anext(lines)
+    except StopAsyncIteration:
+        return lines
+    except BaseException:
+        await lines.aclose()
+        raise
+
+    async def from_first() -> Events:
+        async with aclosing(lines):
+            yield first
+            async for event in lines:
+                yield event
+
+    return from_first()
+
+
 def usage_of(final: dict[str, Any]) -> Usage:
     prompt, done = int(final.get("prompt_tokens", 0)), int(final.get("completion_tokens", 0))
     return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
@@ -95,7 +136,7 @@ async def generate(http: httpx.AsyncClient, endpoint: str, body: dict[str, Any])
     """The runner's NDJSON events; None while nothing came for KEEPALIVE_S. Closing this generator closes
     the connection, and the runner stops that generation."""
     try:
-        async with http.stream("POST", f"{endpoint}/generate", json=body, timeout=None) as response:
+        async with http.stream("POST", f"{endpoint}/generate", json=body, timeout=RUNNER_TIMEOUT) as response:
             if response.status_code != 200:
                 detail = (await response.aread()).decode(errors="replace")[:500]
                 raise HTTPException(502 if response.status_code >= 500 else 400, f"runner refused: {detail}")
@@ -116,8 +157,10 @@ async def generate(http: httpx.AsyncClient, endpoint: str, body: dict[str, Any])
                     pending = asyncio.ensure_future(anext(lines))
             finally:
                 pending.cancel()
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise RunnerUnreachable(f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
     except httpx.TransportError as exc:
-        raise HTTPException(503, f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
+        raise HTTPException(503, f"the model's runner went away ({exc}); the instance is recovering") from exc
 
 
 async def sse(lines: AsyncIterator[dict[str, Any] | None], model: str, include_usage: bool) -> AsyncIterator[str]:

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from tests.conftest import CHUNKY, QWEN
-from tests.integration.test_serving import MESSAGES, reference, serve, start_nodes, wait_state
 from tests.support.cluster import Cluster
 from tests.support.hub_mirror import HubMirror
-from tests.support.throttle import ThrottledProxy
+from tests.support.relay import Relay
+from tests.support.serving import MESSAGES, reference, serve, start_nodes, wait_state
 from tests.support.waits import start_download, wait_download, wait_progress
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -42,7 +42,7 @@ async def chat(api: httpx.AsyncClient) -> str:
 
 
 async def test_temporal_down_20s_loses_nothing(
-    drill_cluster: Cluster, drill_api: httpx.AsyncClient, slow_link: ThrottledProxy, model_dirs: dict[str, Path]
+    drill_cluster: Cluster, drill_api: httpx.AsyncClient, slow_link: Relay, model_dirs: dict[str, Path]
 ) -> None:
     await start_nodes(drill_cluster, drill_api, ["drill-serve"])
     instance = await serve(drill_api, QWEN, nodes=["drill-serve"])

@@ -7,14 +7,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDReusePolicy
+from temporalio.worker import Worker
 
 from shardline import search
-from shardline.ids import CONTROL_QUEUE
+from shardline.ids import CONTROL_QUEUE, node_queue
+from shardline.types import DownloadRequest
 from tests.conftest import CHUNKY, TIMEOUTS, TINY, Cluster
 from tests.support.hub_mirror import HubMirror, publish_model
-from tests.support.throttle import ThrottledProxy
+from tests.support.relay import Relay
 from tests.support.waits import (
     download,
     eventually,
@@ -41,7 +44,7 @@ async def test_lost_node_ends_its_download(
     cluster: Cluster,
     client: Client,
     api: httpx.AsyncClient,
-    slow_link: ThrottledProxy,
+    slow_link: Relay,
     node_id: str,
     how: signal.Signals,
 ) -> None:
@@ -84,7 +87,7 @@ async def test_lost_node_ends_its_download(
 
 
 async def test_restarted_node_resumes_without_refetching(
-    cluster: Cluster, api: httpx.AsyncClient, slow_link: ThrottledProxy, node_id: str
+    cluster: Cluster, api: httpx.AsyncClient, slow_link: Relay, node_id: str
 ) -> None:
     home = cluster.start_node(node_id, hub=slow_link.endpoint)
     await wait_node(api, node_id, "online")
@@ -110,7 +113,7 @@ async def test_restarted_node_resumes_without_refetching(
 
 
 async def test_control_and_server_restart_mid_download(
-    cluster: Cluster, api: httpx.AsyncClient, slow_link: ThrottledProxy, node_id: str
+    cluster: Cluster, api: httpx.AsyncClient, slow_link: Relay, node_id: str
 ) -> None:
     cluster.start_node(node_id, hub=slow_link.endpoint)
     await wait_node(api, node_id, "online")
@@ -186,12 +189,47 @@ async def many_downloads(
     live_failed = [
         w for w, s, _ in final if not w.startswith(f"download:{doomed}:") and s != WorkflowExecutionStatus.COMPLETED
     ]
-    for workflow_id in live_failed:  # seen: 0-3 of 200 under this load; reported, not hidden
+    for workflow_id in live_failed:  # before lost dispatches were tried again: 1-11 of 200, reported, not hidden
         print("live node download failed:", workflow_id, (await download(api, workflow_id)).get("reason"))
-    assert len(live_failed) <= 10, live_failed
+    assert len(live_failed) <= 2, live_failed
     await asyncio.sleep(3)
     again = await asyncio.gather(*(ended(w) for w in ids))
     assert [n for _, _, n in again] == [n for _, _, n in final]  # every history is final: nothing loops
     longest = max(n for _, _, n in final)
     print(f"300 downloads: all ended {all_took:.1f} s after the kill; longest history {longest} events")
     assert longest < 60
+
+
+async def test_download_lost_on_its_way_to_a_live_node_is_tried_again(
+    cluster: Cluster, client: Client, api: httpx.AsyncClient, node_id: str
+) -> None:
+    """An overloaded server can hand a task to a poll the node no longer acts on (seen under the 300-download
+    drill): the attempt times out without one heartbeat though the node is alive, and must not fail the download.
+    Here a worker on the node's queue takes the first attempt and drops it; the real node then joins."""
+    taken = asyncio.Event()
+
+    @activity.defn(name="download_model")
+    async def swallow(_: DownloadRequest) -> None:
+        taken.set()
+        await asyncio.Event().wait()  # no heartbeat, no answer: what a lost dispatch looks like
+
+    heartbeat_s = 15.0  # time for the real node to come online before the lost attempt times out
+    async with Worker(client, task_queue=node_queue(node_id), activities=[swallow], max_concurrent_activities=1):
+        workflow_id = f"download:{node_id}:{TINY}"
+        await client.start_workflow(
+            DownloadWorkflow.run,
+            DownloadInput(node_id, TINY, node_wait_s=60, heartbeat_timeout_s=heartbeat_s),
+            id=workflow_id,
+            task_queue=CONTROL_QUEUE,
+            search_attributes=search.attributes("download", "running", node=node_id, model=TINY),
+        )
+        await asyncio.wait_for(taken.wait(), 30)
+        cluster.start_node(node_id)  # the dropping worker holds its one slot: the retry goes to the node
+        await wait_node(api, node_id, "online")
+        d = await wait_download(api, workflow_id, timeout=heartbeat_s + 60)
+    assert d["state"] == "completed", d
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+                 if e.HasField("activity_task_scheduled_event_attributes")]  # fmt: skip
+    timed_out = [e for e in history.events if e.HasField("activity_task_timed_out_event_attributes")]
+    assert scheduled == ["download_model", "node_state", "download_model"] and len(timed_out) == 1

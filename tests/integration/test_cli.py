@@ -6,7 +6,7 @@ import sys
 import httpx
 
 from tests.conftest import CHUNKY, TINY, Cluster
-from tests.support.throttle import ThrottledProxy
+from tests.support.relay import Relay
 from tests.support.waits import start_download, wait_download, wait_node, wait_progress
 
 
@@ -37,7 +37,7 @@ async def test_cli_download_list_delete(cluster: Cluster, api: httpx.AsyncClient
     assert bad.returncode == 1 and "invalid model id" in bad.stdout
 
 
-async def test_cli_cancel(cluster: Cluster, api: httpx.AsyncClient, slow_link: ThrottledProxy, node_id: str) -> None:
+async def test_cli_cancel(cluster: Cluster, api: httpx.AsyncClient, slow_link: Relay, node_id: str) -> None:
     cluster.start_node(node_id, hub=slow_link.endpoint)
     await wait_node(api, node_id, "online")
     workflow_id = await start_download(api, CHUNKY, node_id)

@@ -13,9 +13,9 @@ import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from tests.conftest import QWEN, TINY, Cluster
-from tests.integration.test_serving import MAX_TOKENS, MESSAGES, reference, serve, start_nodes, wait_state
 from tests.support.cluster import wait_http
-from tests.support.throttle import free_port
+from tests.support.relay import free_port
+from tests.support.serving import MAX_TOKENS, MESSAGES, reference, serve, start_nodes, wait_state
 from tests.support.waits import start_download, wait_download
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -11,7 +11,7 @@ from shardline import search
 from shardline.ids import CONTROL_QUEUE
 from shardline.types import LayerRange
 from tests.conftest import CHUNKY, TINY, Cluster
-from tests.support.throttle import ThrottledProxy
+from tests.support.relay import Relay
 from tests.support.waits import (
     eventually,
     node_state,
@@ -113,9 +113,7 @@ async def test_bad_input_is_refused_and_starts_nothing(cluster: Cluster, api: ht
     assert (await api.get(f"/downloads/download:{node_id}:org/none")).status_code == 404
 
 
-async def test_cancel_stops_transfer(
-    cluster: Cluster, api: httpx.AsyncClient, slow_link: ThrottledProxy, node_id: str
-) -> None:
+async def test_cancel_stops_transfer(cluster: Cluster, api: httpx.AsyncClient, slow_link: Relay, node_id: str) -> None:
     home = cluster.start_node(node_id, hub=slow_link.endpoint)
     await wait_node(api, node_id, "online")
     workflow_id = await start_download(api, CHUNKY, node_id)

@@ -1,5 +1,6 @@
 """GET /metrics on a live cluster: chat requests timed and counted, cluster state by kind; SDK metrics of a worker."""
 
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import httpx
@@ -7,8 +8,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import QWEN, Cluster
-from tests.integration.test_serving import MESSAGES, serve, start_nodes, wait_state
-from tests.support.throttle import free_port
+from tests.support.relay import free_port
+from tests.support.serving import MESSAGES, served
 from tests.support.waits import eventually, wait_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -18,15 +19,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture(scope="module")
 async def instance(cluster: Cluster) -> AsyncIterator[str]:
     """QWEN served on one node for the whole module."""
-    node_ids = ["metrics-a"]
-    async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as api:
-        await start_nodes(cluster, api, node_ids)
-        instance_id = await serve(api, QWEN, nodes=node_ids)
-        assert (await wait_state(api, instance_id, {"ready", "failed"}))["state"] == "ready"
+    async with served(cluster, QWEN, ["metrics-a"]) as instance_id:
         yield instance_id
-        await api.delete(f"/instances/{instance_id}")
-    for n in node_ids:
-        cluster.stop(f"node-{n}")
 
 
 async def scrape(api: httpx.AsyncClient) -> Samples:
@@ -97,6 +91,29 @@ async def test_cluster_gauges_show_nodes_instances_downloads(api: httpx.AsyncCli
     assert value(samples, "shardline_nodes", state="online") >= 1
     assert value(samples, "shardline_instances", state="ready") >= 1
     assert value(samples, "shardline_downloads", state="completed") >= 1  # the files metrics-a serves from
+
+
+async def test_cluster_gauges_agree_with_the_lists(api: httpx.AsyncClient, instance: str) -> None:
+    """Every state the API lists, the gauges count the same (nodes once each, departed ones too)."""
+
+    async def listed() -> dict[str, Counter[str]]:
+        nodes = (await api.get("/nodes", params={"departed": "true"})).json()
+        assert len({n["node_id"] for n in nodes}) == len(nodes), "a node is listed once"
+        downloads = (await api.get("/downloads")).json()
+        instances = (await api.get("/instances", params={"all": "true"})).json()
+        return {"shardline_nodes": Counter(n["state"] for n in nodes),
+                "shardline_downloads": Counter(d["state"] for d in downloads),
+                "shardline_instances": Counter(i["state"] for i in instances)}  # fmt: skip
+
+    async def agree() -> bool | None:
+        before, samples, after = await listed(), await scrape(api), await listed()
+        if before != after:
+            return None  # something changed meanwhile: look again
+        counted = {name: Counter({dict(labels)["state"]: int(v) for (n, labels), v in samples.items() if n == name})
+                   for name in before}  # fmt: skip
+        return counted == before or None
+
+    await eventually(agree, 30, "the gauges agree with GET /nodes, /downloads and /instances")
 
 
 async def test_node_worker_serves_temporal_sdk_metrics(cluster: Cluster, api: httpx.AsyncClient, node_id: str) -> None:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible API on one served instance: sampling, stop strings, concurrency, disconnects, CLI."""
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from tests.conftest import QWEN, Cluster
-from tests.integration.test_serving import MESSAGES, reference, serve, start_nodes, wait_state
+from tests.support.serving import MESSAGES, reference, served
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -21,15 +22,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 @pytest.fixture(scope="module")
 async def instance(cluster: Cluster) -> AsyncIterator[str]:
     """QWEN served as a 2-node pipeline for the whole module."""
-    node_ids = ["api-a", "api-b"]
-    async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as api:
-        await start_nodes(cluster, api, node_ids)
-        instance_id = await serve(api, QWEN, nodes=node_ids)
-        assert (await wait_state(api, instance_id, {"ready", "failed"}))["state"] == "ready"
+    async with served(cluster, QWEN, ["api-a", "api-b"]) as instance_id:
         yield instance_id
-        await api.delete(f"/instances/{instance_id}")
-    for n in node_ids:
-        cluster.stop(f"node-{n}")
 
 
 def client(cluster: Cluster) -> AsyncOpenAI:
@@ -99,6 +93,40 @@ async def test_sse_wire_format_and_usage(cluster: Cluster, instance: str) -> Non
     assert events[-1] == "data: [DONE]"
     assert '"usage": {"prompt_tokens"' in events[-2] and '"completion_tokens": 6' in events[-2]
     assert '"finish_reason": "length"' in events[-3]
+
+
+async def test_a_waiting_stream_gets_keepalive_comments(
+    cluster: Cluster, instance: str, model_dirs: dict[str, Path]
+) -> None:
+    """While a request waits for its first token (its turn behind another, or a long prompt) the stream carries
+    an SSE comment every few seconds, so that proxies and clients do not give up; then the answer comes."""
+    endless = {"model": QWEN, "messages": MESSAGES, "max_tokens": 32768, "temperature": 0, "stream": True}
+    lines: list[str] = []
+    async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as http, contextlib.AsyncExitStack() as stack:
+        blocker = await stack.enter_async_context(http.stream("POST", "/v1/chat/completions", json=endless))
+        busy = asyncio.Event()
+
+        async def read_on() -> None:  # read it all (leaving the lines unread would hang up)
+            chunks = 0
+            async for line in blocker.aiter_lines():
+                chunks += line.startswith("data: ")
+                if chunks >= 3:
+                    busy.set()  # the runner is busy with it: the next request waits its turn
+
+        reader = asyncio.create_task(read_on())
+        await asyncio.wait_for(busy.wait(), 60)
+        waiting = await stack.enter_async_context(
+            http.stream("POST", "/v1/chat/completions", json={**endless, "max_tokens": 12})
+        )
+        async for line in waiting.aiter_lines():
+            lines.append(line)
+            if line.startswith(": keep-alive") and not reader.done():
+                reader.cancel()  # hang up on the endless one: the runner moves on to this one
+                await blocker.aclose()
+    data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+    text = "".join(d["choices"][0]["delta"].get("content") or "" for d in data if d["choices"])
+    assert any(line.startswith(": keep-alive") for line in lines), lines
+    assert text == reference(model_dirs[QWEN]) and [line for line in lines if line][-1] == "data: [DONE]", lines
 
 
 async def test_cli_serve_lists_chats_and_stops(cluster: Cluster, instance: str, model_dirs: dict[str, Path]) -> None:

@@ -4,11 +4,8 @@
 for a client certificate, as an mTLS-protected cluster does) in front of the session's dev server.
 """
 
-import asyncio
-import contextlib
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from shardline.settings import Settings
 from shardline.temporal import connect
 from tests.conftest import Cluster
-from tests.support.throttle import free_port
+from tests.support.relay import Relay
 from tests.support.waits import wait_node
 
 SERVER_NAME = "temporal.test"
@@ -47,55 +44,13 @@ def make_pki(out: Path) -> None:
                 "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")  # fmt: skip
 
 
-def quiet_refusals(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-    """A refused handshake is what some tests want; anything else is reported as usual."""
-    if not isinstance(context.get("exception"), ssl.SSLError):
-        loop.default_exception_handler(context)
-
-
-class TlsProxy:
-    """127.0.0.1:<port> speaks TLS (HTTP/2 ALPN, client certificate required) and forwards plaintext to `target`."""
-
-    def __init__(self, target_port: int, pki: Path) -> None:
-        self.target_port, self.port = target_port, free_port()
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki / "ca.pem")
-        self.context.load_cert_chain(pki / "server.pem", pki / "server.key")
-        self.context.verify_mode = ssl.CERT_REQUIRED
-        self.context.set_alpn_protocols(["h2"])
-        self._loop = asyncio.new_event_loop()
-        self._loop.set_exception_handler(quiet_refusals)
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    def start(self) -> "TlsProxy":
-        self._thread.start()
-        serve = asyncio.start_server(self._handle, "127.0.0.1", self.port, ssl=self.context)
-        self._server = asyncio.run_coroutine_threadsafe(serve, self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        async def close() -> None:
-            self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w))
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.CancelledError):
-            while chunk := await reader.read(65536):
-                writer.write(chunk)
-                await writer.drain()
-        with contextlib.suppress(Exception):
-            writer.close()
+def server_tls(pki: Path) -> ssl.SSLContext:
+    """What an mTLS-protected cluster's frontend does: HTTP/2 over TLS, a client certificate required."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki / "ca.pem")
+    context.load_cert_chain(pki / "server.pem", pki / "server.key")
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(["h2"])
+    return context
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +61,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def proxy(cluster: Cluster, pki: Path) -> Iterator[TlsProxy]:
-    p = TlsProxy(cluster.temporal_port, pki).start()
+def proxy(cluster: Cluster, pki: Path) -> Iterator[Relay]:
+    p = Relay(cluster.temporal_port, tls=server_tls(pki)).start()
     yield p
     p.stop()
 
 
-def tls_env(proxy: TlsProxy, pki: Path, **files: str | None) -> dict[str, str]:
+def tls_env(proxy: Relay, pki: Path, **files: str | None) -> dict[str, str]:
     """The environment of a process that reaches Temporal through the proxy; `files` override ca/cert/key names."""
     names = {"ca": "ca.pem", "cert": "client.pem", "key": "client.key", **files}
     env = {
@@ -123,18 +78,18 @@ def tls_env(proxy: TlsProxy, pki: Path, **files: str | None) -> dict[str, str]:
     return env | {f"SHARDLINE_TEMPORAL_TLS_{k.upper()}": str(pki / v) for k, v in names.items() if v}
 
 
-def tls_settings(proxy: TlsProxy, pki: Path, **files: str | None) -> Settings:
+def tls_settings(proxy: Relay, pki: Path, **files: str | None) -> Settings:
     return Settings(**{k.removeprefix("SHARDLINE_").lower(): v for k, v in tls_env(proxy, pki, **files).items()})
 
 
-async def test_a_client_connects_over_mtls(proxy: TlsProxy, pki: Path) -> None:
+async def test_a_client_connects_over_mtls(proxy: Relay, pki: Path) -> None:
     over_tls = await connect(tls_settings(proxy, pki))
     info = await over_tls.workflow_service.get_system_info(GetSystemInfoRequest())
     assert info.server_version  # the dev server behind the proxy answered
 
 
 async def test_a_node_worker_joins_over_mtls(
-    cluster: Cluster, api: httpx.AsyncClient, node_id: str, proxy: TlsProxy, pki: Path
+    cluster: Cluster, api: httpx.AsyncClient, node_id: str, proxy: Relay, pki: Path
 ) -> None:
     cluster.start_node(node_id, **tls_env(proxy, pki))
     await wait_node(api, node_id, "online")
@@ -148,6 +103,6 @@ async def test_a_node_worker_joins_over_mtls(
         {"ca": "stranger-ca.pem"},  # a CA that did not sign the server's certificate
     ],
 )
-async def test_the_handshake_refuses_what_it_should(proxy: TlsProxy, pki: Path, wrong: dict[str, str | None]) -> None:
+async def test_the_handshake_refuses_what_it_should(proxy: Relay, pki: Path, wrong: dict[str, str | None]) -> None:
     with pytest.raises(RuntimeError, match="Failed client connect"):
         await connect(tls_settings(proxy, pki, **wrong))

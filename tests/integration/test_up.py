@@ -12,7 +12,7 @@ import psutil
 from tests.conftest import TINY
 from tests.support.cluster import REPO, wait_http
 from tests.support.hub_mirror import HubMirror
-from tests.support.throttle import free_port
+from tests.support.relay import free_port
 from tests.support.waits import eventually, start_download, wait_download
 
 

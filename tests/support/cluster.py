@@ -11,7 +11,7 @@ import httpx
 
 from shardline.settings import Settings
 from shardline.temporal import devserver_command
-from tests.support.throttle import free_port
+from tests.support.relay import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 # short timeouts so that failure tests finish quickly; the defaults are 30 / 300 / 600 s
@@ -70,12 +70,13 @@ class Cluster:
         self.spawn("api", [sys.executable, "-m", "shardline", "api"])
         wait_http(self.api + "/healthz")
 
-    def start_node(self, node_id: str, hub: str | None = None, **extra: str) -> Path:
+    def start_node(self, node_id: str, hub: str | None = None, launcher: list[str] | None = None, **extra: str) -> Path:
+        """`launcher` runs it some other way, e.g. `ip netns exec <namespace>`: on another network."""
         home = self.root / "nodes" / node_id
         extra = {"SHARDLINE_NODE_ID": node_id, "SHARDLINE_HOME": str(home), **extra}
         if hub:
             extra["HF_ENDPOINT"] = hub
-        self.spawn(f"node-{node_id}", [sys.executable, "-m", "shardline", "node"], **extra)
+        self.spawn(f"node-{node_id}", [*(launcher or []), sys.executable, "-m", "shardline", "node"], **extra)
         return home
 
     def signal(self, name: str, sig: signal.Signals) -> None:
@@ -87,16 +88,22 @@ class Cluster:
         proc = self.procs.pop(name, None)
         if proc and proc.poll() is None:
             proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
     def stop_all(self) -> None:
-        for name in list(self.procs):
+        for name in sorted(self.procs, key=lambda n: n == "temporal"):  # the server last: workers exit at once
             self.stop(name)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `grace` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_http(url: str, timeout: float = 60) -> None:

@@ -3,7 +3,7 @@
 from temporalio.api.common.v1 import Payload
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState, TimeoutError, TimeoutType
 
-from workflows.common import failure_reason, worth_retrying
+from workflows.common import failure_reason, never_started, worth_retrying
 
 
 def activity_error(cause: BaseException) -> ActivityError:
@@ -33,6 +33,13 @@ def test_schedule_to_start_timeout_names_the_node() -> None:
 def test_retry_only_a_node_that_made_progress() -> None:
     assert worth_retrying(activity_error(timeout(TimeoutType.HEARTBEAT, [Payload(data=b"1")])))
     assert not worth_retrying(activity_error(timeout(TimeoutType.HEARTBEAT)))  # swallowed by a frozen node
+
+
+def test_never_started_is_only_a_silent_heartbeat_timeout() -> None:
+    assert never_started(activity_error(timeout(TimeoutType.HEARTBEAT)))
+    assert not never_started(activity_error(timeout(TimeoutType.HEARTBEAT, [Payload(data=b"1")])))
+    assert not never_started(activity_error(timeout(TimeoutType.SCHEDULE_TO_START)))
+    assert not never_started(activity_error(ApplicationError("connection reset")))
 
 
 def test_application_errors_keep_their_message() -> None:

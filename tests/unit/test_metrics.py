@@ -1,51 +1,32 @@
-"""Metrics without a cluster: request timings, cluster gauges from a stand-in Temporal client, the per-app
-registry, the key on /metrics, and the ports `shardline up` gives the workers' SDK metrics."""
+"""Metrics without a cluster: request timings, /metrics with Temporal unreachable, the per-app registry,
+the key on /metrics, and the ports `shardline up` gives the workers' SDK metrics. The cluster gauges
+against a live cluster: tests/integration/test_metrics.py."""
 
-import re
+import asyncio
 import socket
-from collections.abc import AsyncIterator, Iterator
-from types import SimpleNamespace
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
-from temporalio.client import WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import Client
 
 from api import metrics as api_metrics
 from api.metrics import ChatWatch, Metrics, decode_rate, outcome_of
-from shardline import search
 from shardline.settings import Settings
 from shardline.state import closed_state
 from shardline.supervisor import piece_env
 from shardline.temporal import metrics_runtime
 from tests.support.offline_app import offline_app
+from tests.support.relay import free_port
 
 MODEL = "org/m"
 
 
-class FakeTemporal:
-    """Visibility as count_states reads it: running workflows listed, closed ones counted by status."""
-
-    def __init__(self, running: dict[str, list[str]], closed: dict[str, dict[str, int]], down: bool = False) -> None:
-        self.running, self.closed, self.down = running, closed, down
-
-    @staticmethod
-    def kind(query: str) -> str:
-        return re.search(r"ShardlineKind = '(\w+)'", query).group(1)  # type: ignore[union-attr]
-
-    async def list_workflows(self, query: str, limit: int | None = None) -> AsyncIterator[Any]:
-        if self.down:
-            raise RPCError("unreachable", RPCStatusCode.UNAVAILABLE, b"")
-        for state in self.running.get(self.kind(query), []):
-            attrs = search.attributes(self.kind(query), state)
-            yield SimpleNamespace(typed_search_attributes=attrs, status=WorkflowExecutionStatus.RUNNING)
-
-    async def count_workflows(self, query: str) -> Any:
-        assert "GROUP BY ExecutionStatus" in query and "!= 'Running'" in query
-        groups = [SimpleNamespace(group_values=[s], count=n) for s, n in self.closed.get(self.kind(query), {}).items()]
-        return SimpleNamespace(count=sum(g.count for g in groups), groups=groups)
+@pytest.fixture(scope="module")
+def unreachable() -> Client:
+    """A real Temporal client for a port nobody listens on: every call fails as it would with the server down."""
+    return asyncio.run(Client.connect(f"127.0.0.1:{free_port()}", lazy=True))
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -106,32 +87,8 @@ def test_a_cut_short_stream_counts_the_tokens_it_made(clock: list[float]) -> Non
     assert value("shardline_decode_tokens_per_second_count", {"model": MODEL}) is None
 
 
-def test_metrics_route_counts_the_cluster() -> None:
-    temporal = FakeTemporal(
-        running={"node": ["online", "online", "offline"], "serve": ["ready"], "download": ["running"]},
-        closed={"node": {"Completed": 2}, "download": {"Completed": 3, "Failed": 1, "TimedOut": 1},
-                "serve": {"Canceled": 4, "ContinuedAsNew": 9}},
-    )  # fmt: skip
-    http = offline_app(temporal)
-    response = http.get("/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    got = samples(response.text)
-    assert got[("shardline_temporal_up", ())] == 1
-    assert got[("shardline_nodes", (("state", "online"),))] == 2
-    assert got[("shardline_nodes", (("state", "offline"),))] == 1
-    assert got[("shardline_nodes", (("state", "departed"),))] == 2
-    assert got[("shardline_downloads", (("state", "completed"),))] == 3
-    assert got[("shardline_downloads", (("state", "failed"),))] == 2
-    assert got[("shardline_downloads", (("state", "running"),))] == 1
-    assert got[("shardline_instances", (("state", "ready"),))] == 1
-    assert got[("shardline_instances", (("state", "stopped"),))] == 4
-    temporal.running["node"] = ["online"]  # offline node came back: its old state is gone, not stale
-    got = samples(http.get("/metrics").text)
-    assert ("shardline_nodes", (("state", "offline"),)) not in got
-
-
-def test_metrics_without_temporal_still_answer() -> None:
-    http = offline_app(FakeTemporal({}, {}, down=True))
+def test_metrics_without_temporal_still_answer(unreachable: Client) -> None:
+    http = offline_app(unreachable)
     response = http.get("/metrics")
     assert response.status_code == 200
     got = samples(response.text)
@@ -139,15 +96,15 @@ def test_metrics_without_temporal_still_answer() -> None:
     assert not any(name == "shardline_nodes" for name, _ in got)
 
 
-def test_each_app_has_its_own_registry() -> None:
-    first, second = offline_app(FakeTemporal({}, {})), offline_app(FakeTemporal({}, {}))
+def test_each_app_has_its_own_registry(unreachable: Client) -> None:
+    first, second = offline_app(unreachable), offline_app(unreachable)
     first.app.state.metrics.chat(MODEL).end("ok")  # type: ignore[attr-defined]
     assert 'shardline_chat_requests_total{model="org/m",outcome="ok"} 1.0' in first.get("/metrics").text
     assert "org/m" not in second.get("/metrics").text
 
 
-def test_metrics_want_the_api_key() -> None:
-    http = offline_app(FakeTemporal({}, {}), api_key=SecretStr("s3cret"))
+def test_metrics_want_the_api_key(unreachable: Client) -> None:
+    http = offline_app(unreachable, api_key=SecretStr("s3cret"))
     assert http.get("/metrics").status_code == 401
     assert http.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 

@@ -3,6 +3,7 @@ import itertools
 import pytest
 
 from shardline.placement import HEADROOM, ModelProfile, NodeCapacity, PlacementError, place, weighted_split
+from shardline.types import LayerRange
 
 GiB = 2**30
 
@@ -77,7 +78,9 @@ def test_tensor_group_respects_head_divisibility_and_memory() -> None:
 def test_unsupported_strategy_is_refused() -> None:
     no_pipe = ModelProfile("o/llama", 4, GiB, GiB, pipeline=False, tensor=True)
     with pytest.raises(PlacementError, match="does not support pipeline"):
-        place(no_pipe, nodes(100))
+        place(no_pipe, nodes(100, 100), pinned=["n0", "n1"])  # asked to split it
+    with pytest.raises(PlacementError, match="does not support pipeline"):
+        place(no_pipe, nodes(4, 4))  # it would have to be split
     with pytest.raises(PlacementError, match="unknown strategy"):
         place(profile(), nodes(100), strategy="diagonal")
 
@@ -87,3 +90,11 @@ def test_weighted_split_respects_caps() -> None:
     assert weighted_split(10, [8, 100]) == [1, 9]
     assert weighted_split(5, [2, 2, 2]) in ([2, 2, 1], [2, 1, 2], [1, 2, 2])
     assert sum(weighted_split(7, [3, 3, 3])) == 7
+
+
+def test_a_model_that_cannot_be_split_runs_whole_on_one_node() -> None:
+    no_pipe = ModelProfile("o/llama", 4, GiB, GiB, pipeline=False, tensor=True)
+    roomiest = place(no_pipe, nodes(8, 100, 50))
+    assert [(s.node_id, s.layers) for s in roomiest.shards] == [("n1", LayerRange(0, 4))]
+    named = place(no_pipe, nodes(8, 100), pinned=["n0"])
+    assert [(s.node_id, s.rank, s.layers) for s in named.shards] == [("n0", 0, LayerRange(0, 4))]

@@ -1,8 +1,10 @@
-"""A TCP proxy on loopback that limits bandwidth: a slow link, so tests can act mid-download."""
+"""A TCP relay: a slow link (bandwidth-limited), so tests can act mid-download; the way a node on another
+network (namespace) reaches a service on loopback; or a TLS front for a plaintext server."""
 
 import asyncio
 import contextlib
 import socket
+import ssl
 import threading
 import time
 
@@ -13,15 +15,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ThrottledProxy:
-    """Forwards 127.0.0.1:<port> to `target`, the downstream direction capped at `bytes_per_s` overall."""
+def quiet_refusals(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """A refused TLS handshake is what some tests want; anything else is reported as usual."""
+    if not isinstance(context.get("exception"), ssl.SSLError):
+        loop.default_exception_handler(context)
 
-    def __init__(self, target_port: int, bytes_per_s: float) -> None:
+
+class Relay:
+    """Forwards <host>:<port> to 127.0.0.1:<target_port>, the downstream direction capped at `bytes_per_s`
+    overall (None: as fast as it goes); with `tls`, clients speak TLS to it (a refused handshake is quiet)."""
+
+    def __init__(
+        self,
+        target_port: int,
+        bytes_per_s: float | None = None,
+        host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.target_port = target_port
         self.bytes_per_s = bytes_per_s
+        self.host = host
+        self.tls = tls
         self.port = free_port()
         self.bytes_sent = 0
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(quiet_refusals)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._budget_lock = threading.Lock()
@@ -29,9 +47,13 @@ class ThrottledProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}"
 
-    def start(self) -> "ThrottledProxy":
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "Relay":
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self
@@ -40,16 +62,17 @@ class ThrottledProxy:
         async def close() -> None:
             if self._server:
                 self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, ssl=self.tls)
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -59,12 +82,12 @@ class ThrottledProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: bool) -> None:
         try:
             while chunk := await reader.read(16384):
-                if limit:
+                if limit and self.bytes_per_s:
                     await asyncio.sleep(self._delay(len(chunk)))
                     self.bytes_sent += len(chunk)
                 writer.write(chunk)
                 await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, ssl.SSLError, asyncio.CancelledError):
             pass
         finally:
             with contextlib.suppress(Exception):
@@ -75,5 +98,5 @@ class ThrottledProxy:
         with self._budget_lock:
             now = time.monotonic()
             start = max(now, self._next_free)
-            self._next_free = start + n / self.bytes_per_s
+            self._next_free = start + n / (self.bytes_per_s or float("inf"))
             return start - now
