@@ -73,12 +73,11 @@ class DownloadActivities:
         except InvalidId as exc:
             raise application_error("bad_input", str(exc)) from exc
         info = activity.info()
-        log.info(
+        log.info(  # each attempt is its own activity (the workflow retries), so this marks each one
             "download.accepted",
             model_id=req.model_id,
             workflow_id=info.workflow_id,
-            attempt=info.attempt,
-            queued_s=round((time.time() - info.current_attempt_scheduled_time.timestamp()), 2),
+            since_scheduled_s=round(time.time() - info.current_attempt_scheduled_time.timestamp(), 2),
         )
         await self._take_slot()
         try:

@@ -64,18 +64,19 @@ class InstanceCache:
         if time.monotonic() - self._at > CACHE_SECONDS:
             if any(i.state == "ready" for i in known):
                 if self._refreshing is None or self._refreshing.done():
-                    self._refreshing = asyncio.create_task(self._refresh())
+                    self._refreshing = asyncio.create_task(self.refresh())
             else:
-                await self._refresh()
+                await self.refresh()
                 known = [i for i in self._instances if i.model_id == model]
         return known
 
     async def all(self) -> list[InstanceStatus]:
         if time.monotonic() - self._at > CACHE_SECONDS:
-            await self._refresh()
+            await self.refresh()
         return list(self._instances)
 
-    async def _refresh(self) -> None:
+    async def refresh(self) -> None:
+        """Ask Temporal now (keeping what is known if it does not answer)."""
         try:
             self._instances = await asyncio.wait_for(list_instances(self.client), LOOKUP_TIMEOUT)
         except (RPCError, TimeoutError) as err:
@@ -84,10 +85,6 @@ class InstanceCache:
             log.warning("instances.stale", reason=str(err) or type(err).__name__, known=len(self._instances))
         finally:
             self._at = time.monotonic()
-
-    async def refresh(self) -> None:
-        """Ask Temporal now (keeping what is known if it does not answer)."""
-        await self._refresh()
 
     def forget(self) -> None:
         """After this API started or stopped an instance: the next request asks Temporal first."""

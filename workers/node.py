@@ -65,7 +65,7 @@ async def join(client: Client, settings: Settings, node_id: str, rpc_timeout: ti
         static_summary=f"Node {node_id}",
         rpc_timeout=rpc_timeout,
     )
-    return handle.first_execution_run_id or handle.result_run_id
+    return handle.result_run_id
 
 
 async def stay_joined(client: Client, settings: Settings, node_id: str, run_id: str | None) -> None:

@@ -9,11 +9,9 @@ import httpx
 import pytest
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.common import WorkflowIDReusePolicy
 from temporalio.worker import Worker
 
-from shardline import search
-from shardline.ids import CONTROL_QUEUE, node_queue
+from shardline.ids import node_queue
 from shardline.types import DownloadRequest
 from tests.conftest import CHUNKY, TIMEOUTS, TINY, Cluster
 from tests.support.hub_mirror import HubMirror, publish_model
@@ -23,11 +21,12 @@ from tests.support.waits import (
     eventually,
     node_state,
     start_download,
+    start_download_workflow,
     wait_download,
     wait_node,
     wait_progress,
 )
-from workflows.download import DownloadInput, DownloadWorkflow
+from workflows.download import DownloadInput
 
 HEARTBEAT = float(TIMEOUTS["SHARDLINE_HEARTBEAT_TIMEOUT"])
 NODE_WAIT = float(TIMEOUTS["SHARDLINE_NODE_WAIT"])
@@ -71,16 +70,9 @@ async def test_lost_node_ends_its_download(
     refused = await api.post("/downloads", json={"model": TINY, "node_id": node_id})
     assert refused.status_code == 409 and "departed" in refused.json()["error"]["message"]
     # started behind the API's back, it ends the same way: within the node wait
-    direct = f"download:{node_id}:{TINY}"
     started = time.monotonic()
-    await client.start_workflow(
-        DownloadWorkflow.run,
-        DownloadInput(node_id, TINY, node_wait_s=NODE_WAIT, heartbeat_timeout_s=HEARTBEAT),
-        id=direct,
-        task_queue=CONTROL_QUEUE,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        search_attributes=search.attributes("download", "running", node=node_id, model=TINY),
-    )
+    inp = DownloadInput(node_id, TINY, node_wait_s=NODE_WAIT, heartbeat_timeout_s=HEARTBEAT)
+    direct = (await start_download_workflow(client, inp)).id
     ghost = await wait_download(api, direct, timeout=NODE_WAIT + SLACK + 10)
     assert ghost["state"] == "failed" and "unavailable" in ghost["reason"]
     assert time.monotonic() - started <= NODE_WAIT + SLACK
@@ -155,17 +147,10 @@ async def many_downloads(
         await wait_node(api, node, "online")
 
     async def start(node: str, model: str) -> str:
-        workflow_id = f"download:{node}:{model}"
-        await client.start_workflow(
-            DownloadWorkflow.run,
-            # the production heartbeat timeout: 200 transfers starve 2 cores, and short test timeouts
-            # then fail live nodes' downloads too (3 s and 10 s both did here)
-            DownloadInput(node, model, node_wait_s=60, heartbeat_timeout_s=30),
-            id=workflow_id,
-            task_queue=CONTROL_QUEUE,
-            search_attributes=search.attributes("download", "running", node=node, model=model),
-        )
-        return workflow_id
+        # the production heartbeat timeout: 200 transfers starve 2 cores, and short test timeouts
+        # then fail live nodes' downloads too (3 s and 10 s both did here)
+        inp = DownloadInput(node, model, node_wait_s=60, heartbeat_timeout_s=30)
+        return (await start_download_workflow(client, inp)).id
 
     ids = await asyncio.gather(*(start(node, model) for node in [*live, doomed] for model in models))
     assert len(ids) == 300
@@ -215,14 +200,8 @@ async def test_download_lost_on_its_way_to_a_live_node_is_tried_again(
 
     heartbeat_s = 15.0  # time for the real node to come online before the lost attempt times out
     async with Worker(client, task_queue=node_queue(node_id), activities=[swallow], max_concurrent_activities=1):
-        workflow_id = f"download:{node_id}:{TINY}"
-        await client.start_workflow(
-            DownloadWorkflow.run,
-            DownloadInput(node_id, TINY, node_wait_s=60, heartbeat_timeout_s=heartbeat_s),
-            id=workflow_id,
-            task_queue=CONTROL_QUEUE,
-            search_attributes=search.attributes("download", "running", node=node_id, model=TINY),
-        )
+        inp = DownloadInput(node_id, TINY, node_wait_s=60, heartbeat_timeout_s=heartbeat_s)
+        workflow_id = (await start_download_workflow(client, inp)).id
         await asyncio.wait_for(taken.wait(), 30)
         cluster.start_node(node_id)  # the dropping worker holds its one slot: the retry goes to the node
         await wait_node(api, node_id, "online")

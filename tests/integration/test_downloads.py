@@ -5,10 +5,7 @@ import json
 import httpx
 import psutil
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.common import WorkflowIDReusePolicy
 
-from shardline import search
-from shardline.ids import CONTROL_QUEUE
 from shardline.types import LayerRange
 from tests.conftest import CHUNKY, TINY, Cluster
 from tests.support.relay import Relay
@@ -16,11 +13,12 @@ from tests.support.waits import (
     eventually,
     node_state,
     start_download,
+    start_download_workflow,
     wait_download,
     wait_node,
     wait_progress,
 )
-from workflows.download import DownloadInput, DownloadWorkflow
+from workflows.download import DownloadInput
 
 
 def fetch_processes(home: str) -> list[psutil.Process]:
@@ -69,14 +67,8 @@ async def test_layer_range_fetches_only_that_range(
 ) -> None:
     home = cluster.start_node(node_id)
     await wait_node(api, node_id, "online")
-    result = await client.execute_workflow(
-        DownloadWorkflow.run,
-        DownloadInput(node_id, TINY, layers=LayerRange(0, 1), node_wait_s=10, heartbeat_timeout_s=3),
-        id=f"download:{node_id}:{TINY}",
-        task_queue=CONTROL_QUEUE,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        search_attributes=search.attributes("download", "running", node=node_id, model=TINY),
-    )
+    inp = DownloadInput(node_id, TINY, layers=LayerRange(0, 1), node_wait_s=10, heartbeat_timeout_s=3)
+    result = await (await start_download_workflow(client, inp)).result()
     model_dir = home / "models" / "test-org" / "tiny"
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
     needed = {f for t, f in index.items() if ".layers." not in t or ".layers.0." in t}

@@ -6,6 +6,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDReusePolicy
+
+from shardline import search
+from shardline.ids import CONTROL_QUEUE, download_workflow_id
+from shardline.types import DownloadResult
+from workflows.download import DownloadInput, DownloadWorkflow
 
 T = TypeVar("T")
 FINAL = {"completed", "failed", "canceled", "terminated"}
@@ -68,3 +75,15 @@ async def start_download(api: httpx.AsyncClient, model: str, node_id: str) -> st
     assert response.status_code == 202, response.text
     (workflow_id,) = response.json()["workflow_ids"]
     return str(workflow_id)
+
+
+async def start_download_workflow(client: Client, inp: DownloadInput) -> WorkflowHandle[Any, DownloadResult]:
+    """A DownloadWorkflow started on Temporal directly, as the API would, but past its checks and defaults."""
+    return await client.start_workflow(
+        DownloadWorkflow.run,
+        inp,
+        id=download_workflow_id(inp.node_id, inp.model_id),
+        task_queue=CONTROL_QUEUE,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        search_attributes=search.attributes("download", "running", node=inp.node_id, model=inp.model_id),
+    )
