@@ -20,6 +20,7 @@ from tests.support.waits import (
     download,
     eventually,
     node_state,
+    scheduled_activities,
     start_download,
     start_download_workflow,
     wait_download,
@@ -180,9 +181,13 @@ async def many_downloads(
     await asyncio.sleep(3)
     again = await asyncio.gather(*(ended(w) for w in ids))
     assert [n for _, _, n in again] == [n for _, _, n in final]  # every history is final: nothing loops
-    longest = max(n for _, _, n in final)
-    print(f"300 downloads: all ended {all_took:.1f} s after the kill; longest history {longest} events")
-    assert longest < 60
+    # how long a history gets depends on the server's load (timed-out workflow tasks add events); what must
+    # hold is that no download tried its node more often than its attempts allow: read the longest ones
+    longest = sorted(final, key=lambda e: e[2])[-10:]
+    tries = {w: (await scheduled_activities(client, w)).count("download_model") for w, _, _ in longest}
+    print(f"300 downloads: all ended {all_took:.1f} s after the kill; longest histories (events, tries):",
+          [(n, tries[w]) for w, _, n in longest])  # fmt: skip
+    assert max(tries.values()) <= DownloadInput.attempts, tries
 
 
 async def test_download_lost_on_its_way_to_a_live_node_is_tried_again(
@@ -208,7 +213,6 @@ async def test_download_lost_on_its_way_to_a_live_node_is_tried_again(
         d = await wait_download(api, workflow_id, timeout=heartbeat_s + 60)
     assert d["state"] == "completed", d
     history = await client.get_workflow_handle(workflow_id).fetch_history()
-    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
-                 if e.HasField("activity_task_scheduled_event_attributes")]  # fmt: skip
     timed_out = [e for e in history.events if e.HasField("activity_task_timed_out_event_attributes")]
-    assert scheduled == ["download_model", "node_state", "download_model"] and len(timed_out) == 1
+    assert await scheduled_activities(client, workflow_id) == ["download_model", "node_state", "download_model"]
+    assert len(timed_out) == 1

@@ -87,3 +87,10 @@ async def start_download_workflow(client: Client, inp: DownloadInput) -> Workflo
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         search_attributes=search.attributes("download", "running", node=inp.node_id, model=inp.model_id),
     )
+
+
+async def scheduled_activities(client: Client, workflow_id: str) -> list[str]:
+    """The activity types a workflow scheduled, in order: what its history says it tried."""
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    return [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")]  # fmt: skip
