@@ -12,7 +12,8 @@ from tests.support.disk import can_mount, fill, small_disk
 from tests.support.relay import Relay
 from tests.support.waits import scheduled_activities, start_download, wait_download, wait_node, wait_progress
 
-pytestmark = pytest.mark.skipif(bool(can_mount()), reason=can_mount() or "")
+WHY_NOT = can_mount()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 
 def models_disk(cluster: Cluster, node_id: str) -> Path:
