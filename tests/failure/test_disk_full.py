@@ -10,6 +10,7 @@ from temporalio.client import Client
 from tests.conftest import CHUNKY, TINY, Cluster
 from tests.support.disk import can_mount, fill, small_disk
 from tests.support.relay import Relay
+from tests.support.serving import running_nodes
 from tests.support.waits import scheduled_activities, start_download, wait_download, wait_node, wait_progress
 
 WHY_NOT = can_mount()
@@ -24,25 +25,19 @@ async def test_download_larger_than_the_free_disk_fails_at_once(
     cluster: Cluster, client: Client, api: httpx.AsyncClient, node_id: str
 ) -> None:
     with small_disk(models_disk(cluster, node_id), "16M"):
-        try:
-            cluster.start_node(node_id)
-            await wait_node(api, node_id, "online")
+        async with running_nodes(cluster, api, [node_id]):
             workflow_id = await start_download(api, TINY, node_id)
             d = await wait_download(api, workflow_id, timeout=30)
             assert d["state"] == "failed" and d["reason"].startswith(f"disk full: {TINY} needs"), d
             assert await scheduled_activities(client, workflow_id) == ["download_model"]
             await wait_node(api, node_id, "online")  # the node worker lives on
-        finally:
-            cluster.stop(f"node-{node_id}")
 
 
 async def test_disk_filled_mid_download_fails_at_once_and_a_new_download_resumes(
     cluster: Cluster, client: Client, api: httpx.AsyncClient, slow_link: Relay, node_id: str
 ) -> None:
     with small_disk(models_disk(cluster, node_id), "128M") as disk:
-        try:
-            cluster.start_node(node_id, hub=slow_link.endpoint)
-            await wait_node(api, node_id, "online")
+        async with running_nodes(cluster, api, [node_id], hub=slow_link.endpoint):
             workflow_id = await start_download(api, CHUNKY, node_id)
             await wait_progress(api, workflow_id, files_done=1)
             filler = disk / "filler"
@@ -57,5 +52,3 @@ async def test_disk_filled_mid_download_fails_at_once_and_a_new_download_resumes
             assert again["state"] == "completed", again
             result = again["result"]
             assert 0 < result["bytes_fetched"] < result["bytes_total"], result
-        finally:
-            cluster.stop(f"node-{node_id}")

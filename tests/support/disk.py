@@ -35,9 +35,9 @@ def small_disk(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False, timeout=10)
 
 
-def fill(path: Path) -> int:
+def fill(path: Path) -> None:
     """Write `path` until its filesystem is full (what another program filling the disk looks like)."""
-    written, chunk = 0, b"\0" * 2**20
+    chunk = b"\0" * 2**20
     with path.open("wb") as out:
         while True:
             try:
@@ -46,5 +46,4 @@ def fill(path: Path) -> int:
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-                return written
-            written += len(chunk)
+                return
