@@ -19,7 +19,7 @@ from tests.support.relay import Relay
 __all__ = ["TIMEOUTS", "Cluster"]
 TINY = "test-org/tiny"  # 4 layers in 3 files: quick
 QWEN = "test-org/qwen-tiny"  # qwen2: pipeline and tensor parallel in mlx-lm
-CHUNKY = "test-org/chunky"  # ~40 MB in 4 files: slow enough, behind the throttle, to act mid-download
+CHUNKY = "test-org/chunky"  # ~26 MB in 4 weight files: slow enough, behind the throttle, to act mid-download
 
 
 @pytest.fixture(scope="session")

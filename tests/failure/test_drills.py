@@ -22,8 +22,10 @@ OUTAGE_S = 20.0
 
 @pytest.fixture(scope="module")
 def drill_cluster(tmp_path_factory: pytest.TempPathFactory, hub: HubMirror) -> Iterator[Cluster]:
-    # heartbeats of 30 s (the default) outlast the outage, as they would in production
-    c = Cluster(tmp_path_factory.mktemp("drill"), hub.endpoint, SHARDLINE_HEARTBEAT_TIMEOUT="30").start_all()
+    # timeouts that outlast the outage with room for the server's stop and start on a busy machine (the 30 s
+    # default left ~8 s); a retried download must also find its node's pollers back within NODE_WAIT
+    timeouts = {"SHARDLINE_HEARTBEAT_TIMEOUT": "60", "SHARDLINE_NODE_WAIT": "60"}
+    c = Cluster(tmp_path_factory.mktemp("drill"), hub.endpoint, **timeouts).start_all()
     yield c
     c.stop_all()
 

@@ -3,6 +3,7 @@
 import asyncio
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -37,6 +38,19 @@ SLACK = 10.0  # scheduling, retry back-off and polling on a busy 2-core machine
 
 async def event_count(client: Client, workflow_id: str) -> int:
     return len((await client.get_workflow_handle(workflow_id).fetch_history()).events)
+
+
+async def activity_completed_at(client: Client, workflow_id: str) -> datetime:
+    """When the node reported its download_model done (node_state checks are activities too)."""
+    events = (await client.get_workflow_handle(workflow_id).fetch_history()).events
+    name = {e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name for e in events}
+    (done,) = [
+        e
+        for e in events
+        if e.HasField("activity_task_completed_event_attributes")
+        and name[e.activity_task_completed_event_attributes.scheduled_event_id] == "download_model"
+    ]
+    return done.event_time.ToDatetime(tzinfo=UTC)
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
@@ -90,8 +104,11 @@ async def test_restarted_node_resumes_without_refetching(
     async def a_weight_file_is_complete() -> bool:
         return any(model_dir.glob("*.safetensors"))  # moved into place only once complete
 
-    await eventually(a_weight_file_is_complete, 60, "a weight file is complete")
-    cluster.signal(f"node-{node_id}", signal.SIGKILL)
+    # the four weight files (6.3-6.8 MB) share the link and end close together: at 1 MB/s the first and the
+    # last are ~1 s apart, so the kill lands between them, not after the whole attempt succeeded
+    with slow_link.capped(2**20):
+        await eventually(a_weight_file_is_complete, 90, "a weight file is complete")
+        cluster.signal(f"node-{node_id}", signal.SIGKILL)
     finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in model_dir.glob("*.safetensors")}
     assert finished, "at least one weight file was complete before the kill"
     finished_bytes = sum(p.stat().st_size for p in finished)
@@ -157,7 +174,7 @@ async def many_downloads(
     assert len(ids) == 300
     await asyncio.sleep(3)
     cluster.signal(f"node-{doomed}", signal.SIGKILL)
-    killed_at = time.monotonic()
+    killed_at, killed_wall = time.monotonic(), datetime.now(UTC)
 
     async def ended(workflow_id: str) -> tuple[str, WorkflowExecutionStatus | None, int]:
         desc = await client.get_workflow_handle(workflow_id).describe()
@@ -170,8 +187,16 @@ async def many_downloads(
     # 200 real transfers (a fetch process each) share 2 cores with everything else: the bound is generous
     final = await eventually(all_ended, 400, "all 300 downloads end")
     all_took = time.monotonic() - killed_at
-    doomed_states = {s for w, s, _ in final if w.startswith(f"download:{doomed}:")}
-    assert doomed_states == {WorkflowExecutionStatus.FAILED}
+    doomed_states = {w: s for w, s, _ in final if w.startswith(f"download:{doomed}:")}
+    finished_in_time = [w for w, s in doomed_states.items() if s == WorkflowExecutionStatus.COMPLETED]
+    failed = [w for w, s in doomed_states.items() if s == WorkflowExecutionStatus.FAILED]
+    # a 0.5 MB model can finish in the 3 s before the kill (CI saw it): the server must have recorded those by
+    # then (slack: a loaded server may record a report sent just before the kill a little later)
+    for workflow_id in finished_in_time:
+        assert await activity_completed_at(client, workflow_id) < killed_wall + timedelta(seconds=10), workflow_id
+    print(f"dying node: {len(finished_in_time)} downloads completed before the kill, {len(failed)} failed")
+    assert len(failed) + len(finished_in_time) == len(doomed_states) == 100
+    assert len(failed) >= 50  # the drill is about the ones cut off mid-way
     live_failed = [
         w for w, s, _ in final if not w.startswith(f"download:{doomed}:") and s != WorkflowExecutionStatus.COMPLETED
     ]

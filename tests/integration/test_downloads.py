@@ -108,15 +108,16 @@ async def test_bad_input_is_refused_and_starts_nothing(cluster: Cluster, api: ht
 async def test_cancel_stops_transfer(cluster: Cluster, api: httpx.AsyncClient, slow_link: Relay, node_id: str) -> None:
     home = cluster.start_node(node_id, hub=slow_link.endpoint)
     await wait_node(api, node_id, "online")
-    workflow_id = await start_download(api, CHUNKY, node_id)
-    seen = await wait_progress(api, workflow_id)
-    progress = seen["progress"]
-    assert progress["bytes_total"] > progress["bytes_done"] > 0 and progress["files_total"] >= 5
-    assert fetch_processes(str(home)), "a fetch child is transferring"
+    with slow_link.capped(2**20):  # ~25 s of transfer: the cancel lands well before its end
+        workflow_id = await start_download(api, CHUNKY, node_id)
+        seen = await wait_progress(api, workflow_id)
+        progress = seen["progress"]
+        assert progress["bytes_total"] > progress["bytes_done"] > 0 and progress["files_total"] >= 5
+        assert fetch_processes(str(home)), "a fetch child is transferring"
 
-    response = await api.delete(f"/downloads/{workflow_id}")
-    assert response.status_code == 202
-    d = await wait_download(api, workflow_id, timeout=20)
+        response = await api.delete(f"/downloads/{workflow_id}")
+        assert response.status_code == 202
+        d = await wait_download(api, workflow_id, timeout=20)
     assert d["state"] == "canceled" and d["status"] == "CANCELED"
     assert fetch_processes(str(home)) == []
     assert await node_state(api, node_id) == "online"

@@ -113,7 +113,7 @@ async def test_runner_crash_is_a_503_then_heals_on_the_same_node(
     cluster.signal(f"node-{node_id}", signal.SIGSTOP)  # so that, for a moment, nobody has told Temporal yet
     try:
         runner.kill()  # a zombie until its stopped parent reaps it, but its sockets are closed
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)  # short: the frozen node's activity heartbeat (every 2 s, 3 s timeout) must not lapse
         for stream in (True, False):  # streamed too: refused with a status, not a 200 cut short
             body = {"model": TINY, "messages": MESSAGES, "stream": stream}
             response = await api.post("/v1/chat/completions", json=body)

@@ -7,6 +7,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 
 
 def free_port() -> int:
@@ -52,6 +53,15 @@ class Relay:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @contextlib.contextmanager
+    def capped(self, bytes_per_s: float) -> Iterator[None]:
+        """Slower for a while: a test that acts on a download in flight must not race its end."""
+        before, self.bytes_per_s = self.bytes_per_s, bytes_per_s
+        try:
+            yield
+        finally:
+            self.bytes_per_s = before
 
     def start(self) -> "Relay":
         self._thread.start()
