@@ -123,11 +123,14 @@ async def test_restarted_node_resumes_without_refetching(
 
 
 async def test_control_and_server_restart_mid_download(
-    cluster: Cluster, api: httpx.AsyncClient, slow_link: Relay, node_id: str
+    cluster: Cluster, client: Client, api: httpx.AsyncClient, slow_link: Relay, node_id: str
 ) -> None:
     cluster.start_node(node_id, hub=slow_link.endpoint)
     await wait_node(api, node_id, "online")
-    workflow_id = await start_download(api, CHUNKY, node_id)
+    # the attempt cut off by the restart is tried again: the node's pollers, backing off while the server was
+    # down, may take longer than the tests' 6 s node wait to come back, which is not what this test is about
+    inp = DownloadInput(node_id, CHUNKY, node_wait_s=60, heartbeat_timeout_s=HEARTBEAT)
+    workflow_id = (await start_download_workflow(client, inp)).id
     await wait_progress(api, workflow_id)
 
     cluster.signal("control", signal.SIGKILL)
