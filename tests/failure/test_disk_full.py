@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 
 def models_disk(cluster: Cluster, node_id: str) -> Path:
-    return cluster.root / "nodes" / node_id / "models"
+    return cluster.node_home(node_id) / "models"
 
 
 async def test_download_larger_than_the_free_disk_fails_at_once(

@@ -70,9 +70,12 @@ class Cluster:
         self.spawn("api", [sys.executable, "-m", "shardline", "api"])
         wait_http(self.api + "/healthz")
 
+    def node_home(self, node_id: str) -> Path:
+        return self.root / "nodes" / node_id
+
     def start_node(self, node_id: str, hub: str | None = None, launcher: list[str] | None = None, **extra: str) -> Path:
         """`launcher` runs it some other way, e.g. `ip netns exec <namespace>`: on another network."""
-        home = self.root / "nodes" / node_id
+        home = self.node_home(node_id)
         extra = {"SHARDLINE_NODE_ID": node_id, "SHARDLINE_HOME": str(home), **extra}
         if hub:
             extra["HF_ENDPOINT"] = hub
