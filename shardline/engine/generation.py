@@ -1,26 +1,29 @@
-"""The generation loops: rank 0 takes jobs from a queue, the other ranks follow it step by step.
+"""The generation loops: rank 0 schedules a continuous batch, the other ranks follow it step by step.
 
-Every rank runs the same mlx_lm stream_generate over the same prompt and seed, and all
-ranks leave it after the same token (rank 0 decides, see protocol.py), so all run
-exactly the same forward passes.
+Each step rank 0 decides who leaves the batch (finished on a stop string, or its client went
+away), which cached prefixes are dropped, and who joins (with the cached prefix it reuses);
+it sends that to the other ranks (protocol.py) and every rank applies it to its own Batch and
+runs the same forward pass. A request joins at the next step and leaves when it is done, so
+no one waits for a whole other generation, and a long prompt is prefilled in chunks between
+decoding steps of the others.
 """
 
 import secrets
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import Empty, Queue
+from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import structlog
-from mlx_lm.generate import GenerationResponse, stream_generate
-from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from shardline.engine import protocol
-from shardline.engine.protocol import GENERATE, IDLE, SHUTDOWN, Header, Sampling
+from shardline.engine.batch import Batch, Kept, Response
+from shardline.engine.prefix_cache import PrefixIndex
+from shardline.engine.protocol import IDLE, SHUTDOWN, Join, Sampling, Step
 from shardline.engine.stops import StopMatcher
 
 log = structlog.get_logger(__name__)
@@ -38,6 +41,25 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class Running:
+    job: Job
+    detokenizer: Any
+    stops: StopMatcher
+    cached: int
+    count: int = 0
+
+
+@dataclass
+class Stats:
+    """What /stats and the metrics show; written by the MLX thread only."""
+
+    batch: int = 0
+    steps: int = 0
+    requests: int = 0
+    failed: int = 0
+
+
 class RanksDiverged(RuntimeError):
     pass
 
@@ -46,95 +68,151 @@ def random_seed() -> int:
     return secrets.randbits(64)
 
 
-def responses(
-    model: nn.Module, tokenizer: TokenizerWrapper, tokens: list[int], sampling: Sampling
-) -> Generator[GenerationResponse, None, None]:
-    mx.random.seed(sampling.seed)
-    sampler = make_sampler(sampling.temperature, sampling.top_p)
-    return stream_generate(model, tokenizer, mx.array(tokens), max_tokens=sampling.max_tokens, sampler=sampler)
+class Scheduler:
+    """Rank 0's loop. `scale`: the prefix cache's bytes on the rank holding the most layers per byte here."""
 
+    def __init__(
+        self,
+        batch: Batch,
+        tokenizer: TokenizerWrapper,
+        group: Group,
+        jobs: "Queue[Job]",
+        *,
+        max_batch: int,
+        index: PrefixIndex | None,
+        scale: float = 1.0,
+    ) -> None:
+        self.batch = batch
+        self.tokenizer = tokenizer
+        self.group = group
+        self.jobs = jobs
+        self.max_batch = max_batch
+        self.index = index
+        self.scale = scale
+        self.running: dict[int, Running] = {}
+        self.leaving: list[int] = []
+        self.drops: list[int] = []
+        self.check = 0
+        self.stats = Stats()
 
-def next_job(jobs: "Queue[Job]", timeout: float) -> Job | None:
-    try:
-        job = jobs.get(timeout=timeout)
-    except Empty:
-        return None
-    # A client that left while its request waited costs nothing.
-    return None if job.cancelled.is_set() else job
+    def serve(self, stop: threading.Event) -> None:
+        """Until `stop` is set; then tells the other ranks to shut down."""
+        while not stop.is_set():
+            quiet = self.batch.idle() and not self.leaving and not self.drops
+            admitted = self.admit(wait=protocol.POLL_S if quiet else 0.0)
+            step = Step(self.leaving, self.drops, [join for join, _ in admitted])
+            self.leaving, self.drops = [], []
+            if not step and self.batch.idle():
+                if self.group is not None:
+                    protocol.send_idle(self.group)  # keeps the others listening, and noticing a lost rank
+                continue
+            self.run_step(step, [job for _, job in admitted])
+        if self.group is not None:
+            protocol.send_shutdown(self.group)
+        self.fail_all("the runner is shutting down")
 
-
-def serve(
-    model: nn.Module, tokenizer: TokenizerWrapper, group: Group, jobs: "Queue[Job]", stop: threading.Event
-) -> None:
-    """Rank 0: jobs one at a time, in order; returns after telling the other ranks to shut down."""
-    while not stop.is_set():
-        job = next_job(jobs, protocol.POLL_S)
-        if job is None:
-            if group is not None:
-                protocol.send_header(group, Header(IDLE))  # keeps the others listening, and noticing a lost rank
-            continue
-        if group is not None:
-            protocol.send_request(group, job.tokens, job.sampling)
-        run_job(model, tokenizer, group, job, stop)
-    if group is not None:
-        protocol.send_header(group, Header(SHUTDOWN))
-
-
-def run_job(model: nn.Module, tokenizer: TokenizerWrapper, group: Group, job: Job, stop: threading.Event) -> None:
-    stops = StopMatcher(job.stop)
-    count, finish, stream = 0, None, responses(model, tokenizer, job.tokens, job.sampling)
-    try:
-        for response in stream:
-            count += 1
-            text, hit = stops.feed(response.text)
-            finish = "stop" if hit else response.finish_reason
-            if finish is not None:
-                text += stops.flush()
-            job.emit({"text": text, "token": response.token})
-            go = finish is None and not job.cancelled.is_set() and not stop.is_set()
-            if group is not None:
-                protocol.send_step(group, go, response.token)
-            if not go:
+    def admit(self, wait: float) -> list[tuple[Join, Job]]:
+        admitted: list[tuple[Join, Job]] = []
+        while len(self.running) + len(admitted) < self.max_batch:
+            try:
+                job = self.jobs.get(timeout=wait) if wait and not admitted else self.jobs.get_nowait()
+            except Empty:
                 break
-    finally:
-        stream.close()
-    if finish is not None:
-        job.emit({"finish_reason": finish, "prompt_tokens": len(job.tokens), "completion_tokens": count})
-    log.info(
-        "request.done", finish_reason=finish or "cancelled", prompt_tokens=len(job.tokens), completion_tokens=count
-    )
+            if job.cancelled.is_set():  # a client that left while its request waited costs nothing
+                continue
+            hit = self.index.lookup(job.tokens) if self.index is not None else None
+            join = Join(job.tokens, job.sampling, hit.entry, hit.reuse) if hit else Join(job.tokens, job.sampling)
+            admitted.append((join, job))
+        return admitted
 
-
-def follow(model: nn.Module, tokenizer: TokenizerWrapper, group: mx.distributed.Group) -> None:
-    """Ranks other than 0: run what rank 0 sends until it says shut down."""
-    while True:
-        header = protocol.receive_header(group)
-        if header.kind == SHUTDOWN:
+    def run_step(self, step: Step, joined: list[Job]) -> None:
+        if self.group is not None:
+            protocol.send_step(self.group, step, self.check)
+        try:
+            out = self.batch.apply(step)
+        except Exception as error:
+            if self.group is not None:
+                raise  # the other ranks may be mid-collective: only a restart of every rank is safe
+            log.exception("step.failed", batch=len(self.running) + len(joined))
+            for job in joined:
+                job.emit({"error": f"generation failed: {error}", "status": 500})
+            self.fail_all(f"generation failed: {error}")
+            self.batch.reset()
             return
-        if header.kind == GENERATE:
-            tokens = protocol.receive_prompt(group, header)
-            follow_job(model, tokenizer, group, tokens, header.sampling)
-        else:
+        self.check = protocol.checksum([r.token for r in out.responses])
+        for uid, join, job in zip(out.joined, step.joins, joined, strict=True):
+            self.running[uid] = Running(job, self.tokenizer.detokenizer, StopMatcher(job.stop), join.reuse)
+            self.stats.requests += 1
+        self.remember(out.kept)
+        for response in out.responses:
+            self.deliver(response)
+        for uid, run in list(self.running.items()):
+            if run.job.cancelled.is_set():
+                self.leaving.append(uid)
+                self.finish(uid, "cancelled")
+        self.stats.batch = len(self.running)
+        self.stats.steps += 1
+
+    def remember(self, kept: list[Kept]) -> None:
+        for entry in kept:
+            if self.index is None:
+                self.drops.append(entry.uid)
+            else:
+                self.drops += self.index.add(entry.uid, entry.tokens, int(entry.nbytes * self.scale))
+
+    def deliver(self, response: Response) -> None:
+        run = self.running.get(response.uid)
+        if run is None:
+            return
+        run.count += 1
+        if response.finish_reason != "stop":  # the end-of-sequence token itself is never shown
+            run.detokenizer.add_token(response.token)
+        if response.finish_reason is not None:
+            run.detokenizer.finalize()
+        text, hit = run.stops.feed(run.detokenizer.last_segment)
+        finish = "stop" if hit else response.finish_reason
+        if finish is not None:
+            text += run.stops.flush()
+        run.job.emit({"text": text, "token": response.token})
+        if finish is not None:
+            if response.finish_reason is None:
+                self.leaving.append(response.uid)  # a stop string: the generator does not know it ended
+            self.finish(response.uid, finish)
+
+    def finish(self, uid: int, reason: str) -> None:
+        run = self.running.pop(uid)
+        if reason != "cancelled":
+            run.job.emit({
+                "finish_reason": reason,
+                "prompt_tokens": len(run.job.tokens),
+                "completion_tokens": run.count,
+                "cached_tokens": run.cached,
+            })  # fmt: skip
+        log.info(
+            "request.done", finish_reason=reason, prompt_tokens=len(run.job.tokens), completion_tokens=run.count,
+            cached_tokens=run.cached,
+        )  # fmt: skip
+
+    def fail_all(self, message: str) -> None:
+        for run in self.running.values():
+            run.job.emit({"error": message, "status": 503})
+        self.stats.failed += len(self.running)
+        self.running.clear()
+
+
+def follow(batch: Batch, group: mx.distributed.Group) -> None:
+    """Ranks other than 0: apply what rank 0 sends until it says shut down."""
+    check = 0
+    while True:
+        kind, step, expected = protocol.receive(group)
+        if kind == SHUTDOWN:
+            return
+        if kind == IDLE:
             time.sleep(protocol.NAP_S)
-
-
-def follow_job(
-    model: nn.Module, tokenizer: TokenizerWrapper, group: mx.distributed.Group, tokens: list[int], sampling: Sampling
-) -> None:
-    stream = responses(model, tokenizer, tokens, sampling)
-    try:
-        for response in stream:
-            go, token = protocol.receive_step(group)
-            check_same(token, response)
-            if not go:
-                return
-    finally:
-        stream.close()
-    raise RanksDiverged("this rank finished a request that rank 0 went on with")
-
-
-def check_same(token: int, response: GenerationResponse) -> None:
-    # Ranks on different hardware could round differently and sample different tokens;
-    # going on would feed the pipeline tokens rank 0 never reported.
-    if token != response.token:
-        raise RanksDiverged(f"rank 0 sampled token {token}, this rank {response.token}")
+            continue
+        # Ranks on different hardware could round differently and sample different tokens;
+        # going on would feed the pipeline tokens rank 0 never reported.
+        if expected != check:
+            raise RanksDiverged(f"rank 0 sampled tokens summing to {expected}, this rank {check}")
+        out = batch.apply(step)
+        check = protocol.checksum([r.token for r in out.responses])

@@ -4,29 +4,32 @@ Every message is an all_sum of int32s to which only rank 0 contributes, so every
 gets rank 0's values. All of them run on mlx_lm's generation stream: the ops of one
 stream run in the order they were issued, so these messages can never interleave with
 the model's own collectives (pipeline send/recv/all_gather, tensor all_sum), which
-generate_step may still have in flight.
+the batch generator may still have in flight.
 
-  between requests, every POLL_S:  header [kind, n_prompt, max_tokens, temperature bits,
-                                    top_p bits, seed low, seed high]
-  kind GENERATE, then:             the n_prompt prompt token ids
-  after every generated token:     [go, token]; go 0 = all ranks stop now (done, stop
-                                    string or client gone); token lets the others check
-                                    they sampled the same one
+  every step (or every POLL_S while idle):  header [kind, payload length, check]
+  kind STEP with a payload, then:           the payload: who leaves the batch, which cached
+                                            prefixes are dropped, who joins (prompt, sampling,
+                                            the cached prefix it reuses)
+check is the sum of the tokens rank 0 sampled in the step before, so the others can tell
+they sampled the same ones.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generation_stream
 
-IDLE, GENERATE, SHUTDOWN = 0, 1, 2
-HEADER_SIZE = 7
+IDLE, STEP, SHUTDOWN = 0, 1, 2
+HEADER_SIZE = 3
+OP_LEAVE, OP_DROP, OP_JOIN = 1, 2, 3
+JOIN_FIELDS = 9  # op, entry, reuse, max_tokens, temperature, top_p, seed low, seed high, prompt length
 POLL_S = 0.2
 # A rank waiting in a ring collective spins a core (MLX's socket thread busy-polls), so
 # between idle headers the other ranks sleep, waking just before rank 0's next one.
 # The price: a request that arrives while idle may wait up to POLL_S for them.
 NAP_S = POLL_S - 0.01
+NO_ENTRY = -1
 
 
 @dataclass(frozen=True)
@@ -34,14 +37,27 @@ class Sampling:
     max_tokens: int
     temperature: float
     top_p: float
-    seed: int  # 0 .. 2**64-1; every rank seeds mx.random with it
+    seed: int  # 0 .. 2**64-1; the request's own random stream starts from it on every rank
 
 
 @dataclass(frozen=True)
-class Header:
-    kind: int
-    prompt_len: int = 0
-    sampling: Sampling | None = None
+class Join:
+    tokens: list[int]
+    sampling: Sampling
+    entry: int | None = None  # the prefix-cache entry this request starts from
+    reuse: int = 0  # how many of its first tokens that entry already holds
+
+
+@dataclass
+class Step:
+    """What changes in the batch before the next forward pass, in the order every rank applies it."""
+
+    leaves: list[int] = field(default_factory=list)  # request ids
+    drops: list[int] = field(default_factory=list)  # prefix-cache entry ids
+    joins: list[Join] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.leaves or self.drops or self.joins)
 
 
 def share(group: mx.distributed.Group, values: list[int] | None, size: int) -> list[int]:
@@ -69,43 +85,62 @@ def words_seed(low: int, high: int) -> int:
     return int(words[0]) | int(words[1]) << 32
 
 
-def encode_header(header: Header) -> list[int]:
-    s = header.sampling
-    if s is None:
-        return [header.kind] + [0] * (HEADER_SIZE - 1)
-    fields = [header.kind, header.prompt_len, s.max_tokens, float_bits(s.temperature), float_bits(s.top_p)]
-    return [*fields, *seed_words(s.seed)]
+def checksum(tokens: list[int]) -> int:
+    return sum(tokens) % 2**31
 
 
-def decode_header(values: list[int]) -> Header:
-    kind, prompt_len, max_tokens, temperature, top_p, low, high = values
-    if kind != GENERATE:
-        return Header(kind)
-    sampling = Sampling(max_tokens, bits_float(temperature), bits_float(top_p), words_seed(low, high))
-    return Header(kind, prompt_len, sampling)
+def encode_step(step: Step) -> list[int]:
+    out: list[int] = []
+    for uid in step.leaves:
+        out += [OP_LEAVE, uid]
+    for entry in step.drops:
+        out += [OP_DROP, entry]
+    for join in step.joins:
+        s = join.sampling
+        entry = NO_ENTRY if join.entry is None else join.entry
+        out += [OP_JOIN, entry, join.reuse, s.max_tokens, float_bits(s.temperature), float_bits(s.top_p)]
+        out += [*seed_words(s.seed), len(join.tokens), *join.tokens]
+    return out
 
 
-def send_header(group: mx.distributed.Group, header: Header) -> None:
-    share(group, encode_header(header), HEADER_SIZE)
+def decode_step(values: list[int]) -> Step:
+    step, at = Step(), 0
+    while at < len(values):
+        op = values[at]
+        if op == OP_LEAVE:
+            step.leaves.append(values[at + 1])
+            at += 2
+        elif op == OP_DROP:
+            step.drops.append(values[at + 1])
+            at += 2
+        elif op == OP_JOIN:
+            _, entry, reuse, max_tokens, temperature, top_p, low, high, n = values[at : at + JOIN_FIELDS]
+            tokens = values[at + JOIN_FIELDS : at + JOIN_FIELDS + n]
+            sampling = Sampling(max_tokens, bits_float(temperature), bits_float(top_p), words_seed(low, high))
+            step.joins.append(Join(tokens, sampling, None if entry == NO_ENTRY else entry, reuse))
+            at += JOIN_FIELDS + n
+        else:
+            raise ValueError(f"unknown step op {op} at {at}")
+    return step
 
 
-def receive_header(group: mx.distributed.Group) -> Header:
-    return decode_header(share(group, None, HEADER_SIZE))
+def send_idle(group: mx.distributed.Group) -> None:
+    share(group, [IDLE, 0, 0], HEADER_SIZE)
 
 
-def send_request(group: mx.distributed.Group, tokens: list[int], sampling: Sampling) -> None:
-    send_header(group, Header(GENERATE, len(tokens), sampling))
-    share(group, tokens, len(tokens))
+def send_shutdown(group: mx.distributed.Group) -> None:
+    share(group, [SHUTDOWN, 0, 0], HEADER_SIZE)
 
 
-def receive_prompt(group: mx.distributed.Group, header: Header) -> list[int]:
-    return share(group, None, header.prompt_len)
+def send_step(group: mx.distributed.Group, step: Step, check: int) -> None:
+    payload = encode_step(step)
+    share(group, [STEP, len(payload), check], HEADER_SIZE)
+    if payload:
+        share(group, payload, len(payload))
 
 
-def send_step(group: mx.distributed.Group, go: bool, token: int) -> None:
-    share(group, [int(go), token], 2)
-
-
-def receive_step(group: mx.distributed.Group) -> tuple[bool, int]:
-    go, token = share(group, None, 2)
-    return bool(go), token
+def receive(group: mx.distributed.Group) -> tuple[int, Step, int]:
+    """(kind, step, check) as rank 0 sent them."""
+    kind, size, check = share(group, None, HEADER_SIZE)
+    payload = share(group, None, size) if kind == STEP and size else []
+    return kind, decode_step(payload), check

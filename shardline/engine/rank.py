@@ -1,22 +1,28 @@
 """Start one rank (join the ring, load its shard) and run it: rank 0 serves HTTP, the others follow."""
 
+import json
 import signal
 import socket
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from queue import Queue
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import structlog
-from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import make_prompt_cache
 
 from shardline.engine import protocol
-from shardline.engine.generation import Job, follow, serve
+from shardline.engine.batch import Batch, trimmable
+from shardline.engine.generation import Job, Scheduler, follow
 from shardline.engine.loading import init_group, load_shard, parameter_bytes
-from shardline.engine.server import bind, create_app, start_http
+from shardline.engine.prefix_cache import PrefixIndex
+from shardline.engine.server import Limits, bind, create_app, start_http
 from shardline.engine.spec import RunnerSpec
 from shardline.logs import configure_logging
 
@@ -34,38 +40,75 @@ class Rank:
         with tempfile.TemporaryDirectory(prefix="shardline-ring-") as workdir:
             self.group = init_group(self.spec, Path(workdir))
         self.model, self.tokenizer = load_shard(self.spec, self.group)
+        warm_up(self.model)
         if self.group is not None:
             protocol.share(self.group, [1] if self.spec.rank == 0 else None, 1)  # every rank has loaded
+        self.batch = Batch(self.model, self.tokenizer, prefill_step=PREFILL_STEP)
 
     def run(self, report: Report) -> None:
         """Until rank 0 is told to stop (SIGTERM/SIGINT); raises when the ring breaks."""
-        if self.sock is not None:
-            serve_rank0(self.sock, self.group, self.model, self.tokenizer, report)
-        else:
-            report(ready_event(self.spec.rank, self.model, None))
-            follow(self.model, self.tokenizer, self.group)
+        try:
+            if self.sock is not None:
+                self.serve(self.sock, report)
+            else:
+                report(ready_event(self.spec.rank, self.model, None))
+                follow(self.batch, self.group)
+        finally:
+            self.batch.close()  # the prefix cache's memory goes with the instance
         log.info("runner.stopped")
+
+    def serve(self, sock: socket.socket, report: Report) -> None:
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        spec = self.spec
+        index = PrefixIndex(spec.prompt_cache_bytes, trimmable(self.model)) if spec.prompt_cache_bytes else None
+        jobs: Queue[Job] = Queue()
+        scheduler = Scheduler(
+            self.batch, self.tokenizer, self.group, jobs, max_batch=spec.max_batch, index=index, scale=cache_scale(spec)
+        )
+        limits = Limits(context_length(Path(spec.model_path)), spec.max_queue)
+        http = start_http(create_app(self.tokenizer, jobs, limits, lambda: stats(scheduler)), sock)
+        host, port = sock.getsockname()[:2]
+        endpoint = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        report(ready_event(0, self.model, endpoint) | {"context": limits.context})
+        log.info("runner.ready", endpoint=endpoint, max_batch=spec.max_batch, cache_bytes=spec.prompt_cache_bytes)
+        scheduler.serve(stop)
+        http.should_exit = True
+
+
+PREFILL_STEP = 512  # prompt tokens per forward pass: a long prompt lets the others decode this often
 
 
 def ready_event(rank: int, model: nn.Module, endpoint: str | None) -> dict:
     return {"event": "ready", "rank": rank, "endpoint": endpoint, "memory_bytes": parameter_bytes(model)}
 
 
-def serve_rank0(
-    sock: socket.socket,
-    group: mx.distributed.Group | None,
-    model: nn.Module,
-    tokenizer: TokenizerWrapper,
-    report: Report,
-) -> None:
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    jobs: Queue[Job] = Queue()
-    http = start_http(create_app(tokenizer, jobs), sock)
-    host, port = sock.getsockname()[:2]
-    endpoint = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    report(ready_event(0, model, endpoint))
-    log.info("runner.ready", endpoint=endpoint)
-    serve(model, tokenizer, group, jobs, stop)
-    http.should_exit = True
+def warm_up(model: nn.Module) -> None:
+    """One real forward pass before reporting ready: a model MLX cannot run fails loading, with MLX's reason."""
+    with mx.stream(generation_stream):
+        mx.eval(model(mx.array([[0]]), cache=make_prompt_cache(model)))
+
+
+def context_length(model_dir: Path) -> int | None:
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def cache_scale(spec: RunnerSpec) -> float:
+    """Rank 0 budgets the prefix cache for the rank holding the most layers (pipeline ranks differ)."""
+    if spec.strategy != "pipeline":
+        return 1.0
+    return max(spec.splits) / spec.splits[0]
+
+
+def stats(scheduler: Scheduler) -> dict[str, Any]:
+    index = scheduler.index
+    cache = {"cache_entries": 0, "cache_bytes": 0, "cache_hits": 0, "cache_lookups": 0, "cached_tokens": 0}
+    if index is not None:
+        cache = {
+            "cache_entries": len(index), "cache_bytes": index.nbytes, "cache_hits": index.hits,
+            "cache_lookups": index.lookups, "cached_tokens": index.cached_tokens,
+        }  # fmt: skip
+    return {**asdict(scheduler.stats), **cache, "max_batch": scheduler.max_batch}

@@ -1,6 +1,6 @@
-"""Rank 0's HTTP face: `GET /health`, and `POST /generate` streaming NDJSON.
+"""Rank 0's HTTP face: `GET /health`, `GET /stats`, and `POST /generate` streaming NDJSON.
 
-Routes only tokenize and queue a Job; the MLX thread (generation.serve) does the rest.
+Routes only tokenize, check and queue a Job; the MLX thread (generation.Scheduler) does the rest.
 """
 
 import asyncio
@@ -8,13 +8,14 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from queue import Queue
 from typing import Any, Self
 
 import uvicorn
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, Field, model_validator
 
@@ -22,6 +23,13 @@ from shardline.engine.generation import Job, random_seed
 from shardline.engine.protocol import Sampling
 
 MAX_SEED = 2**64
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    context: int | None  # tokens the model attends to (max_position_embeddings); None = unknown
+    max_queue: int  # requests waiting for the batch before 429
 
 
 class GenerateBody(BaseModel):
@@ -50,15 +58,23 @@ def prompt_tokens(tokenizer: TokenizerWrapper, body: GenerateBody) -> list[int]:
     return tokenizer.encode(body.prompt, add_special_tokens=bos is None or not body.prompt.startswith(bos))
 
 
-def make_job(tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Queue) -> Job:
+def make_job(tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Queue, limits: Limits) -> Job:
     try:
         tokens = prompt_tokens(tokenizer, body)
     except Exception as error:  # a template or tokenizer failure is the client's input
         raise HTTPException(status_code=400, detail=f"cannot tokenize the request: {error}") from error
     if not tokens:
         raise HTTPException(status_code=400, detail="the prompt is empty")
+    max_tokens = body.max_tokens
+    if limits.context is not None:
+        if len(tokens) >= limits.context:
+            raise HTTPException(
+                status_code=400,
+                detail=f"the prompt is {len(tokens)} tokens but the model's context is {limits.context}: shorten it",
+            )
+        max_tokens = min(max_tokens, limits.context - len(tokens))  # ends with finish_reason "length"
     seed = random_seed() if body.seed is None else body.seed % MAX_SEED
-    sampling = Sampling(body.max_tokens, body.temperature, body.top_p, seed)
+    sampling = Sampling(max_tokens, body.temperature, body.top_p, seed)
     loop = asyncio.get_running_loop()
     return Job(tokens, sampling, body.stop, emit=lambda item: loop.call_soon_threadsafe(lines.put_nowait, item))
 
@@ -69,24 +85,36 @@ async def stream_lines(job: Job, lines: asyncio.Queue, jobs: "Queue[Job]") -> As
         while True:
             item = await lines.get()
             yield json.dumps(item) + "\n"
-            if "finish_reason" in item:
+            if "finish_reason" in item or "error" in item:
                 return
     finally:
         # Also reached when the client goes away (the stream is cancelled): generation stops at once.
         job.cancelled.set()
 
 
-def create_app(tokenizer: TokenizerWrapper, jobs: "Queue[Job]") -> FastAPI:
+def create_app(
+    tokenizer: TokenizerWrapper, jobs: "Queue[Job]", limits: Limits, stats: Callable[[], dict[str, Any]]
+) -> FastAPI:
     app = FastAPI(title="shardline runner")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post("/generate")
-    async def generate(body: GenerateBody) -> StreamingResponse:
+    @app.get("/stats")
+    async def get_stats() -> dict[str, Any]:
+        return {**stats(), "queue": jobs.qsize()}
+
+    @app.post("/generate", response_model=None)
+    async def generate(body: GenerateBody) -> StreamingResponse | JSONResponse:
+        if jobs.qsize() >= limits.max_queue:
+            return JSONResponse(
+                {"detail": f"{jobs.qsize()} requests are already waiting for this instance: retry shortly"},
+                status_code=429,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         lines: asyncio.Queue = asyncio.Queue()
-        job = make_job(tokenizer, body, lines)
+        job = make_job(tokenizer, body, lines, limits)
         return StreamingResponse(stream_lines(job, lines, jobs), media_type="application/x-ndjson")
 
     return app

@@ -29,6 +29,10 @@ class RunnerSpec:
     hosts: list[str] = field(default_factory=list)  # "ip:port" ring endpoint of every rank, in rank order
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0 = any free port; only rank 0 serves HTTP
+    # rank 0's scheduling (the other ranks follow it, whatever their own values)
+    max_batch: int = 32  # requests decoded together
+    max_queue: int = 256  # requests waiting to join; past that the runner answers 429
+    prompt_cache_bytes: int = 1 << 30  # prefix cache budget, per rank; 0 = off
 
     def __post_init__(self) -> None:
         problem = spec_problem(self)
@@ -61,6 +65,8 @@ def spec_problem(spec: RunnerSpec) -> str | None:
         return f"rank {spec.rank} is outside world size {spec.world_size}"
     if (spec.strategy == "single") != (spec.world_size == 1):
         return f"strategy {spec.strategy!r} does not fit world size {spec.world_size}"
+    if spec.max_batch < 1 or spec.max_queue < 1 or spec.prompt_cache_bytes < 0:
+        return "max_batch and max_queue must be at least 1, prompt_cache_bytes at least 0"
     if spec.world_size > 1 and len(spec.hosts) != spec.world_size:
         return f"{len(spec.hosts)} ring hosts given for world size {spec.world_size}"
     if spec.strategy == "pipeline":

@@ -5,223 +5,24 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import mlx.core as mx
 import psutil
-import pytest
-from mlx_lm import load, stream_generate
-from mlx_lm.sample_utils import make_sampler
 
-from shardline.engine.spec import RunnerSpec, pipeline_layers
-from shardline.model_files import INDEX_FILE, files_to_fetch
-from tests.support.model_factory import make_tiny_model
-
-START_TIMEOUT_S = 60
-PROMPT = "The quick brown fox"
-CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
-
-
-@dataclass
-class Runner:
-    proc: subprocess.Popen[str]
-    log: Path
-
-    def event(self, timeout: float = START_TIMEOUT_S) -> dict:
-        with ThreadPoolExecutor(1) as pool:
-            line = pool.submit(self.proc.stdout.readline).result(timeout)
-        assert line, f"runner exited ({self.proc.poll()}) without an event:\n{self.log.read_text()[-3000:]}"
-        return json.loads(line)
-
-    def done_requests(self) -> list[dict]:
-        lines = (json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{"))
-        return [line for line in lines if line.get("event") == "request.done"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn(spec: RunnerSpec, workdir: Path, name: str) -> Runner:
-    spec_path = workdir / f"{name}.json"
-    spec_path.write_text(spec.to_json(), encoding="utf-8")
-    log = workdir / f"{name}.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shardline.engine.runner", str(spec_path)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    return Runner(proc, log)
-
-
-def stop_all(runners: list[Runner]) -> list[int | None]:
-    runners[0].proc.send_signal(signal.SIGTERM)  # rank 0 tells the others to stop
-    codes = []
-    for runner in runners:
-        try:
-            codes.append(runner.proc.wait(15))
-        except subprocess.TimeoutExpired:
-            runner.proc.kill()
-            codes.append(None)
-    return codes
-
-
-def rank_specs(model_dirs: list[Path], strategy: str, splits: list[int] | None = None) -> list[RunnerSpec]:
-    size = len(model_dirs)
-    hosts = [f"127.0.0.1:{free_port()}" for _ in range(size)] if size > 1 else []
-    return [
-        RunnerSpec(
-            model_path=str(model_dir),
-            strategy=strategy,
-            rank=rank,
-            world_size=size,
-            layers=pipeline_layers(splits, rank) if splits else None,
-            splits=splits or [],
-            hosts=hosts,
-        )
-        for rank, model_dir in enumerate(model_dirs)
-    ]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("engine")
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(workdir: Path) -> Path:
-    # One layer per file, so pipeline ranks need different files.
-    return make_tiny_model(workdir / "qwen", model_type="qwen2", num_layers=4, num_files=4)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(workdir: Path) -> Path:
-    return make_tiny_model(workdir / "llama", model_type="llama", num_layers=4, num_files=2)
-
-
-def node_copy(model_dir: Path, dest: Path, splits: list[int], rank: int) -> Path:
-    """What a node would download for this rank: support files and only its layers' weight files."""
-    weight_map = json.loads((model_dir / INDEX_FILE).read_text())["weight_map"]
-    files = [p.name for p in model_dir.iterdir()]
-    dest.mkdir()
-    for name in files_to_fetch(files, weight_map, pipeline_layers(splits, rank)):
-        shutil.copy(model_dir / name, dest / name)
-    return dest
-
-
-@dataclass
-class Served:
-    endpoint: str
-    runners: list[Runner]
-    specs: list[RunnerSpec]
-
-
-@contextmanager
-def serving(specs: list[RunnerSpec], workdir: Path, name: str) -> Iterator[Served]:
-    """All ranks at once (the ring needs them all); stopped through rank 0, which must stop the rest."""
-    runners = [spawn(spec, workdir, f"{name}-rank{spec.rank}") for spec in specs]
-    try:
-        events = [runner.event() for runner in runners]
-        for rank, event in enumerate(events):
-            assert event["event"] == "ready" and event["rank"] == rank, event
-            assert event["memory_bytes"] > 0
-        assert all(event["endpoint"] is None for event in events[1:])
-        yield Served(events[0]["endpoint"], runners, specs)
-    finally:
-        codes = stop_all(runners)
-    assert codes == [0] * len(runners)
-
-
-@pytest.fixture(scope="module")
-def single_llama(workdir: Path, llama_dir: Path) -> Iterator[Served]:
-    with serving(rank_specs([llama_dir], "single"), workdir, "single-llama") as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def single_qwen(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
-    with serving(rank_specs([qwen_dir], "single"), workdir, "single-qwen") as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def pipe2(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
-    splits = [1, 3]  # uneven: rank 0 runs layer 3, rank 1 layers 0-2
-    dirs = [node_copy(qwen_dir, workdir / f"pipe2-node{rank}", splits, rank) for rank in range(2)]
-    with serving(rank_specs(dirs, "pipeline", splits), workdir, "pipe2") as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def pipe3(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
-    with serving(rank_specs([qwen_dir] * 3, "pipeline", [2, 1, 1]), workdir, "pipe3") as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def tensor2(workdir: Path, llama_dir: Path) -> Iterator[Served]:
-    with serving(rank_specs([llama_dir] * 2, "tensor"), workdir, "tensor2") as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def references() -> Iterator:
-    models: dict[Path, tuple] = {}
-
-    def generate(
-        model_dir: Path, prompt: str | list[dict], max_tokens: int, **sampling: float
-    ) -> list[tuple[str, int]]:
-        if model_dir not in models:
-            models[model_dir] = load(str(model_dir))
-        model, tokenizer = models[model_dir]
-        if isinstance(prompt, list):
-            prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-        mx.random.seed(int(sampling.pop("seed", 0)))
-        sampler = make_sampler(sampling.get("temperature", 0.0), sampling.get("top_p", 1.0))
-        responses = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler)
-        return [(r.text, r.token) for r in responses]
-
-    return generate
-
-
-def body(prompt: str | list[dict], max_tokens: int, **extra: object) -> dict:
-    key = "messages" if isinstance(prompt, list) else "prompt"
-    return {key: prompt, "max_tokens": max_tokens, **extra}
-
-
-async def generate(endpoint: str, request: dict) -> tuple[list[tuple[str, int]], dict]:
-    async with (
-        httpx.AsyncClient(base_url=endpoint, timeout=60) as http,
-        http.stream("POST", "/generate", json=request) as response,
-    ):
-        assert response.status_code == 200, await response.aread()
-        assert response.headers["content-type"].startswith("application/x-ndjson")
-        lines = [json.loads(line) async for line in response.aiter_lines() if line]
-    *tokens, final = lines
-    return [(line["text"], line["token"]) for line in tokens], final
-
-
-async def check_greedy(endpoint: str, model_dir: Path, references, prompt: str | list[dict], max_tokens: int = 12):
-    expected = references(model_dir, prompt, max_tokens)
-    assert len({token for _, token in expected}) > 2  # a random model stuck on one token would prove little
-    got, final = await generate(endpoint, body(prompt, max_tokens, temperature=0.0))
-    assert got == expected
-    assert final["finish_reason"] == "length"
-    assert final["completion_tokens"] == max_tokens
-    return final
+from tests.support.runners import (
+    CHAT,
+    PROMPT,
+    Served,
+    body,
+    check_greedy,
+    generate,
+    rank_specs,
+    spawn,
+)  # fmt: skip
 
 
 async def test_single_llama_matches_mlx_lm(single_llama: Served, llama_dir: Path, references) -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from shardline.engine.protocol import GENERATE, Header, Sampling, decode_header, encode_header
+from shardline.engine.protocol import Join, Sampling, Step, decode_step, encode_step
 from shardline.engine.spec import RunnerSpec, pipeline_layers
 from shardline.types import LayerRange
 
@@ -42,8 +42,19 @@ def test_bad_specs(fields: dict, problem: str) -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2**31, 2**32 + 5, 2**64 - 1])
-def test_header_round_trip(seed: int) -> None:
-    header = Header(GENERATE, 17, Sampling(max_tokens=99, temperature=0.7, top_p=0.95, seed=seed))
-    decoded = decode_header(encode_header(header))
-    assert decoded.prompt_len == 17 and decoded.sampling.seed == seed and decoded.sampling.max_tokens == 99
-    assert decoded.sampling.temperature == pytest.approx(0.7) and decoded.sampling.top_p == pytest.approx(0.95)
+def test_step_round_trip(seed: int) -> None:
+    sampling = Sampling(max_tokens=99, temperature=0.7, top_p=0.95, seed=seed)
+    step = Step(
+        leaves=[3, 9], drops=[2], joins=[Join([5, 6, 7], sampling, entry=2, reuse=2), Join([1], sampling)]
+    )  # fmt: skip
+    decoded = decode_step(encode_step(step))
+    assert decoded.leaves == [3, 9] and decoded.drops == [2]
+    first, second = decoded.joins
+    assert (first.tokens, first.entry, first.reuse) == ([5, 6, 7], 2, 2)
+    assert (second.tokens, second.entry, second.reuse) == ([1], None, 0)
+    assert first.sampling.seed == seed and first.sampling.max_tokens == 99
+    assert first.sampling.temperature == pytest.approx(0.7) and first.sampling.top_p == pytest.approx(0.95)
+
+
+def test_empty_step_is_empty() -> None:
+    assert not decode_step(encode_step(Step())) and encode_step(Step()) == []

@@ -1,0 +1,118 @@
+"""The batch every rank runs: mlx_lm's BatchGenerator, and this rank's layers of the prefix cache.
+
+Every finished request's KV state is kept; rank 0 says which to drop (all of them at once
+when its prefix cache is off).
+
+Every rank applies the same Steps (protocol.py) in the same order, so every rank's generator
+inserts, prefills, decodes and finishes the same requests at the same forward pass, and every
+rank keeps the KV state of a finished request under the same entry id (the request's id).
+"""
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from shardline.engine.protocol import Join, Step
+from shardline.engine.sampling import sampler_for
+
+PREFILL_BATCH = 8  # prompts prefilled together
+UNBOUNDED = 1 << 30
+Response = GenerationBatch.Response
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A request's KV state, now a prefix-cache entry under the request's id."""
+
+    uid: int
+    tokens: list[int]
+    nbytes: int
+
+
+@dataclass
+class Output:
+    joined: list[int] = field(default_factory=list)  # request ids of the step's joins, in order
+    responses: list[Response] = field(default_factory=list)  # one token per decoding request
+    kept: list[Kept] = field(default_factory=list)
+
+
+def trimmable(model: nn.Module) -> bool:
+    return can_trim_prompt_cache(make_prompt_cache(model))
+
+
+class Batch:
+    def __init__(self, model: nn.Module, tokenizer: TokenizerWrapper, *, prefill_step: int) -> None:
+        self.options = {
+            "stop_tokens": [[t] for t in sorted(tokenizer.eos_token_ids)],
+            # rank 0 admits at most its max_batch; the generator's own limits must never bind, or ranks
+            # whose nodes set other limits would batch differently
+            "completion_batch_size": UNBOUNDED,
+            "prefill_batch_size": PREFILL_BATCH,
+            "prefill_step_size": prefill_step,
+        }
+        self.model = model
+        self.generator = BatchGenerator(model, **self.options)
+        self.store: dict[int, list[Any]] = {}
+
+    def reset(self) -> None:
+        """A fresh generator after a failed step (its state is unknown); the prefix cache is intact."""
+        self.generator.close()
+        self.generator = BatchGenerator(self.model, **self.options)
+
+    def __len__(self) -> int:
+        return len(self.generator._generation_batch) + len(self.generator._prompt_batch)
+
+    @property
+    def store_bytes(self) -> int:
+        return sum(c.nbytes for caches in self.store.values() for c in caches)
+
+    def apply(self, step: Step) -> Output:
+        out = Output()
+        for entry in step.drops:
+            self.store.pop(entry, None)
+        if step.leaves:
+            left = self.generator.remove(step.leaves, return_prompt_caches=True)
+            for uid, (caches, tokens) in left.items():
+                out.kept += self._keep(uid, caches, tokens)
+        out.joined = [self._insert(join) for join in step.joins]
+        _, out.responses = self.generator.next()
+        for r in out.responses:
+            if r.finish_reason is not None:
+                out.kept += self._keep(r.uid, r.prompt_cache, r.all_tokens)
+        return out
+
+    def idle(self) -> bool:
+        return len(self) == 0 and not self.generator._unprocessed_sequences
+
+    def _insert(self, join: Join) -> int:
+        caches = None
+        if join.entry is not None:
+            stored = self.store[join.entry]  # rank 0 only names entries every rank still has
+            caches = copy.deepcopy(stored)
+            if caches[0].size() > join.reuse:
+                trim_prompt_cache(caches, caches[0].size() - join.reuse)
+        (uid,) = self.generator.insert(
+            [join.tokens[join.reuse :]],
+            max_tokens=[join.sampling.max_tokens],
+            caches=[caches] if caches is not None else None,
+            all_tokens=[join.tokens[: join.reuse]],
+            samplers=[sampler_for(join.sampling)],
+        )
+        return uid
+
+    def _keep(self, uid: int, caches: list[Any] | None, tokens: list[int] | None) -> list[Kept]:
+        if not caches or not tokens or caches[0].size() != len(tokens):
+            return []
+        mx.eval([c.state for c in caches])
+        self.store[uid] = caches
+        return [Kept(uid, list(tokens), sum(c.nbytes for c in caches))]
+
+    def close(self) -> None:
+        self.store.clear()
+        self.generator.close()

@@ -1,0 +1,233 @@
+"""Continuous batching, the prefix cache and per-request isolation, on real runners against plain mlx_lm."""
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.runners import (
+    CHAT,
+    PROMPT,
+    Served,
+    body,
+    generate,
+    node_copy,
+    rank_specs,
+    serving,
+    spawn,
+)  # fmt: skip
+
+PROMPTS: list[str | list[dict]] = [
+    PROMPT,
+    CHAT,
+    "Numbers such as",
+    "A cluster of machines",
+    [{"role": "user", "content": "Tell me about the river bank."}],
+    "Every worker loads its shard",
+    "When a node fails, the controller",
+    [{"role": "user", "content": "What does the scheduler keep?"}],
+]
+
+
+@dataclass
+class Timed:
+    tokens: list[tuple[str, int]] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    first_at: float = 0.0
+    done_at: float = 0.0
+
+
+async def timed(endpoint: str, request: dict, cancel_after: int | None = None) -> Timed:
+    out = Timed()
+    async with (
+        httpx.AsyncClient(base_url=endpoint, timeout=120) as http,
+        http.stream("POST", "/generate", json=request) as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if not line:
+                continue
+            event = json.loads(line)
+            if "token" in event:
+                out.first_at = out.first_at or time.monotonic()
+                out.tokens.append((event["text"], event["token"]))
+                if cancel_after is not None and len(out.tokens) >= cancel_after:
+                    break  # the client goes away mid-stream
+            else:
+                out.final = event
+    out.done_at = time.monotonic()
+    return out
+
+
+async def stats(endpoint: str) -> dict:
+    async with httpx.AsyncClient(base_url=endpoint) as http:
+        return (await http.get("/stats")).json()
+
+
+@pytest.fixture(scope="module")
+def single(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
+    with serving(rank_specs([qwen_dir], "single"), workdir, "batch-single") as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def batch_pipe2(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
+    splits = [2, 2]
+    dirs = [node_copy(qwen_dir, workdir / f"batch-pipe2-node{rank}", splits, rank) for rank in range(2)]
+    with serving(rank_specs(dirs, "pipeline", splits), workdir, "batch-pipe2") as served:
+        yield served
+
+
+@pytest.mark.parametrize("instance", ["single", "batch_pipe2"])
+async def test_eight_concurrent_requests_batch_and_match_mlx_lm_alone(
+    instance: str, request: pytest.FixtureRequest, qwen_dir: Path, references
+) -> None:
+    served: Served = request.getfixturevalue(instance)
+    max_tokens = 24
+    results = await asyncio.gather(*(timed(served.endpoint, body(p, max_tokens)) for p in PROMPTS))
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        assert result.tokens == references(qwen_dir, prompt, max_tokens), prompt
+        assert result.final["finish_reason"] == "length"
+    # they ran together: most first tokens came before the first request was done
+    first_done = min(r.done_at for r in results)
+    assert sum(r.first_at < first_done for r in results) >= 6
+    assert (await stats(served.endpoint))["requests"] >= len(PROMPTS)
+
+
+async def test_a_cancelled_stream_leaves_the_others_unchanged(single: Served, qwen_dir: Path, references) -> None:
+    max_tokens = 20
+    requests = [timed(single.endpoint, body(p, max_tokens), cancel_after=3 if i == 2 else None)
+                for i, p in enumerate(PROMPTS)]  # fmt: skip
+    results = await asyncio.gather(*requests)
+    assert len(results[2].tokens) == 3 and not results[2].final
+    for i, (prompt, result) in enumerate(zip(PROMPTS, results, strict=True)):
+        if i != 2:
+            assert result.tokens == references(qwen_dir, prompt, max_tokens), prompt
+
+
+async def test_seeded_requests_keep_their_own_randomness_in_a_batch(single: Served, qwen_dir: Path, references) -> None:
+    sampled = [{"temperature": 1.3, "top_p": 0.9, "seed": seed} for seed in (1, 2, 3)]
+    requests = [body(PROMPT, 12, **s) for s in sampled] + [body(p, 12) for p in PROMPTS[1:4]]
+    results = await asyncio.gather(*(timed(single.endpoint, r) for r in requests))
+    for s, result in zip(sampled, results, strict=False):
+        assert result.tokens == references(qwen_dir, PROMPT, 12, **s)
+    assert len({tuple(r.tokens) for r in results[:3]}) == 3  # three seeds, three answers
+    for prompt, result in zip(PROMPTS[1:4], results[3:], strict=True):
+        assert result.tokens == references(qwen_dir, prompt, 12)
+
+
+async def second_turn(endpoint: str, first: list[dict], max_tokens: int = 16) -> tuple[Timed, Timed, list[dict]]:
+    one = await timed(endpoint, body(first, max_tokens))
+    answer = "".join(text for text, _ in one.tokens)
+    conversation = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    started = time.monotonic()
+    two = await timed(endpoint, body(conversation, max_tokens))
+    two.first_at -= started
+    return one, two, conversation
+
+
+async def test_second_turn_reuses_the_first_from_the_prefix_cache(single: Served, qwen_dir: Path, references) -> None:
+    system = {"role": "system", "content": " ".join(["The cluster keeps its state in workflows."] * 30)}
+    one, two, conversation = await second_turn(single.endpoint, [system, {"role": "user", "content": "Hello!"}])
+    assert one.final["cached_tokens"] <= 2  # at most the template's opening, shared with other chats
+    # the whole first turn's prompt is reused (its answer too, up to where the template differs)
+    assert two.final["cached_tokens"] >= one.final["prompt_tokens"]
+    assert two.tokens == references(qwen_dir, conversation, 16)  # the same text as without a cache
+    print(f"second turn: {two.final['cached_tokens']} of {two.final['prompt_tokens']} prompt tokens cached, "
+          f"first token after {two.first_at:.3f} s")  # fmt: skip
+    seen = await stats(single.endpoint)
+    assert seen["cache_hits"] >= 1 and seen["cache_bytes"] > 0 and seen["cached_tokens"] >= one.final["prompt_tokens"]
+
+
+async def test_prefix_cache_evicts_the_least_recently_used_within_its_budget(
+    workdir: Path, qwen_dir: Path, single: Served
+) -> None:
+    a = [{"role": "user", "content": "Tell me about the river bank and the lazy dog."}]
+    b = [{"role": "user", "content": "What does the scheduler keep in its workflows?"}]
+    before = (await stats(single.endpoint))["cache_bytes"]
+    await timed(single.endpoint, body(a, 8))
+    entry = (await stats(single.endpoint))["cache_bytes"] - before  # one conversation's KV state
+    budget = int(entry * 1.5)  # room for one conversation, not two
+    with serving(rank_specs([qwen_dir], "single", prompt_cache_bytes=budget), workdir, "small-cache") as small:
+        first_a = await timed(small.endpoint, body(a, 8))
+        await timed(small.endpoint, body(b, 8))  # evicts a
+        again_b = await timed(small.endpoint, body(b, 8))
+        again_a = await timed(small.endpoint, body(a, 8))
+        seen = await stats(small.endpoint)
+    assert again_b.final["cached_tokens"] == again_b.final["prompt_tokens"] - 1  # all but the last
+    assert again_a.final["cached_tokens"] < first_a.final["prompt_tokens"] // 2  # only what it shares with b
+    assert 0 < seen["cache_bytes"] <= budget and seen["cache_entries"] == 1
+
+
+@pytest.fixture(scope="module")
+def strict_dir(workdir: Path, qwen_dir: Path) -> Path:
+    """A short context, and a chat template that refuses a role, as real ones do."""
+    dest = workdir / "strict"
+    shutil.copytree(qwen_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    tokenizer_config = json.loads((dest / "tokenizer_config.json").read_text())
+    refuse = "{% if messages[0]['role'] == 'tool' %}{{ raise_exception('a tool message cannot come first') }}"
+    refuse += "{% endif %}"
+    tokenizer_config["chat_template"] = refuse + tokenizer_config["chat_template"]
+    (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def strict(workdir: Path, strict_dir: Path) -> Iterator[Served]:
+    specs = rank_specs([strict_dir], "single", max_batch=1, max_queue=1)
+    with serving(specs, workdir, "strict") as served:
+        yield served
+
+
+async def test_bad_requests_fail_alone_and_the_runner_serves_on(strict: Served, strict_dir: Path, references) -> None:
+    async with httpx.AsyncClient(base_url=strict.endpoint, timeout=60) as http:
+        too_long = await http.post("/generate", json=body("fox " * 80, 4))
+        template = await http.post("/generate", json=body([{"role": "tool", "content": "x"}], 4))
+    assert too_long.status_code == 400 and "context is 64" in too_long.json()["detail"]
+    assert template.status_code == 400 and "a tool message cannot come first" in template.json()["detail"]
+    got, final = await generate(strict.endpoint, body(PROMPT, 500))
+    # max_tokens past the context ends at the context
+    assert final["finish_reason"] == "length" and final["prompt_tokens"] + final["completion_tokens"] == 64
+    assert got == references(strict_dir, PROMPT, final["completion_tokens"])
+
+
+async def until(http: httpx.AsyncClient, counter: str) -> None:
+    for _ in range(1000):
+        if (await http.get("/stats")).json()[counter] > 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the runner's {counter} stayed empty")
+
+
+async def test_a_full_queue_is_refused_with_429(strict: Served) -> None:
+    running = asyncio.create_task(timed(strict.endpoint, body(PROMPT, 50)))
+    async with httpx.AsyncClient(base_url=strict.endpoint, timeout=60) as http:
+        await until(http, "batch")
+        waiting = asyncio.create_task(timed(strict.endpoint, body(PROMPT, 4)))
+        await until(http, "queue")
+        refused = await http.post("/generate", json=body(PROMPT, 4))
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert "waiting" in refused.json()["detail"]
+    assert (await running).final["finish_reason"] == "length"
+    assert (await waiting).final["finish_reason"] == "length"  # the queued one was served after
+
+
+def test_a_model_mlx_cannot_run_fails_loading_with_mlx_reason(workdir: Path, qwen_dir: Path) -> None:
+    broken = workdir / "odd-heads"
+    shutil.copytree(qwen_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    # the same weight shapes, but heads of size 1: it loads, and RoPE refuses to run
+    config.update(num_attention_heads=64, num_key_value_heads=32, head_dim=1)
+    (broken / "config.json").write_text(json.dumps(config))
+    runner = spawn(rank_specs([broken], "single")[0], workdir, "odd-heads")
+    event = runner.event()
+    assert runner.proc.wait(30) == 2
+    assert event["event"] == "error" and "dims must be even" in event["message"]

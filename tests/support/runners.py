@@ -1,0 +1,150 @@
+"""Runner processes on loopback, and the requests tests send them (tests/engine)."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from shardline.engine.spec import RunnerSpec, pipeline_layers
+from shardline.model_files import INDEX_FILE, files_to_fetch
+
+START_TIMEOUT_S = 60
+PROMPT = "The quick brown fox"
+CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
+
+
+@dataclass
+class Runner:
+    proc: subprocess.Popen[str]
+    log: Path
+
+    def event(self, timeout: float = START_TIMEOUT_S) -> dict:
+        with ThreadPoolExecutor(1) as pool:
+            line = pool.submit(self.proc.stdout.readline).result(timeout)
+        assert line, f"runner exited ({self.proc.poll()}) without an event:\n{self.log.read_text()[-3000:]}"
+        return json.loads(line)
+
+    def done_requests(self) -> list[dict]:
+        lines = (json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{"))
+        return [line for line in lines if line.get("event") == "request.done"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(spec: RunnerSpec, workdir: Path, name: str) -> Runner:
+    spec_path = workdir / f"{name}.json"
+    spec_path.write_text(spec.to_json(), encoding="utf-8")
+    log = workdir / f"{name}.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardline.engine.runner", str(spec_path)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    return Runner(proc, log)
+
+
+def stop_all(runners: list[Runner]) -> list[int | None]:
+    runners[0].proc.send_signal(signal.SIGTERM)  # rank 0 tells the others to stop
+    codes = []
+    for runner in runners:
+        try:
+            codes.append(runner.proc.wait(15))
+        except subprocess.TimeoutExpired:
+            runner.proc.kill()
+            codes.append(None)
+    return codes
+
+
+def rank_specs(
+    model_dirs: list[Path], strategy: str, splits: list[int] | None = None, **options: int
+) -> list[RunnerSpec]:
+    size = len(model_dirs)
+    hosts = [f"127.0.0.1:{free_port()}" for _ in range(size)] if size > 1 else []
+    return [
+        RunnerSpec(
+            model_path=str(model_dir),
+            strategy=strategy,
+            rank=rank,
+            world_size=size,
+            layers=pipeline_layers(splits, rank) if splits else None,
+            splits=splits or [],
+            hosts=hosts,
+            **options,
+        )
+        for rank, model_dir in enumerate(model_dirs)
+    ]
+
+
+def node_copy(model_dir: Path, dest: Path, splits: list[int], rank: int) -> Path:
+    """What a node would download for this rank: support files and only its layers' weight files."""
+    weight_map = json.loads((model_dir / INDEX_FILE).read_text())["weight_map"]
+    files = [p.name for p in model_dir.iterdir()]
+    dest.mkdir()
+    for name in files_to_fetch(files, weight_map, pipeline_layers(splits, rank)):
+        shutil.copy(model_dir / name, dest / name)
+    return dest
+
+
+@dataclass
+class Served:
+    endpoint: str
+    runners: list[Runner]
+    specs: list[RunnerSpec]
+
+
+@contextmanager
+def serving(specs: list[RunnerSpec], workdir: Path, name: str) -> Iterator[Served]:
+    """All ranks at once (the ring needs them all); stopped through rank 0, which must stop the rest."""
+    runners = [spawn(spec, workdir, f"{name}-rank{spec.rank}") for spec in specs]
+    try:
+        events = [runner.event() for runner in runners]
+        for rank, event in enumerate(events):
+            assert event["event"] == "ready" and event["rank"] == rank, event
+            assert event["memory_bytes"] > 0
+        assert all(event["endpoint"] is None for event in events[1:])
+        yield Served(events[0]["endpoint"], runners, specs)
+    finally:
+        codes = stop_all(runners)
+    assert codes == [0] * len(runners)
+
+
+def body(prompt: str | list[dict], max_tokens: int, **extra: object) -> dict:
+    key = "messages" if isinstance(prompt, list) else "prompt"
+    return {key: prompt, "max_tokens": max_tokens, **extra}
+
+
+async def generate(endpoint: str, request: dict) -> tuple[list[tuple[str, int]], dict]:
+    async with (
+        httpx.AsyncClient(base_url=endpoint, timeout=60) as http,
+        http.stream("POST", "/generate", json=request) as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) async for line in response.aiter_lines() if line]
+    *tokens, final = lines
+    return [(line["text"], line["token"]) for line in tokens], final
+
+
+async def check_greedy(endpoint: str, model_dir: Path, references, prompt: str | list[dict], max_tokens: int = 12):
+    expected = references(model_dir, prompt, max_tokens)
+    assert len({token for _, token in expected}) > 2  # a random model stuck on one token would prove little
+    got, final = await generate(endpoint, body(prompt, max_tokens, temperature=0.0))
+    assert got == expected
+    assert final["finish_reason"] == "length"
+    assert final["completion_tokens"] == max_tokens
+    return final
