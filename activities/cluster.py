@@ -14,7 +14,7 @@ from shardline import state
 from shardline.engine.capabilities import sharding_support
 from shardline.model_files import INDEX_FILE, layer_sizes
 from shardline.placement import ModelProfile, NodeCapacity
-from shardline.types import InspectRequest
+from shardline.types import DeleteRequest, InspectRequest
 
 
 def profile_model(req: InspectRequest, cache: Path) -> ModelProfile:
@@ -56,6 +56,11 @@ class ClusterActivities:
         """online | offline | departed as the node's presence workflow says; unknown if it never joined."""
         view = await state.get_node(self._client, node_id)
         return view.state if view else "unknown"
+
+    @activity.defn(name="model_users")
+    async def model_users(self, req: DeleteRequest) -> list[str]:
+        """Running workflows that need this model on this node (see state.model_users)."""
+        return await state.model_users(self._client, req.node_id, req.model_id)
 
     @activity.defn(name="inspect_model")
     async def inspect_model(self, req: InspectRequest) -> ModelProfile:

@@ -25,10 +25,43 @@ def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def remove_model(models_dir: Path, model_id: str) -> DeleteResult:
+def case_alias(models_dir: Path, model_id: str) -> str | None:
+    """The id of a model directory on disk that differs from `model_id` only by case, when no directory of
+    exactly `model_id` exists. On a case-insensitive disk (macOS) both ids name that one directory; shardline
+    treats them as different models on every disk, so the same command means the same thing everywhere."""
+    found, parent = [], models_dir
+    for part in model_id.split("/"):
+        entries = {e.name for e in parent.iterdir()} if parent.is_dir() else set()
+        if part not in entries:
+            twins = sorted(e for e in entries if e.lower() == part.lower())
+            if not twins:
+                return None
+            part = twins[0]
+        found.append(part)
+        parent = parent / part
+    alias = "/".join(found)
+    return alias if alias != model_id else None
+
+
+def checked_model_dir(models_dir: Path, model_id: str) -> Path:
+    """The directory of exactly this model: refused (bad_input) for an id that is not `org/name`, a directory
+    reached through a link, or one that only a different case of the id names."""
+    try:
+        check_model_id(model_id)
+    except InvalidId as exc:
+        raise application_error("bad_input", str(exc)) from exc
     path = model_path(models_dir, model_id)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
+    if path.parent.is_symlink() or path.is_symlink() or (path.exists() and not path.is_dir()):
         raise application_error("bad_input", f"refusing to delete {path}: not a directory shardline made")
+    alias = case_alias(models_dir, model_id)
+    if alias is not None:
+        why = f"this node holds {alias}, which differs only by case; use {alias}"
+        raise application_error("bad_input", f"refusing to touch {model_id}: {why}")
+    return path
+
+
+def remove_model(models_dir: Path, model_id: str) -> DeleteResult:
+    path = checked_model_dir(models_dir, model_id)
     if not path.exists():
         return DeleteResult(removed=False, bytes_freed=0)
     size = tree_size(path)
@@ -39,7 +72,7 @@ def remove_model(models_dir: Path, model_id: str) -> DeleteResult:
     except OSError as exc:
         kind = "transient" if exc.errno in _TRANSIENT else "bad_input"
         raise application_error(kind, f"cannot delete {model_id}: {exc.strerror or exc}: {exc.filename}") from exc
-    if path.parent != models_dir and not any(path.parent.iterdir()):
+    if not any(path.parent.iterdir()):
         path.parent.rmdir()  # the org directory, now empty
     return DeleteResult(removed=True, bytes_freed=size)
 
@@ -50,10 +83,6 @@ class DeleteActivities:
 
     @activity.defn(name="delete_model")
     async def delete_model(self, req: DeleteRequest) -> DeleteResult:
-        try:
-            check_model_id(req.model_id)
-        except InvalidId as exc:
-            raise application_error("bad_input", str(exc)) from exc
         activity.heartbeat()
         result = await asyncio.to_thread(remove_model, self._models_dir, req.model_id)
         log.info(

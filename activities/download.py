@@ -14,6 +14,7 @@ import structlog
 from huggingface_hub import HfApi, RepoFile, hf_hub_download
 from temporalio import activity
 
+from activities.delete import case_alias
 from activities.errors import application_error, classify
 from shardline.ids import InvalidId, check_model_id
 from shardline.model_files import (
@@ -100,6 +101,10 @@ class DownloadActivities:
 
     async def _download(self, req: DownloadRequest) -> DownloadResult:
         dest = model_path(self._models_dir, req.model_id)
+        alias = await asyncio.to_thread(case_alias, self._models_dir, req.model_id)
+        if alias is not None:  # on a case-insensitive disk the two would share (and mix) one directory
+            why = f"this node already holds {alias}, which differs only by case; use {alias}"
+            raise application_error("bad_input", f"refusing to download {req.model_id}: {why}")
         logger = log.bind(model_id=req.model_id, workflow_id=activity.info().workflow_id)
         activity.heartbeat(DownloadProgress(phase="listing"))
         dest.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,9 @@ async def download_detail(client: Client, workflow_id: str) -> DownloadOut | Non
         WorkflowExecutionStatus.FAILED,
     ):
         out.result, out.reason = await outcome(client, workflow_id)
+    elif desc.status == WorkflowExecutionStatus.CANCELED:
+        # what the node did about the cancel (confirmed, went silent, had finished), as the workflow wrote it
+        out.reason = (await desc.memo()).get("reason") or "canceled"
     return out
 
 

@@ -188,9 +188,13 @@ def downloads(
 
 
 @app.command()
-def delete(model: str, node_id: Annotated[str, typer.Option("--node", help="Node id")]) -> None:
-    """Delete MODEL's files from a node."""
-    done = call("DELETE", f"/nodes/{node_id}/models/{model}")
+def delete(
+    model: str,
+    node_id: Annotated[str, typer.Option("--node", help="Node id")],
+    force: Annotated[bool, typer.Option("--force", help="Delete even while a download or instance uses it")] = False,
+) -> None:
+    """Delete MODEL's files from a node (refused while a running download or instance uses them there)."""
+    done = call("DELETE", f"/nodes/{node_id}/models/{model}", params={"force": "true"} if force else None)
     console.print(f"{done['workflow_id']}: {done['state']}")
 
 

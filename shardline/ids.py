@@ -21,10 +21,15 @@ def check_node_id(node_id: str) -> str:
 
 
 def check_model_id(model_id: str) -> str:
-    """A hub model id: `name` or `org/name`, each part safe as a directory name."""
+    """A hub model id, exactly `org/name`, each part safe as a directory name. One-part ids (`gpt2`) are
+    refused: their directory would be an org's, holding (and on delete removing) every model of that org;
+    the hub itself now names them with an org (`openai-community/gpt2`)."""
     parts = model_id.split("/")
-    if len(parts) > 2:
-        raise InvalidId(f"invalid model id {model_id!r}: expected 'org/name', got {len(parts)} parts")
+    if len(parts) != 2:
+        raise InvalidId(
+            f"invalid model id {model_id!r}: expected 'org/name' (e.g. mlx-community/Llama-3.2-1B-Instruct-4bit), "
+            f"got {len(parts)} part{'s' if len(parts) != 1 else ''}"
+        )
     for part in parts:
         if ".." in part or not _MODEL_PART.match(part):
             raise InvalidId(

@@ -1,14 +1,21 @@
 """Reading cluster state out of Temporal: visibility queries and describe(), never the workers."""
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from temporalio.client import Client, WorkflowExecution, WorkflowExecutionDescription, WorkflowExecutionStatus
+from temporalio.client import (
+    Client,
+    WorkflowExecution,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowQueryFailedError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from shardline import search
-from shardline.ids import node_workflow_id
+from shardline.ids import download_workflow_id, node_workflow_id
 from shardline.types import NodeResources
 
 
@@ -125,3 +132,37 @@ async def list_nodes(client: Client, include_departed: bool = False) -> list[Nod
 async def get_node(client: Client, node_id: str) -> NodeView | None:
     desc = await describe(client, node_workflow_id(node_id))
     return None if desc is None else await node_view(client, desc)
+
+
+QUERY_WAIT = 5.0  # seconds an instance gets to say where it runs; silent, it counts as a user
+
+
+async def placed_on(client: Client, workflow_id: str) -> set[str] | None:
+    """The nodes a running instance is placed on; None when it cannot say (not placed yet, not answering)."""
+    try:
+        status = await asyncio.wait_for(client.get_workflow_handle(workflow_id).query("status"), QUERY_WAIT)
+    except (RPCError, WorkflowQueryFailedError, TimeoutError):
+        return None
+    nodes = {shard["node_id"] for shard in status.get("shards", [])} if isinstance(status, dict) else set()
+    return nodes or None
+
+
+async def model_users(client: Client, node_id: str, model_id: str) -> list[str]:
+    """Running workflows that need this model's files on this node: its download, and any instance of the
+    model placed there (or that cannot say where it is placed: it may be placed there next)."""
+    users = []
+    download = await describe(client, download_workflow_id(node_id, model_id))
+    if download is not None and download.status == WorkflowExecutionStatus.RUNNING:
+        users.append(download.id)
+    async for execution in client.list_workflows(list_query("serve", running_only=True, model=model_id)):
+        nodes = await placed_on(client, execution.id)
+        if nodes is None or node_id in nodes:
+            users.append(execution.id)
+    return users
+
+
+def in_use_message(node_id: str, model_id: str, users: list[str]) -> str:
+    return (
+        f"{model_id} on node {node_id} is in use by {', '.join(users)}: stop or cancel that first "
+        "(or delete with force)"
+    )

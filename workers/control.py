@@ -23,7 +23,7 @@ async def run_control(settings: Settings) -> None:
         client,
         task_queue=CONTROL_QUEUE,
         workflows=WORKFLOWS,
-        activities=[cluster.online_nodes, cluster.node_state, cluster.inspect_model],
+        activities=[cluster.online_nodes, cluster.node_state, cluster.inspect_model, cluster.model_users],
     )
     structlog.get_logger(__name__).info("control.started", task_queue=CONTROL_QUEUE, temporal=settings.target)
     await run_until_signal(worker)

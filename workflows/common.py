@@ -1,8 +1,9 @@
 """What every node-bound activity call shares: its options and how its failure reads to a person."""
 
 import asyncio
+from collections.abc import Awaitable
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -18,6 +19,10 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from shardline import search
     from shardline.ids import CONTROL_QUEUE, node_queue
+
+T = TypeVar("T")
+# histories recorded before a cancel always won replay the old way: they may have failed, retried or completed
+CANCEL_WINS = "cancel-always-ends-canceled"
 
 # calls on the control worker's own queue: short, and retried by the server (the control worker restarts)
 CONTROL_ACTIVITY: dict[str, Any] = {
@@ -64,6 +69,32 @@ def set_state(state: str, details: str = "") -> None:
     workflow.set_current_details(details or state)
 
 
+def cancel_requested() -> bool:
+    """Someone asked this workflow to cancel (and this history was recorded by code that lets the cancel win)."""
+    return workflow.cancellation_reason() is not None and workflow.patched(CANCEL_WINS)
+
+
+def canceled_reason(outcome: BaseException | None, node_id: str, *, heartbeat_s: float) -> str:
+    """What a person reads once a cancel was asked for: that it was, and what the node did about it."""
+    cause = outcome.cause if isinstance(outcome, ActivityError) else outcome
+    if outcome is None:
+        return f"canceled; node {node_id} had already finished the work"
+    if isinstance(cause, CancelledError):
+        return f"canceled; node {node_id} stopped the work"
+    if isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT:
+        return f"canceled; node {node_id} did not confirm (no heartbeat for {heartbeat_s:g} s)"
+    if isinstance(cause, TimeoutError):
+        return f"canceled; node {node_id} did not confirm ({cause.type.name.lower() if cause.type else 'timeout'})"
+    return f"canceled; node {node_id} ended with: {getattr(cause, 'message', None) or cause}"
+
+
+def end_canceled(reason: str) -> NoReturn:
+    """End the workflow CANCELED, whatever its last activity ended with; the reason outlives the run (memo)."""
+    set_state("canceled", reason)
+    workflow.upsert_memo({"reason": reason})
+    raise asyncio.CancelledError(reason)
+
+
 def worth_retrying(err: ActivityError) -> bool:
     """A retry may help: a transient error, or a node that died after making progress (it may be back).
     An attempt that never heartbeat was swallowed by a dead or frozen node: retrying only waits again."""
@@ -86,6 +117,16 @@ async def node_is_online(node_id: str) -> bool:
     return state == "online"
 
 
+async def between_attempts(step: Awaitable[T], node_id: str, reason: str) -> T:
+    """A back-off or a node check between attempts: a cancel there ends the workflow CANCELED too."""
+    try:
+        return await step
+    except (asyncio.CancelledError, ActivityError):
+        if cancel_requested():
+            end_canceled(f"canceled between attempts; node {node_id} had no work running (last: {reason})")
+        raise
+
+
 async def run_on_node(
     activity: str,
     request: Any,
@@ -103,11 +144,17 @@ async def run_on_node(
     reason = "no attempt made"
     for attempt in range(1, attempts + 1):
         try:
-            return await workflow.execute_activity(activity, request, result_type=result_type, **options)
+            result = await workflow.execute_activity(activity, request, result_type=result_type, **options)
         except asyncio.CancelledError:
+            if cancel_requested():
+                end_canceled(f"canceled; node {node_id} had not started the work")
             set_state("canceled")
             raise
         except ActivityError as err:
+            # WAIT_CANCELLATION_COMPLETED: a cancel asked for ends only once the node confirmed it or went
+            # silent; either way the person asked for a cancel and the workflow ends CANCELED
+            if cancel_requested():
+                end_canceled(canceled_reason(err, node_id, heartbeat_s=heartbeat_s))
             if is_cancel(err):
                 set_state("canceled")
                 raise
@@ -116,9 +163,15 @@ async def run_on_node(
                 break
             # an overloaded server can hand a task to a poll the worker no longer waits on: the attempt is
             # lost though the node is alive. Try again then, but not for a node that went silent with it.
-            if not worth_retrying(err) and not (never_started(err) and await node_is_online(node_id)):
+            if not worth_retrying(err) and not (
+                never_started(err) and await between_attempts(node_is_online(node_id), node_id, reason)
+            ):
                 break
             set_state("retrying", f"attempt {attempt} of {attempts} failed: {reason}")
-            await workflow.sleep(min(2 ** (attempt - 1), 10))
+            await between_attempts(workflow.sleep(min(2 ** (attempt - 1), 10)), node_id, reason)
+        else:
+            if cancel_requested():  # the node finished before the cancel reached it
+                end_canceled(canceled_reason(None, node_id, heartbeat_s=heartbeat_s))
+            return result
     set_state("failed", reason)
     raise ApplicationError(reason, non_retryable=True)

@@ -4,10 +4,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from shardline.state import in_use_message
     from shardline.types import DeleteRequest, DeleteResult
-    from workflows.common import run_on_node, set_state
+    from workflows.common import CONTROL_ACTIVITY, run_on_node, set_state
 
 
 @dataclass
@@ -17,6 +19,7 @@ class DeleteInput:
     node_wait_s: float = 300.0
     heartbeat_timeout_s: float = 30.0
     attempts: int = 3
+    force: bool = False  # delete even while a download or an instance uses the model on that node
 
 
 @workflow.defn(name="DeleteModelWorkflow")
@@ -24,6 +27,15 @@ class DeleteModelWorkflow:
     @workflow.run
     async def run(self, inp: DeleteInput) -> DeleteResult:
         set_state("running", f"deleting {inp.model_id} from {inp.node_id}")
+        # a history recorded before this check replays without it; `temporal workflow start` callers get it too
+        if not inp.force and workflow.patched("delete-checks-users"):
+            users: list[str] = await workflow.execute_activity(
+                "model_users", DeleteRequest(inp.node_id, inp.model_id), result_type=list[str], **CONTROL_ACTIVITY
+            )
+            if users:
+                reason = in_use_message(inp.node_id, inp.model_id, users)
+                set_state("failed", reason)
+                raise ApplicationError(reason, type="in_use", non_retryable=True)
         result: DeleteResult = await run_on_node(
             "delete_model",
             DeleteRequest(inp.node_id, inp.model_id),

@@ -10,6 +10,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
+    ChildWorkflowError,
     TimeoutError,
     TimeoutType,
     WorkflowAlreadyStartedError,
@@ -20,7 +21,13 @@ with workflow.unsafe.imports_passed_through():
     from shardline.ids import CONTROL_QUEUE, download_workflow_id
     from shardline.placement import ModelProfile, NodeCapacity, Placement, PlacementError, place
     from shardline.types import InspectRequest, RunnerReady, ShardSpec
-    from workflows.common import CONTROL_ACTIVITY, failure_reason, node_activity_options, set_state
+    from workflows.common import (
+        CONTROL_ACTIVITY,
+        cancel_requested,
+        failure_reason,
+        node_activity_options,
+        set_state,
+    )
     from workflows.download import DownloadInput, DownloadWorkflow
 
 MAX_INCIDENTS = 10
@@ -92,6 +99,14 @@ class ServingWorkflow:
             await self._stop_runners()
             self._set("stopped", "canceled")
             raise
+        except (ActivityError, ApplicationError, ChildWorkflowError):
+            if not cancel_requested():
+                raise
+            # whatever a step ended with once a cancel was asked for (a child download that failed, a
+            # control call cut short), the person asked to stop: stop the runners and end CANCELED
+            await self._stop_runners()
+            self._set("stopped", "canceled")
+            raise asyncio.CancelledError("canceled") from None
 
     async def _serve(self, inp: ServeInput) -> InstanceStatus:
         profile = await self._control("inspect_model", [InspectRequest(inp.model_id, inp.revision)], ModelProfile)

@@ -7,7 +7,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from api import cluster
 from api.deps import ClientDep, SettingsDep
 from api.schemas import Accepted, NodeOut
-from shardline import search
+from shardline import search, state
 from shardline.ids import (
     CONTROL_QUEUE,
     InvalidId,
@@ -28,7 +28,11 @@ async def list_nodes(client: ClientDep, departed: bool = False) -> list[NodeOut]
 
 
 @router.delete("/{node_id}/models/{model_id:path}", response_model=Accepted)
-async def delete_model(node_id: str, model_id: str, client: ClientDep, settings: SettingsDep) -> Accepted:
+async def delete_model(
+    node_id: str, model_id: str, client: ClientDep, settings: SettingsDep, force: bool = False
+) -> Accepted:
+    """Delete a model's files from a node; refused (409, naming the workflow) while a running download or
+    instance uses them there, unless `force=true`."""
     try:
         check_node_id(node_id)
         check_model_id(model_id)
@@ -37,10 +41,12 @@ async def delete_model(node_id: str, model_id: str, client: ClientDep, settings:
     node = await cluster.get_node(client, node_id)
     if node is None:
         raise HTTPException(404, f"node {node_id} is unknown: see GET /nodes")
+    if not force and (users := await state.model_users(client, node_id, model_id)):
+        raise HTTPException(409, state.in_use_message(node_id, model_id, users))
     workflow_id = delete_workflow_id(node_id, model_id)
     handle = await client.start_workflow(
         DeleteModelWorkflow.run,
-        DeleteInput(node_id, model_id, settings.node_wait, settings.heartbeat_timeout),
+        DeleteInput(node_id, model_id, settings.node_wait, settings.heartbeat_timeout, force=force),
         id=workflow_id,
         task_queue=CONTROL_QUEUE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

@@ -7,7 +7,7 @@ import pytest
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from temporalio.exceptions import ApplicationError
 
-from activities.delete import remove_model
+from activities.delete import case_alias, remove_model
 from activities.download import bytes_on_disk, child_failure
 from activities.errors import application_error, classify
 
@@ -56,6 +56,38 @@ def test_remove_model_absent_present_and_odd(tmp_path: Path) -> None:
     with pytest.raises(ApplicationError, match="refusing to delete") as err:
         remove_model(models, "org/link")
     assert err.value.non_retryable and elsewhere.exists()
+
+
+def test_remove_model_refuses_what_is_not_exactly_one_model(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "org" / "m").mkdir(parents=True)
+    (models / "org" / "m" / "w.safetensors").write_bytes(b"x")
+    for bad in ["org", "org/m/..", "org/../org/m", "org/m/sub"]:
+        with pytest.raises(ApplicationError, match="invalid model id") as err:
+            remove_model(models, bad)
+        assert err.value.non_retryable and err.value.type == "bad_input"
+    assert (models / "org" / "m" / "w.safetensors").exists()
+
+
+def test_ids_differing_only_by_case_never_share_a_directory(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "Org" / "Model").mkdir(parents=True)
+    assert case_alias(models, "Org/Model") is None
+    assert case_alias(models, "org/model") == "Org/Model"
+    assert case_alias(models, "Org/model") == "Org/Model"
+    assert case_alias(models, "other/model") is None
+    with pytest.raises(ApplicationError, match="use Org/Model") as err:
+        remove_model(models, "org/model")  # on a case-insensitive disk this would be Org/Model's directory
+    assert err.value.non_retryable and (models / "Org" / "Model").exists()
+    assert remove_model(models, "Org/Model").removed
+
+
+def test_remove_model_keeps_the_org_while_it_holds_another_model(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    for name in ("a", "b"):
+        (models / "org" / name).mkdir(parents=True)
+    assert remove_model(models, "org/a").removed
+    assert (models / "org" / "b").is_dir() and not (models / "org" / "a").exists()
 
 
 def test_runner_blas_choice() -> None:

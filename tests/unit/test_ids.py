@@ -3,7 +3,7 @@ import pytest
 from shardline.ids import InvalidId, check_model_id, check_node_id, download_workflow_id, parse_workflow_id
 
 
-@pytest.mark.parametrize("good", ["gpt2", "org/name", "mlx-community/Llama-3.2-1B-Instruct-4bit", "a.b/c_d-1.5"])
+@pytest.mark.parametrize("good", ["org/name", "mlx-community/Llama-3.2-1B-Instruct-4bit", "a.b/c_d-1.5"])
 def test_valid_model_ids(good: str) -> None:
     assert check_model_id(good) == good
 
@@ -12,6 +12,13 @@ def test_valid_model_ids(good: str) -> None:
 def test_invalid_model_ids_say_why(bad: str) -> None:
     with pytest.raises(InvalidId, match="invalid model id"):
         check_model_id(bad)
+
+
+@pytest.mark.parametrize("one_part", ["gpt2", "test-org"])
+def test_one_part_model_ids_are_refused(one_part: str) -> None:
+    # its directory would be an org's: deleting it would remove every model of that org
+    with pytest.raises(InvalidId, match="expected 'org/name'"):
+        check_model_id(one_part)
 
 
 @pytest.mark.parametrize("bad", ["", "a:b", "a/b", " n1", "x" * 65, "-n"])

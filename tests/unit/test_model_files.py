@@ -55,4 +55,3 @@ def test_files_to_fetch_for_a_range() -> None:
 
 def test_model_path() -> None:
     assert model_path(Path("/m"), "org/name") == Path("/m/org/name")
-    assert model_path(Path("/m"), "gpt2") == Path("/m/gpt2")
