@@ -6,19 +6,20 @@ import time
 from temporalio import activity
 from temporalio.client import Client
 
-from activities.resources import read_resources
+from activities.resources import CacheLedger, read_resources
 from shardline.settings import Settings
 from shardline.types import NodeResources, PresenceInput
 
 
 class PresenceActivities:
-    def __init__(self, client: Client, settings: Settings) -> None:
+    def __init__(self, client: Client, settings: Settings, ledger: CacheLedger | None = None) -> None:
         self._client = client
         self._settings = settings
+        self._ledger = ledger or CacheLedger()
 
     def _read(self, node_id: str) -> NodeResources:
         s = self._settings
-        return read_resources(node_id, s.home, s.node_host, s.node_memory)
+        return read_resources(node_id, s.home, s.node_host, s.node_memory, self._ledger.total())
 
     @activity.defn(name="node_presence")
     async def node_presence(self, inp: PresenceInput) -> None:

@@ -42,7 +42,19 @@ def models_on_disk(models_dir: Path) -> list[str]:
     return sorted(found)
 
 
-def read_resources(node_id: str, home: Path, host: str = "127.0.0.1", memory_cap: int | None = None) -> NodeResources:
+class CacheLedger:
+    """The prefix-cache bytes each runner of this node last reported (run_shard writes, presence reads)."""
+
+    def __init__(self) -> None:
+        self.by_runner: dict[str, int] = {}
+
+    def total(self) -> int:
+        return sum(self.by_runner.values())
+
+
+def read_resources(
+    node_id: str, home: Path, host: str = "127.0.0.1", memory_cap: int | None = None, cache_bytes: int = 0
+) -> NodeResources:
     memory = psutil.virtual_memory()
     available = min(memory.available, memory_cap) if memory_cap else memory.available
     home.mkdir(parents=True, exist_ok=True)
@@ -56,4 +68,5 @@ def read_resources(node_id: str, home: Path, host: str = "127.0.0.1", memory_cap
         disk_free=shutil.disk_usage(home).free,
         models=models_on_disk(home / "models"),
         host=host,
+        prompt_cache_bytes=cache_bytes,
     )

@@ -11,11 +11,13 @@ import sysconfig
 import time
 from pathlib import Path
 
+import psutil
 import structlog
 from temporalio import activity
 from temporalio.client import Client
 
 from activities.errors import application_error
+from activities.resources import CacheLedger
 from shardline.engine.spec import RunnerSpec
 from shardline.model_files import model_path
 from shardline.settings import Settings
@@ -23,9 +25,16 @@ from shardline.types import RunnerReady, ShardSpec
 
 log = structlog.get_logger(__name__)
 TICK = 1.0  # seconds between heartbeats; cancellation reaches us only through one
+DEFAULT_CACHE_CAP = 8 << 30
 
 
-def runner_spec(spec: ShardSpec, model_dir: Path, http_host: str) -> RunnerSpec:
+def prompt_cache_budget(setting: int | None) -> int:
+    if setting is not None:
+        return setting
+    return min(psutil.virtual_memory().total // 8, DEFAULT_CACHE_CAP)
+
+
+def runner_spec(spec: ShardSpec, model_dir: Path, settings: Settings) -> RunnerSpec:
     single = spec.world_size == 1
     return RunnerSpec(
         model_path=str(model_dir),
@@ -35,7 +44,10 @@ def runner_spec(spec: ShardSpec, model_dir: Path, http_host: str) -> RunnerSpec:
         layers=None if single or spec.strategy == "tensor" else spec.layers,
         splits=[] if single else spec.splits,
         hosts=[] if single else spec.hosts,
-        http_host=http_host,
+        http_host=settings.node_host,
+        max_batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        prompt_cache_bytes=prompt_cache_budget(settings.prompt_cache_bytes),
     )
 
 
@@ -83,10 +95,11 @@ def log_tail(path: Path, chars: int = 600) -> str:
 
 
 class ShardActivities:
-    def __init__(self, client: Client, settings: Settings, node_id: str) -> None:
+    def __init__(self, client: Client, settings: Settings, node_id: str, ledger: CacheLedger | None = None) -> None:
         self._client = client
         self._settings = settings
         self._node_id = node_id
+        self._ledger = ledger or CacheLedger()
 
     @activity.defn(name="run_shard")
     async def run_shard(self, spec: ShardSpec) -> None:
@@ -97,7 +110,7 @@ class ShardActivities:
         spec_path = run_dir / f"rank{spec.rank}-gen{spec.generation}.json"
         model_dir = model_path(self._settings.models_dir, spec.model_id)
         try:
-            spec_path.write_text(runner_spec(spec, model_dir, self._settings.node_host).to_json())
+            spec_path.write_text(runner_spec(spec, model_dir, self._settings).to_json())
         except ValueError as exc:
             raise application_error("bad_input", f"cannot run shard {spec.rank}: {exc}") from exc
         log_path = spec_path.with_suffix(".log")
@@ -108,6 +121,8 @@ class ShardActivities:
                 stdout=asyncio.subprocess.PIPE, stderr=runner_log, env=env,
             )  # fmt: skip
         logger.info("runner.started", pid=proc.pid)
+        key = f"{spec.instance_id}/{spec.rank}/{spec.generation}"
+        events: asyncio.Task[None] | None = None
         try:
             ready = await self._until_ready(proc, log_path)
             workflow = self._client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
@@ -115,6 +130,7 @@ class ShardActivities:
                                  int(ready.get("memory_bytes") or 0))  # fmt: skip
             await workflow.signal("runner_ready", report)
             logger.info("runner.ready", endpoint=report.endpoint)
+            events = asyncio.create_task(self._follow_events(proc, key))
             while proc.returncode is None:
                 activity.heartbeat("serving")
                 with contextlib.suppress(TimeoutError):
@@ -123,8 +139,20 @@ class ShardActivities:
                 "transient", f"runner {spec.rank} on {self._node_id} exited ({proc.returncode}): {log_tail(log_path)}"
             )
         finally:
+            if events is not None:
+                events.cancel()
+            self._ledger.by_runner.pop(key, None)  # the cache's memory went with the runner
             await stop_process(proc)
             logger.info("runner.stopped", returncode=proc.returncode)
+
+    async def _follow_events(self, proc: asyncio.subprocess.Process, key: str) -> None:
+        """Read what the runner reports while it serves (and so never let its stdout pipe fill)."""
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                event = json.loads(line)
+                if event.get("event") == "stats":
+                    self._ledger.by_runner[key] = int(event["cache_bytes"])
 
     async def _until_ready(self, proc: asyncio.subprocess.Process, log_path: Path) -> dict[str, object]:
         assert proc.stdout is not None

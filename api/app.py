@@ -11,6 +11,7 @@ from api.errors import install_error_handlers
 from api.instances import InstanceCache
 from api.metrics import Metrics
 from api.routes import dashboard, downloads, health, instances, metrics, nodes, openai
+from api.runners import InFlight
 from shardline.settings import Settings
 from shardline.temporal import connect
 
@@ -21,12 +22,16 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.client = await connect(settings, wait_s=60)
         app.state.instances = InstanceCache(app.state.client)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None)) as http:
+        # no pool limit: a model with many streams open must never make another model's requests wait
+        # for a connection (each runner bounds its own queue and answers 429 past it)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None), limits=limits) as http:
             app.state.http = http
             yield
 
     app = FastAPI(title="shardline", lifespan=lifespan)
     app.state.metrics = Metrics()  # this app's own registry
+    app.state.in_flight = InFlight()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(dashboard.page)  # the page is public; it asks for the key the data wants

@@ -9,6 +9,7 @@ from temporalio.client import Client
 
 from api.instances import InstanceCache
 from api.metrics import Metrics
+from api.runners import InFlight
 from shardline.settings import Settings
 
 
@@ -32,6 +33,11 @@ def get_http(request: Request) -> httpx.AsyncClient:
     return http
 
 
+def get_in_flight(request: Request) -> InFlight:
+    in_flight: InFlight = request.app.state.in_flight
+    return in_flight
+
+
 def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
@@ -42,6 +48,7 @@ InstancesDep = Annotated[InstanceCache, Depends(get_instances)]
 HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
 ClientDep = Annotated[Client, Depends(get_client)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+InFlightDep = Annotated[InFlight, Depends(get_in_flight)]
 
 
 def require_api_key(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:

@@ -6,10 +6,13 @@ from fastapi.responses import JSONResponse
 from temporalio.service import RPCError
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+def error_response(
+    status: int, message: str, kind: str = "invalid_request_error", headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         status_code=status,
         content={"error": {"message": message, "type": kind, "code": status}},
+        headers=headers,
     )
 
 
@@ -25,8 +28,9 @@ def _validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), kind)
+        kinds = {404: "not_found_error", 429: "rate_limit_error"}
+        kind = kinds.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        return error_response(exc.status_code, str(exc.detail), kind, exc.headers)
 
     @app.exception_handler(RPCError)
     async def _temporal(_: Request, exc: RPCError) -> JSONResponse:

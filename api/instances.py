@@ -1,6 +1,7 @@
 """Serving instances as the API sees them: listing, status, and the endpoint for a model (cached briefly)."""
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -73,6 +74,14 @@ class InstanceCache:
     async def all(self) -> list[InstanceStatus]:
         if time.monotonic() - self._at > CACHE_SECONDS:
             await self.refresh()
+        return list(self._instances)
+
+    async def known(self, refresh: bool) -> list[InstanceStatus]:
+        """What is known, refreshed first if stale and asked to; never an error (a scrape must answer while
+        Temporal is down)."""
+        if refresh:
+            with contextlib.suppress(HTTPException):
+                return await self.all()
         return list(self._instances)
 
     async def refresh(self) -> None:

@@ -10,13 +10,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from api.runners import InFlight
 from shardline.state import count_states
+from workflows.serve import InstanceStatus
 
 UNSERVED = "unserved"  # the model label of requests for a model nobody serves: client input is no label
 CLUSTER_TIMEOUT = 5.0  # seconds a scrape waits for Temporal before it answers without the cluster gauges
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 KINDS = {"node": "nodes", "download": "downloads", "serve": "instances"}  # ShardlineKind -> gauge
+RUNNER_GAUGES = {  # rank 0's /stats field -> what the gauge says
+    "batch": "Requests in the instance's running batch",
+    "queue": "Requests waiting to join the batch",
+    "cache_bytes": "Bytes of KV state in the prefix cache (rank 0's budget, for the rank with the most layers)",
+    "cache_entries": "Token prefixes in the prefix cache",
+    "cache_hits": "Requests that reused a cached prefix, since the runner started",
+    "cache_lookups": "Requests looked up in the prefix cache, since the runner started",
+    "cached_tokens": "Prompt tokens reused from the prefix cache, since the runner started",
+}
 log = structlog.get_logger(__name__)
 
 
@@ -34,6 +45,14 @@ class Metrics:
                               ["model"], buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
         self.decode = Histogram("shardline_decode_tokens_per_second", "Decode speed of each completion",
                                 ["model"], buckets=RATE_BUCKETS, registry=r)  # fmt: skip
+        self.cached_tokens = Counter("shardline_prompt_cached_tokens", "Prompt tokens served from the prefix cache",
+                                     ["model"], registry=r)  # fmt: skip
+        self.runner = {
+            name: Gauge(f"shardline_runner_{name}", help_, ["instance", "model"], registry=r)
+            for name, help_ in RUNNER_GAUGES.items()
+        }
+        self.in_flight = Gauge("shardline_instance_in_flight", "Requests this API has open on each instance",
+                               ["instance", "model"], registry=r)  # fmt: skip
         self.temporal_up = Gauge("shardline_temporal_up", "1 if the last scrape read the cluster state", registry=r)
         self.cluster = {
             kind: Gauge(f"shardline_{name}", f"{name.capitalize()} by state", ["state"], registry=r)
@@ -43,8 +62,9 @@ class Metrics:
     def chat(self, model: str) -> "ChatWatch":
         return ChatWatch(self, model)
 
-    async def read_cluster(self, client: Client) -> None:
-        """Set the cluster gauges from Temporal visibility; without an answer in time, leave them out."""
+    async def read_cluster(self, client: Client) -> bool:
+        """Set the cluster gauges from Temporal visibility; without an answer in time, leave them out.
+        Whether Temporal answered."""
         kinds = list(self.cluster)
         try:
             counts = await asyncio.wait_for(asyncio.gather(*(count_states(client, k) for k in kinds)), CLUSTER_TIMEOUT)
@@ -53,13 +73,25 @@ class Metrics:
             self.temporal_up.set(0)
             for gauge in self.cluster.values():
                 gauge.clear()
-            return
+            return False
         self.temporal_up.set(1)
         for kind, by_state in zip(kinds, counts, strict=True):
             gauge = self.cluster[kind]
             gauge.clear()  # a state nothing is in any more is gone, not stuck at its last count
             for state, n in by_state.items():
                 gauge.labels(state).set(n)
+        return True
+
+    def set_runners(self, figures: list[tuple[InstanceStatus, dict[str, Any] | None]], in_flight: InFlight) -> None:
+        """Each ready instance's runner figures as read at this scrape; a runner that did not answer is left out."""
+        for gauge in (*self.runner.values(), self.in_flight):
+            gauge.clear()
+        for instance, stats in figures:
+            labels = (instance.instance_id, instance.model_id)
+            self.in_flight.labels(*labels).set(in_flight.counts.get(str(instance.endpoint), 0))
+            for name, gauge in self.runner.items():
+                if stats is not None and isinstance(stats.get(name), int | float):
+                    gauge.labels(*labels).set(stats[name])
 
 
 def decode_rate(tokens: int, first: float | None, last: float) -> float | None:
@@ -98,6 +130,7 @@ class ChatWatch:
         done = int(event.get("completion_tokens", 0))
         self.metrics.prompt_tokens.labels(self.model).inc(int(event.get("prompt_tokens", 0)))
         self.metrics.generated.labels(self.model).inc(done)
+        self.metrics.cached_tokens.labels(self.model).inc(int(event.get("cached_tokens", 0)))
         rate = decode_rate(done, self.first, now)
         if rate is not None:
             self.metrics.decode.labels(self.model).observe(rate)

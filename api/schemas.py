@@ -28,6 +28,7 @@ class NodeOut(BaseModel):
     memory_available: int | None = None
     disk_free: int | None = None
     models: list[str] = Field(default_factory=list)
+    prompt_cache_bytes: int = 0  # KV state the node's runners keep in their prefix caches
 
 
 class DownloadCreate(BaseModel):

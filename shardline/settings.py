@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     )
     max_downloads: int = Field(default=4, ge=1, description="Downloads a node transfers at once; the rest queue")
     download_attempts: int = Field(default=5, ge=1, description="Attempts of a download before it fails")
+    max_batch: int = Field(default=32, ge=1, description="Requests a runner decodes together (rank 0's node decides)")
+    max_queue: int = Field(
+        default=256, ge=1, description="Requests waiting per instance before the runner answers 429 with Retry-After"
+    )
+    prompt_cache_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Prefix-cache bytes per runner; unset = 1/8 of the node's memory (at most 8 GiB); 0 = off",
+    )
     log_level: str = Field(default="info", description="Log level")
     log_json: bool | None = Field(default=None, description="JSON logs; unset = JSON unless stderr is a terminal")
     metrics_port: int | None = Field(

@@ -29,6 +29,7 @@ class NodeResources:
     disk_free: int
     models: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
+    prompt_cache_bytes: int = 0  # KV state this node's runners keep in their prefix caches
 
 
 @dataclass

@@ -12,6 +12,7 @@ from temporalio.worker import Worker
 from activities.delete import DeleteActivities
 from activities.download import DownloadActivities
 from activities.presence import PresenceActivities
+from activities.resources import CacheLedger
 from activities.serve import ShardActivities
 from shardline import search
 from shardline.ids import CONTROL_QUEUE, node_queue, node_workflow_id
@@ -28,11 +29,12 @@ async def run_node(settings: Settings) -> None:
     node_id = resolve_node_id(settings.node_id, settings.home)
     structlog.contextvars.bind_contextvars(node_id=node_id)
     client = await connect(settings, wait_s=60, export_metrics=True)
+    ledger = CacheLedger()
     activities = [
-        PresenceActivities(client, settings).node_presence,
+        PresenceActivities(client, settings, ledger).node_presence,
         DownloadActivities(settings.models_dir, settings.max_downloads).download_model,
         DeleteActivities(settings.models_dir).delete_model,
-        ShardActivities(client, settings, node_id).run_shard,
+        ShardActivities(client, settings, node_id, ledger).run_shard,
     ]
     worker = Worker(
         client,

@@ -46,8 +46,10 @@ class ServeInput:
     revision: str | None = None
     node_wait_s: float = 300.0
     heartbeat_timeout_s: float = 30.0
-    max_recoveries: int = 3
+    max_recoveries: int = 3  # within any recovery_window_s: a flaky week is not a broken instance
     recoveries: int = 0  # carried across continue-as-new
+    recovery_window_s: float = 3600.0
+    recent_recoveries: list[float] = field(default_factory=list)  # their times (epoch s), carried likewise
     excluded: list[str] = field(default_factory=list)  # nodes just lost: not placed on next time
     incidents: list[str] = field(default_factory=list)  # carried across continue-as-new
 
@@ -80,6 +82,11 @@ class RunnerLost:
     gone: list[str]  # nodes that went silent: left out of the next placement
 
 
+def recent_recoveries(times: list[float], now: float, window_s: float) -> list[float]:
+    """The recoveries within the window before `now`, and this one."""
+    return [t for t in times if now - t < window_s] + [now]
+
+
 @workflow.defn(name="ServingWorkflow")
 class ServingWorkflow:
     def __init__(self) -> None:
@@ -87,12 +94,14 @@ class ServingWorkflow:
         self._ready: dict[int, RunnerReady] = {}
         self._generation = 0
         self._runners: list[workflow.ActivityHandle[None]] = []
+        self._recent: list[float] = []
 
     @workflow.run
     async def run(self, inp: ServeInput) -> InstanceStatus:
         self._status = InstanceStatus(inp.instance_id, inp.model_id, "placing", inp.strategy, recoveries=inp.recoveries,
                                       incidents=list(inp.incidents))  # fmt: skip
         self._generation = inp.recoveries
+        self._recent = list(inp.recent_recoveries)
         try:
             return await self._serve(inp)
         except asyncio.CancelledError:
@@ -118,8 +127,14 @@ class ServingWorkflow:
             lost = self._lost(inp, placement, await self._stop_runners())
             self._status.recoveries += 1
             self._status.incidents = [*self._status.incidents, lost.reason][-MAX_INCIDENTS:]
-            if self._status.recoveries > inp.max_recoveries:
-                reason = f"gave up after {inp.max_recoveries} recoveries; last: {lost.reason}"
+            if workflow.patched("recovery-window"):
+                self._recent = recent_recoveries(self._recent, workflow.now().timestamp(), inp.recovery_window_s)
+                over = len(self._recent) > inp.max_recoveries
+                window = f" within {inp.recovery_window_s:g} s"
+            else:
+                over, window = self._status.recoveries > inp.max_recoveries, ""
+            if over:
+                reason = f"gave up after {inp.max_recoveries} recoveries{window}; last: {lost.reason}"
                 self._set("failed", reason)
                 raise ApplicationError(reason, non_retryable=True)
             self._set("recovering", lost.reason)
@@ -127,7 +142,11 @@ class ServingWorkflow:
             if workflow.info().is_continue_as_new_suggested():  # every runner is drained: nothing is orphaned
                 workflow.continue_as_new(
                     replace(
-                        inp, recoveries=self._status.recoveries, excluded=excluded, incidents=self._status.incidents
+                        inp,
+                        recoveries=self._status.recoveries,
+                        excluded=excluded,
+                        incidents=self._status.incidents,
+                        recent_recoveries=self._recent,
                     )
                 )
 

@@ -1,13 +1,22 @@
+import asyncio
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.deps import ClientDep, MetricsDep
+from api.deps import ClientDep, HttpDep, InFlightDep, InstancesDep, MetricsDep
+from api.runners import runner_stats
 
 router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(metrics: MetricsDep, client: ClientDep) -> Response:
-    """Prometheus text: chat requests since the API started, and the cluster's workflows by state right now."""
-    await metrics.read_cluster(client)
+async def metrics(
+    metrics: MetricsDep, client: ClientDep, instances: InstancesDep, http: HttpDep, in_flight: InFlightDep
+) -> Response:
+    """Prometheus text: chat requests since the API started, the cluster's workflows by state right now, and
+    each ready instance's batch, queue and prefix cache."""
+    temporal_up = await metrics.read_cluster(client)
+    ready = [i for i in await instances.known(refresh=temporal_up) if i.state == "ready" and i.endpoint]
+    stats = await asyncio.gather(*(runner_stats(http, str(i.endpoint)) for i in ready))
+    metrics.set_runners(list(zip(ready, stats, strict=True)), in_flight)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,8 +1,7 @@
 """OpenAI-compatible inference: the request goes to rank 0's runner; tokens never pass through Temporal."""
 
-import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -10,15 +9,22 @@ import httpx
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.deps import HttpDep, InstancesDep, MetricsDep
+from api.deps import HttpDep, InFlightDep, InstancesDep, MetricsDep
 from api.metrics import UNSERVED, ChatWatch, outcome_of
-from api.openai_types import ChatRequest, ModelCard, ModelList, Usage, chunk, completion, completion_id, now
+from api.openai_types import (
+    ChatRequest,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    Usage,
+    chunk,
+    completion,
+    completion_id,
+    now,
+)
+from api.runners import Events, InFlight, RunnerUnreachable, generate
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-KEEPALIVE_S = 5.0  # an SSE comment this often while the prompt is still being processed
-# a runner's host that is gone (partitioned, powered off) is a 503 within seconds, not after the OS gives up
-RUNNER_TIMEOUT = httpx.Timeout(None, connect=10.0)
-Events = AsyncGenerator[dict[str, Any] | None, None]  # the runner's NDJSON events; None: nothing came for a while
 
 
 @router.get("/models", response_model=ModelList)
@@ -27,11 +33,12 @@ async def list_models(instances: InstancesDep) -> ModelList:
     return ModelList(data=[ModelCard(id=m, created=now()) for m in ready])
 
 
-async def endpoint_for(instances: InstancesDep, model: str) -> str:
+async def endpoint_for(instances: InstancesDep, model: str, in_flight: InFlight) -> str:
+    """The ready instance of `model` with the fewest requests in flight from this API."""
     candidates = await instances.for_model(model)
     ready = [i for i in candidates if i.state == "ready" and i.endpoint]
     if ready:
-        return str(ready[0].endpoint)
+        return in_flight.pick(ready)
     if not candidates:
         raise HTTPException(404, f"model {model!r} is not served: start it with POST /instances or `shardline serve`")
     states = ", ".join(f"{i.instance_id} is {i.state}" + (f" ({i.reason})" if i.reason else "") for i in candidates)
@@ -40,11 +47,11 @@ async def endpoint_for(instances: InstancesDep, model: str) -> str:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatRequest, instances: InstancesDep, http: HttpDep, metrics: MetricsDep
+    body: ChatRequest, instances: InstancesDep, http: HttpDep, metrics: MetricsDep, in_flight: InFlightDep
 ) -> StreamingResponse | JSONResponse:
     watch = metrics.chat(body.model)
     try:
-        events = await runner_events(instances, http, body)
+        events = await runner_events(instances, http, body, in_flight)
     except Exception as exc:
         failed(watch, exc)
         raise
@@ -88,24 +95,21 @@ async def watched(lines: Events, watch: ChatWatch) -> Events:
             watch.end(outcome)  # a no-op after failed()
 
 
-class RunnerUnreachable(HTTPException):
-    def __init__(self, detail: str) -> None:
-        super().__init__(503, detail)
-
-
-async def runner_events(instances: InstancesDep, http: httpx.AsyncClient, body: ChatRequest) -> Events:
-    """One generation's events, from the first on: so a runner that is gone is a 503 before any response
-    starts, not a 200 cut short. A runner that moved (its instance recovered since the last lookup) is
-    looked up again, once."""
-    endpoint = await endpoint_for(instances, body.model)
+async def runner_events(
+    instances: InstancesDep, http: httpx.AsyncClient, body: ChatRequest, in_flight: InFlight
+) -> Events:
+    """One generation's events, from the first on: so a runner that is gone, or a request it refuses, is an
+    error before any response starts, not a 200 cut short. A runner that moved (its instance recovered since
+    the last lookup) is looked up again, once."""
+    endpoint = await endpoint_for(instances, body.model, in_flight)
     try:
-        return await first_event(generate(http, endpoint, body.generate_body()))
+        return await first_event(generate(http, endpoint, body.generate_body(), in_flight))
     except RunnerUnreachable:
         await instances.refresh()
-        moved = await endpoint_for(instances, body.model)
+        moved = await endpoint_for(instances, body.model, in_flight)
         if moved == endpoint:
             raise
-        return await first_event(generate(http, moved, body.generate_body()))
+        return await first_event(generate(http, moved, body.generate_body(), in_flight))
 
 
 async def first_event(lines: Events) -> Events:
@@ -129,53 +133,27 @@ async def first_event(lines: Events) -> Events:
 
 def usage_of(final: dict[str, Any]) -> Usage:
     prompt, done = int(final.get("prompt_tokens", 0)), int(final.get("completion_tokens", 0))
-    return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
-
-
-async def generate(http: httpx.AsyncClient, endpoint: str, body: dict[str, Any]) -> Events:
-    """The runner's NDJSON events; None while nothing came for KEEPALIVE_S. Closing this generator closes
-    the connection, and the runner stops that generation."""
-    try:
-        async with http.stream("POST", f"{endpoint}/generate", json=body, timeout=RUNNER_TIMEOUT) as response:
-            if response.status_code != 200:
-                detail = (await response.aread()).decode(errors="replace")[:500]
-                raise HTTPException(502 if response.status_code >= 500 else 400, f"runner refused: {detail}")
-            lines = response.aiter_lines()
-            pending = asyncio.ensure_future(anext(lines))
-            try:
-                while True:
-                    done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
-                    if not done:
-                        yield None
-                        continue
-                    try:
-                        line = pending.result()
-                    except StopAsyncIteration:
-                        return
-                    if line.strip():
-                        yield json.loads(line)
-                    pending = asyncio.ensure_future(anext(lines))
-            finally:
-                pending.cancel()
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise RunnerUnreachable(f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
-    except httpx.TransportError as exc:
-        raise HTTPException(503, f"the model's runner went away ({exc}); the instance is recovering") from exc
+    cached = PromptTokensDetails(cached_tokens=int(final.get("cached_tokens", 0)))
+    return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done, prompt_tokens_details=cached)
 
 
 async def sse(lines: AsyncIterator[dict[str, Any] | None], model: str, include_usage: bool) -> AsyncIterator[str]:
     cid = completion_id()
     yield data(chunk(cid, model, {"role": "assistant", "content": ""}))
-    async for event in lines:
-        if event is None:
-            yield ": keep-alive\n\n"
-        elif "text" in event:
-            if event["text"]:
-                yield data(chunk(cid, model, {"content": event["text"]}))
-        else:
-            yield data(chunk(cid, model, {}, event.get("finish_reason", "stop")))
-            if include_usage:
-                yield data({**chunk(cid, model, {}), "choices": [], "usage": usage_of(event).model_dump()})
+    try:
+        async for event in lines:
+            if event is None:
+                yield ": keep-alive\n\n"
+            elif "text" in event:
+                if event["text"]:
+                    yield data(chunk(cid, model, {"content": event["text"]}))
+            else:
+                yield data(chunk(cid, model, {}, event.get("finish_reason", "stop")))
+                if include_usage:
+                    yield data({**chunk(cid, model, {}), "choices": [], "usage": usage_of(event).model_dump()})
+    except HTTPException as exc:  # the response has started: the error goes to this client as an event
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        yield data({"error": {"message": str(exc.detail), "type": kind, "code": exc.status_code}})
     yield "data: [DONE]\n\n"
 
 

@@ -9,6 +9,7 @@ rank keeps the KV state of a finished request under the same entry id (the reque
 """
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,8 @@ class Batch:
         self.model = model
         self.generator = BatchGenerator(model, **self.options)
         self.store: dict[int, list[Any]] = {}
+        self.sizes: dict[int, int] = {}
+        self.report: Callable[[dict], None] | None = None  # told the store's size each time it changes
 
     def reset(self) -> None:
         """A fresh generator after a failed step (its state is unknown); the prefix cache is intact."""
@@ -70,12 +73,13 @@ class Batch:
 
     @property
     def store_bytes(self) -> int:
-        return sum(c.nbytes for caches in self.store.values() for c in caches)
+        return sum(self.sizes.values())
 
     def apply(self, step: Step) -> Output:
         out = Output()
         for entry in step.drops:
             self.store.pop(entry, None)
+            self.sizes.pop(entry, None)
         if step.leaves:
             left = self.generator.remove(step.leaves, return_prompt_caches=True)
             for uid, (caches, tokens) in left.items():
@@ -85,6 +89,8 @@ class Batch:
         for r in out.responses:
             if r.finish_reason is not None:
                 out.kept += self._keep(r.uid, r.prompt_cache, r.all_tokens)
+        if (step.drops or out.kept) and self.report is not None:
+            self.report({"event": "stats", "cache_bytes": self.store_bytes})
         return out
 
     def idle(self) -> bool:
@@ -111,8 +117,10 @@ class Batch:
             return []
         mx.eval([c.state for c in caches])
         self.store[uid] = caches
-        return [Kept(uid, list(tokens), sum(c.nbytes for c in caches))]
+        self.sizes[uid] = sum(c.nbytes for c in caches)
+        return [Kept(uid, list(tokens), self.sizes[uid])]
 
     def close(self) -> None:
         self.store.clear()
+        self.sizes.clear()
         self.generator.close()

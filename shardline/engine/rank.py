@@ -47,6 +47,7 @@ class Rank:
 
     def run(self, report: Report) -> None:
         """Until rank 0 is told to stop (SIGTERM/SIGINT); raises when the ring breaks."""
+        self.batch.report = report
         try:
             if self.sock is not None:
                 self.serve(self.sock, report)

@@ -2,6 +2,7 @@
 
 stdout carries only JSON events, one per line (everything else printed goes to stderr):
   {"event": "ready", "rank": r, "endpoint": "http://host:port" | null, "memory_bytes": n}
+  {"event": "stats", "cache_bytes": n}   this rank's prefix cache changed size
   {"event": "error", "message": "..."}
 Exit codes: 0 shut down (SIGTERM/SIGINT to rank 0 stops every rank), 1 failed while
 serving (or the parent died), 2 could not start (bad spec, missing files, out of memory).

@@ -1,7 +1,6 @@
 """The OpenAI-compatible API on one served instance: sampling, stop strings, concurrency, disconnects, CLI."""
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, BadRequestError
 
 from tests.conftest import QWEN, Cluster
 from tests.support.serving import MESSAGES, reference, served
@@ -95,38 +94,31 @@ async def test_sse_wire_format_and_usage(cluster: Cluster, instance: str) -> Non
     assert '"finish_reason": "length"' in events[-3]
 
 
-async def test_a_waiting_stream_gets_keepalive_comments(
+async def test_second_turn_reuses_the_first_on_every_rank(
     cluster: Cluster, instance: str, model_dirs: dict[str, Path]
 ) -> None:
-    """While a request waits for its first token (its turn behind another, or a long prompt) the stream carries
-    an SSE comment every few seconds, so that proxies and clients do not give up; then the answer comes."""
-    endless = {"model": QWEN, "messages": MESSAGES, "max_tokens": 32768, "temperature": 0, "stream": True}
-    lines: list[str] = []
-    async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as http, contextlib.AsyncExitStack() as stack:
-        blocker = await stack.enter_async_context(http.stream("POST", "/v1/chat/completions", json=endless))
-        busy = asyncio.Event()
+    system = {"role": "system", "content": " ".join(["A cluster keeps its state in durable workflows."] * 20)}
+    first_turn = [system, {"role": "user", "content": "Hello there!"}]
+    one = await ask(cluster, messages=first_turn, temperature=0)
+    conversation = [*first_turn, {"role": "assistant", "content": one.choices[0].message.content},
+                    {"role": "user", "content": "And then?"}]  # fmt: skip
+    two = await ask(cluster, messages=conversation, temperature=0)
+    assert two.usage.prompt_tokens_details.cached_tokens >= one.usage.prompt_tokens
+    # the same text as plain mlx_lm computing the whole conversation
+    assert two.choices[0].message.content == reference(model_dirs[QWEN], messages=conversation)
 
-        async def read_on() -> None:  # read it all (leaving the lines unread would hang up)
-            chunks = 0
-            async for line in blocker.aiter_lines():
-                chunks += line.startswith("data: ")
-                if chunks >= 3:
-                    busy.set()  # the runner is busy with it: the next request waits its turn
 
-        reader = asyncio.create_task(read_on())
-        await asyncio.wait_for(busy.wait(), 60)
-        waiting = await stack.enter_async_context(
-            http.stream("POST", "/v1/chat/completions", json={**endless, "max_tokens": 12})
-        )
-        async for line in waiting.aiter_lines():
-            lines.append(line)
-            if line.startswith(": keep-alive") and not reader.done():
-                reader.cancel()  # hang up on the endless one: the runner moves on to this one
-                await blocker.aclose()
-    data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
-    text = "".join(d["choices"][0]["delta"].get("content") or "" for d in data if d["choices"])
-    assert any(line.startswith(": keep-alive") for line in lines), lines
-    assert text == reference(model_dirs[QWEN]) and [line for line in lines if line][-1] == "data: [DONE]", lines
+async def test_a_prompt_past_the_context_is_refused_and_the_instance_serves_on(
+    cluster: Cluster, instance: str, model_dirs: dict[str, Path]
+) -> None:
+    with pytest.raises(BadRequestError) as refused:
+        await ask(cluster, messages=[{"role": "user", "content": "river " * 5000}])
+    assert "context is 4096" in str(refused.value)
+    reply = await ask(cluster, temperature=0)
+    assert reply.choices[0].message.content == reference(model_dirs[QWEN])
+    async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as http:
+        status = (await http.get(f"/instances/{instance}")).json()
+    assert status["state"] == "ready" and status["recoveries"] == 0
 
 
 async def test_cli_serve_lists_chats_and_stops(cluster: Cluster, instance: str, model_dirs: dict[str, Path]) -> None:

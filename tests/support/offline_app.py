@@ -2,9 +2,11 @@
 
 from typing import Any
 
+import httpx
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.instances import InstanceCache
 from shardline.settings import Settings
 
 
@@ -13,6 +15,8 @@ def offline_app(client: Any, **overrides: object) -> TestClient:
     app.router.lifespan_context = _no_lifespan
     app.state.settings = Settings(**overrides)  # type: ignore[arg-type]
     app.state.client = client
+    app.state.instances = InstanceCache(client)
+    app.state.http = httpx.AsyncClient()
     return TestClient(app)
 
 

@@ -16,12 +16,12 @@ MESSAGES = [{"role": "user", "content": "Tell me about the quiet river"}]
 MAX_TOKENS = 12
 
 
-def reference(model_dir: Path, max_tokens: int = MAX_TOKENS) -> str:
+def reference(model_dir: Path, max_tokens: int = MAX_TOKENS, messages: list[dict[str, Any]] | None = None) -> str:
     """Plain mlx_lm, one process, greedy: what every served instance must say too."""
     from mlx_lm import generate, load
 
     model, tokenizer = load(str(model_dir))
-    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages or MESSAGES, add_generation_prompt=True)
     return str(generate(model, tokenizer, prompt, max_tokens=max_tokens))
 
 

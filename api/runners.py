@@ -1,0 +1,99 @@
+"""Talking to rank 0's runner: which one gets a request (fewest in flight), its NDJSON stream, its /stats."""
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+from fastapi import HTTPException
+
+from workflows.serve import InstanceStatus
+
+KEEPALIVE_S = 5.0  # an SSE comment this often while the prompt is still being processed
+# a runner's host that is gone (partitioned, powered off) is a 503 within seconds, not after the OS gives up
+RUNNER_TIMEOUT = httpx.Timeout(None, connect=10.0)
+STATS_TIMEOUT = 2.0
+Events = AsyncGenerator[dict[str, Any] | None, None]  # the runner's NDJSON events; None: nothing came for a while
+
+
+class RunnerUnreachable(HTTPException):
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, detail)
+
+
+class InFlight:
+    """Requests this API has open on each runner endpoint, so a model's requests spread over its instances."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def pick(self, ready: list[InstanceStatus]) -> str:
+        """The endpoint with the fewest in flight, counted from now on: `generate` releases it."""
+        endpoint = str(min(ready, key=lambda i: self.counts[str(i.endpoint)]).endpoint)
+        self.counts[endpoint] += 1
+        return endpoint
+
+    def release(self, endpoint: str) -> None:
+        self.counts[endpoint] -= 1
+        if self.counts[endpoint] <= 0:
+            del self.counts[endpoint]
+
+
+def refusal(response: httpx.Response, body: bytes) -> HTTPException:
+    """The runner's 4xx/5xx as the API's own: the client's mistakes and a full queue keep their status."""
+    try:
+        detail = str(json.loads(body)["detail"])
+    except (ValueError, KeyError, TypeError):
+        detail = body.decode(errors="replace")[:500]
+    if response.status_code == 429:
+        return HTTPException(429, detail, headers={"Retry-After": response.headers.get("Retry-After", "1")})
+    if response.status_code < 500:
+        return HTTPException(400, detail)
+    return HTTPException(502, f"the model's runner failed: {detail}")
+
+
+async def generate(http: httpx.AsyncClient, endpoint: str, body: dict[str, Any], in_flight: InFlight) -> Events:
+    """The runner's NDJSON events; None while nothing came for KEEPALIVE_S. An error event ends the stream
+    with an HTTPException. Closing this generator closes the connection, and the runner drops the request."""
+    try:  # started at once by its caller, right after `pick`, so the release always runs
+        try:
+            async with http.stream("POST", f"{endpoint}/generate", json=body, timeout=RUNNER_TIMEOUT) as response:
+                if response.status_code != 200:
+                    raise refusal(response, await response.aread())
+                lines = response.aiter_lines()
+                pending = asyncio.ensure_future(anext(lines))
+                try:
+                    while True:
+                        done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+                        if not done:
+                            yield None
+                            continue
+                        try:
+                            line = pending.result()
+                        except StopAsyncIteration:
+                            return
+                        if line.strip():
+                            event = json.loads(line)
+                            if "error" in event:
+                                raise HTTPException(int(event.get("status", 500)), str(event["error"]))
+                            yield event
+                        pending = asyncio.ensure_future(anext(lines))
+                finally:
+                    pending.cancel()
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise RunnerUnreachable(f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
+        except httpx.TransportError as exc:
+            raise HTTPException(503, f"the model's runner went away ({exc}); the instance is recovering") from exc
+    finally:
+        in_flight.release(endpoint)
+
+
+async def runner_stats(http: httpx.AsyncClient, endpoint: str) -> dict[str, Any] | None:
+    """Rank 0's batch, queue and prefix-cache figures; None if it does not answer quickly."""
+    try:
+        response = await http.get(f"{endpoint}/stats", timeout=STATS_TIMEOUT)
+        return dict(response.json()) if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
