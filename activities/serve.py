@@ -48,6 +48,7 @@ def runner_spec(spec: ShardSpec, model_dir: Path, settings: Settings) -> RunnerS
         max_batch=settings.max_batch,
         max_queue=settings.max_queue,
         prompt_cache_bytes=prompt_cache_budget(settings.prompt_cache_bytes),
+        secret=spec.secret,
     )
 
 
@@ -110,6 +111,7 @@ class ShardActivities:
         spec_path = run_dir / f"rank{spec.rank}-gen{spec.generation}.json"
         model_dir = model_path(self._settings.models_dir, spec.model_id)
         try:
+            spec_path.touch(mode=0o600)  # it holds the instance's secret
             spec_path.write_text(runner_spec(spec, model_dir, self._settings).to_json())
         except ValueError as exc:
             raise application_error("bad_input", f"cannot run shard {spec.rank}: {exc}") from exc

@@ -20,6 +20,7 @@ TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 KINDS = {"node": "nodes", "download": "downloads", "serve": "instances"}  # ShardlineKind -> gauge
 RUNNER_GAUGES = {  # rank 0's /stats field -> what the gauge says
+    "requests": "Requests the instance's runner took into its batch since it started",
     "batch": "Requests in the instance's running batch",
     "queue": "Requests waiting to join the batch",
     "cache_bytes": "Bytes of KV state in the prefix cache (rank 0's budget, for the rank with the most layers)",

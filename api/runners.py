@@ -29,11 +29,11 @@ class InFlight:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
-    def pick(self, ready: list[InstanceStatus]) -> str:
-        """The endpoint with the fewest in flight, counted from now on: `generate` releases it."""
-        endpoint = str(min(ready, key=lambda i: self.counts[str(i.endpoint)]).endpoint)
-        self.counts[endpoint] += 1
-        return endpoint
+    def pick(self, ready: list[InstanceStatus]) -> InstanceStatus:
+        """The instance with the fewest in flight, counted from now on: `generate` releases it."""
+        chosen = min(ready, key=lambda i: self.counts[str(i.endpoint)])
+        self.counts[str(chosen.endpoint)] += 1
+        return chosen
 
     def release(self, endpoint: str) -> None:
         self.counts[endpoint] -= 1
@@ -54,12 +54,21 @@ def refusal(response: httpx.Response, body: bytes) -> HTTPException:
     return HTTPException(502, f"the model's runner failed: {detail}")
 
 
-async def generate(http: httpx.AsyncClient, endpoint: str, body: dict[str, Any], in_flight: InFlight) -> Events:
+def auth(instance: InstanceStatus) -> dict[str, str]:
+    return {"Authorization": f"Bearer {instance.secret}"} if instance.secret else {}
+
+
+async def generate(
+    http: httpx.AsyncClient, instance: InstanceStatus, body: dict[str, Any], in_flight: InFlight
+) -> Events:
     """The runner's NDJSON events; None while nothing came for KEEPALIVE_S. An error event ends the stream
     with an HTTPException. Closing this generator closes the connection, and the runner drops the request."""
+    endpoint = str(instance.endpoint)
     try:  # started at once by its caller, right after `pick`, so the release always runs
         try:
-            async with http.stream("POST", f"{endpoint}/generate", json=body, timeout=RUNNER_TIMEOUT) as response:
+            async with http.stream(
+                "POST", f"{endpoint}/generate", json=body, headers=auth(instance), timeout=RUNNER_TIMEOUT
+            ) as response:
                 if response.status_code != 200:
                     raise refusal(response, await response.aread())
                 lines = response.aiter_lines()
@@ -90,10 +99,10 @@ async def generate(http: httpx.AsyncClient, endpoint: str, body: dict[str, Any],
         in_flight.release(endpoint)
 
 
-async def runner_stats(http: httpx.AsyncClient, endpoint: str) -> dict[str, Any] | None:
+async def runner_stats(http: httpx.AsyncClient, instance: InstanceStatus) -> dict[str, Any] | None:
     """Rank 0's batch, queue and prefix-cache figures; None if it does not answer quickly."""
     try:
-        response = await http.get(f"{endpoint}/stats", timeout=STATS_TIMEOUT)
+        response = await http.get(f"{instance.endpoint}/stats", headers=auth(instance), timeout=STATS_TIMEOUT)
         return dict(response.json()) if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None

@@ -93,6 +93,7 @@ class ShardSpec:
     splits: list[int]  # layers per rank, in rank order (pipeline)
     hosts: list[str]  # "ip:port" of every rank's ring endpoint, in rank order
     generation: int = 0  # which placement of the instance this runner belongs to
+    secret: str = ""  # rank 0 serves only requests that carry it; "" = open (instances started before it existed)
 
 
 @dataclass

@@ -74,6 +74,7 @@ class InstanceStatus:
     recoveries: int = 0
     reason: str | None = None
     incidents: list[str] = field(default_factory=list)  # why each recovery happened, the last few
+    secret: str = ""  # what the API sends rank 0's runner (never shown by the API)
 
 
 @dataclass
@@ -199,9 +200,11 @@ class ServingWorkflow:
         self._ready = {}
         self._set("loading" if not self._status.recoveries else "recovering", "starting runners")
         hosts = [f"{s.host}:{workflow.random().randint(*RING_PORTS)}" for s in placement.shards]
+        # a fresh secret for each placement: the runners answer only the API (and whoever reads this history)
+        secret = workflow.uuid4().hex if workflow.patched("runner-secret") else ""
         for shard in placement.shards:
             spec = ShardSpec(inp.instance_id, inp.model_id, placement.strategy, shard.rank, len(placement.shards),
-                             shard.layers, placement.splits, hosts, self._generation)  # fmt: skip
+                             shard.layers, placement.splits, hosts, self._generation, secret)  # fmt: skip
             options = node_activity_options(
                 shard.node_id, wait_s=inp.node_wait_s, heartbeat_s=inp.heartbeat_timeout_s, run_for=RUNNER_LIFETIME
             )
@@ -210,6 +213,7 @@ class ServingWorkflow:
         await workflow.wait_condition(lambda: len(self._ready) == size or self._any_runner_done())
         if not self._any_runner_done():
             self._status.endpoint = self._ready[0].endpoint
+            self._status.secret = secret
             self._set("ready", f"serving at {self._status.endpoint}")
             await workflow.wait_condition(self._any_runner_done)
 

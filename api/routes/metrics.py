@@ -17,6 +17,6 @@ async def metrics(
     each ready instance's batch, queue and prefix cache."""
     temporal_up = await metrics.read_cluster(client)
     ready = [i for i in await instances.known(refresh=temporal_up) if i.state == "ready" and i.endpoint]
-    stats = await asyncio.gather(*(runner_stats(http, str(i.endpoint)) for i in ready))
+    stats = await asyncio.gather(*(runner_stats(http, i) for i in ready))
     metrics.set_runners(list(zip(ready, stats, strict=True)), in_flight)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -23,6 +23,7 @@ from api.openai_types import (
     now,
 )
 from api.runners import Events, InFlight, RunnerUnreachable, generate
+from workflows.serve import InstanceStatus
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -33,7 +34,7 @@ async def list_models(instances: InstancesDep) -> ModelList:
     return ModelList(data=[ModelCard(id=m, created=now()) for m in ready])
 
 
-async def endpoint_for(instances: InstancesDep, model: str, in_flight: InFlight) -> str:
+async def instance_for(instances: InstancesDep, model: str, in_flight: InFlight) -> InstanceStatus:
     """The ready instance of `model` with the fewest requests in flight from this API."""
     candidates = await instances.for_model(model)
     ready = [i for i in candidates if i.state == "ready" and i.endpoint]
@@ -101,13 +102,14 @@ async def runner_events(
     """One generation's events, from the first on: so a runner that is gone, or a request it refuses, is an
     error before any response starts, not a 200 cut short. A runner that moved (its instance recovered since
     the last lookup) is looked up again, once."""
-    endpoint = await endpoint_for(instances, body.model, in_flight)
+    instance = await instance_for(instances, body.model, in_flight)
     try:
-        return await first_event(generate(http, endpoint, body.generate_body(), in_flight))
+        return await first_event(generate(http, instance, body.generate_body(), in_flight))
     except RunnerUnreachable:
         await instances.refresh()
-        moved = await endpoint_for(instances, body.model, in_flight)
-        if moved == endpoint:
+        moved = await instance_for(instances, body.model, in_flight)
+        if moved.endpoint == instance.endpoint:
+            in_flight.release(str(moved.endpoint))  # picked, never sent
             raise
         return await first_event(generate(http, moved, body.generate_body(), in_flight))
 

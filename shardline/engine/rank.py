@@ -68,7 +68,7 @@ class Rank:
         scheduler = Scheduler(
             self.batch, self.tokenizer, self.group, jobs, max_batch=spec.max_batch, index=index, scale=cache_scale(spec)
         )
-        limits = Limits(context_length(Path(spec.model_path)), spec.max_queue)
+        limits = Limits(context_length(Path(spec.model_path)), spec.max_queue, spec.secret)
         http = start_http(create_app(self.tokenizer, jobs, limits, lambda: stats(scheduler)), sock)
         host, port = sock.getsockname()[:2]
         endpoint = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

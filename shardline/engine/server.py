@@ -5,6 +5,7 @@ Routes only tokenize, check and queue a Job; the MLX thread (generation.Schedule
 
 import asyncio
 import json
+import secrets
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ from queue import Queue
 from typing import Any, Self
 
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, Field, model_validator
@@ -30,6 +31,15 @@ RETRY_AFTER_S = 1
 class Limits:
     context: int | None  # tokens the model attends to (max_position_embeddings); None = unknown
     max_queue: int  # requests waiting for the batch before 429
+    secret: str = ""  # the instance's; "" = no check
+
+
+def bearer_check(secret: str) -> Callable[..., None]:
+    def check(authorization: str | None = Header(default=None)) -> None:
+        if secret and not secrets.compare_digest((authorization or "").encode(), f"Bearer {secret}".encode()):
+            raise HTTPException(status_code=401, detail="this runner serves only its instance's API")
+
+    return check
 
 
 class GenerateBody(BaseModel):
@@ -96,16 +106,17 @@ def create_app(
     tokenizer: TokenizerWrapper, jobs: "Queue[Job]", limits: Limits, stats: Callable[[], dict[str, Any]]
 ) -> FastAPI:
     app = FastAPI(title="shardline runner")
+    authorized = [Depends(bearer_check(limits.secret))]
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/stats")
+    @app.get("/stats", dependencies=authorized)
     async def get_stats() -> dict[str, Any]:
         return {**stats(), "queue": jobs.qsize()}
 
-    @app.post("/generate", response_model=None)
+    @app.post("/generate", response_model=None, dependencies=authorized)
     async def generate(body: GenerateBody) -> StreamingResponse | JSONResponse:
         if jobs.qsize() >= limits.max_queue:
             return JSONResponse(

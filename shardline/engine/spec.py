@@ -33,6 +33,7 @@ class RunnerSpec:
     max_batch: int = 32  # requests decoded together
     max_queue: int = 256  # requests waiting to join; past that the runner answers 429
     prompt_cache_bytes: int = 1 << 30  # prefix cache budget, per rank; 0 = off
+    secret: str = ""  # rank 0 answers /generate and /stats only with `Authorization: Bearer <secret>`; "" = open
 
     def __post_init__(self) -> None:
         problem = spec_problem(self)

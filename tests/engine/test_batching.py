@@ -5,7 +5,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -218,6 +218,19 @@ async def test_a_full_queue_is_refused_with_429(strict: Served) -> None:
     assert "waiting" in refused.json()["detail"]
     assert (await running).final["finish_reason"] == "length"
     assert (await waiting).final["finish_reason"] == "length"  # the queued one was served after
+
+
+async def test_a_runner_with_a_secret_answers_only_its_bearer(workdir: Path, qwen_dir: Path) -> None:
+    specs = [replace(spec, secret="s3cret") for spec in rank_specs([qwen_dir], "single")]
+    with serving(specs, workdir, "secret") as served:
+        async with httpx.AsyncClient(base_url=served.endpoint, timeout=60) as http:
+            refused = await http.post("/generate", json=body(PROMPT, 2))
+            wrong = await http.post("/generate", json=body(PROMPT, 2), headers={"Authorization": "Bearer nope"})
+            stats = await http.get("/stats")
+            health = await http.get("/health")
+            served_ok = await http.post("/generate", json=body(PROMPT, 2), headers={"Authorization": "Bearer s3cret"})
+    assert refused.status_code == wrong.status_code == stats.status_code == 401
+    assert health.status_code == 200 and served_ok.status_code == 200
 
 
 def test_a_model_mlx_cannot_run_fails_loading_with_mlx_reason(workdir: Path, qwen_dir: Path) -> None:

@@ -40,18 +40,33 @@ async def chat(http: httpx.AsyncClient, max_tokens: int = LONG) -> httpx.Respons
     return await http.post("/v1/chat/completions", json=body)
 
 
-async def served_counts(pair: list[dict[str, Any]]) -> list[int]:
-    async with httpx.AsyncClient(timeout=10) as http:
-        return [(await http.get(f"{i['endpoint']}/stats")).json()["requests"] for i in pair]
+async def metric(http: httpx.AsyncClient, name: str) -> dict[str, float]:
+    """One gauge of /metrics, by instance."""
+    families = {f.name: f for f in text_string_to_metric_families((await http.get("/metrics")).text)}
+    return {s.labels["instance"]: s.value for s in families[name].samples}
 
 
 async def test_requests_spread_over_the_instances(cluster: Cluster, pair: list[dict[str, Any]]) -> None:
-    before = await served_counts(pair)
+    ids = [i["instance_id"] for i in pair]
     async with httpx.AsyncClient(base_url=cluster.api, timeout=120) as http:
+        before = await metric(http, "shardline_runner_requests")
         replies = await asyncio.gather(*(chat(http) for _ in range(4)))
+        after = await metric(http, "shardline_runner_requests")
     assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
-    added = [after - was for after, was in zip(await served_counts(pair), before, strict=True)]
+    added = [after[i] - before[i] for i in ids]
     assert sum(added) == 4 and min(added) >= 1, added  # both instances took a share
+
+
+async def test_runners_answer_only_their_api(pair: list[dict[str, Any]]) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 4}
+    async with httpx.AsyncClient(base_url=str(pair[0]["endpoint"]), timeout=30) as runner:
+        anyone = await runner.post("/generate", json=body)
+        guessed = await runner.post("/generate", json=body, headers={"Authorization": "Bearer guess"})
+        stats = await runner.get("/stats")
+        health = await runner.get("/health")
+    assert anyone.status_code == guessed.status_code == stats.status_code == 401
+    assert health.status_code == 200  # liveness stays open
+    assert "secret" not in json.dumps(pair)  # the API never shows it
 
 
 async def test_a_full_instance_answers_429_with_retry_after(cluster: Cluster, pair: list[dict[str, Any]]) -> None:
