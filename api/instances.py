@@ -20,8 +20,11 @@ LOOKUP_TIMEOUT = 3.0  # seconds; past it, the cached endpoints answer
 log = structlog.get_logger(__name__)
 
 
-async def instance_status(client: Client, workflow_id: str) -> InstanceStatus | None:
-    """The live status of a running instance, or the last known state of an ended one."""
+async def instance_status(
+    client: Client, workflow_id: str, known: InstanceStatus | None = None
+) -> InstanceStatus | None:
+    """The live status of a running instance, or the last known state of an ended one. A running instance
+    whose workflow cannot answer now (its worker is restarting) is `known` if given, else "starting"."""
     desc = await describe(client, workflow_id)
     if desc is None:
         return None
@@ -31,7 +34,7 @@ async def instance_status(client: Client, workflow_id: str) -> InstanceStatus | 
         try:
             return await client.get_workflow_handle_for(ServingWorkflow.run, workflow_id).query(ServingWorkflow.status)
         except RPCError:
-            return InstanceStatus(instance_id, model, "starting", "")
+            return known or InstanceStatus(instance_id, model, "starting", "")
     ended = InstanceStatus(instance_id, model, state_of(desc), "")
     if ended.state == "canceled":
         ended.state = "stopped"
@@ -40,10 +43,13 @@ async def instance_status(client: Client, workflow_id: str) -> InstanceStatus | 
     return ended
 
 
-async def list_instances(client: Client, running_only: bool = True) -> list[InstanceStatus]:
+async def list_instances(
+    client: Client, running_only: bool = True, known: dict[str, InstanceStatus] | None = None
+) -> list[InstanceStatus]:
     found = []
     async for execution in client.list_workflows(list_query("serve", running_only=running_only)):
-        status = await instance_status(client, execution.id)
+        last = (known or {}).get(execution.id.removeprefix("serve:"))
+        status = await instance_status(client, execution.id, last)
         if status is not None:
             found.append(status)
     return found
@@ -87,7 +93,9 @@ class InstanceCache:
     async def refresh(self) -> None:
         """Ask Temporal now (keeping what is known if it does not answer)."""
         try:
-            self._instances = await asyncio.wait_for(list_instances(self.client), LOOKUP_TIMEOUT)
+            # an instance whose workflow cannot be queried right now keeps its last known endpoint
+            known = {i.instance_id: i for i in self._instances}
+            self._instances = await asyncio.wait_for(list_instances(self.client, known=known), LOOKUP_TIMEOUT)
         except (RPCError, TimeoutError) as err:
             if not self._instances:
                 raise HTTPException(503, f"the cluster's Temporal server did not answer ({err}): try again") from err

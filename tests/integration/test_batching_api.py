@@ -5,6 +5,7 @@ queued stream gets keep-alive comments, and the metrics and /nodes show the batc
 import asyncio
 import contextlib
 import json
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -139,3 +140,17 @@ async def test_metrics_and_nodes_show_batches_and_the_prefix_cache(
     assert sum(s.value for s in families["shardline_runner_cache_hits"].samples) >= 1
     cached = families["shardline_prompt_cached_tokens"].samples
     assert any(s.labels["model"] == TINY and s.value > 0 for s in cached), cached
+
+
+async def test_routing_survives_a_control_worker_restart(cluster: Cluster, pair: list[dict[str, Any]]) -> None:
+    """Temporal is the control plane only: with no worker to answer the instances' status queries, chats
+    still go to the runners last known ready."""
+    cluster.signal("control", signal.SIGKILL)
+    try:
+        async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as http:
+            for _ in range(3):  # across several refreshes of the API's instance cache (1 s each)
+                reply = await chat(http, 4)
+                assert reply.status_code == 200, reply.text
+                await asyncio.sleep(1.5)
+    finally:
+        cluster.start_control()
