@@ -43,10 +43,13 @@ class ClusterActivities:
         self._cache = cache
 
     @activity.defn(name="online_nodes")
-    async def online_nodes(self) -> list[NodeCapacity]:
+    async def online_nodes(self, asking: str = "") -> list[NodeCapacity]:
+        """Online nodes and their free memory, less what instances other than `asking` have placed on them
+        and not loaded yet (their nodes' readings do not show it): two placements never count on the same bytes."""
         views = await state.list_nodes(self._client)
+        reserved = await state.reserved_memory(self._client, exclude=asking) if asking else {}
         return [
-            NodeCapacity(v.node_id, v.resources.memory_available, v.resources.host)
+            NodeCapacity(v.node_id, max(0, v.resources.memory_available - reserved.get(v.node_id, 0)), v.resources.host)
             for v in views
             if v.state == "online" and v.resources is not None
         ]

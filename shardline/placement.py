@@ -71,6 +71,39 @@ def place(
     return place_pipeline(profile, candidates) if strategy == "pipeline" else place_tensor(profile, candidates)
 
 
+def place_again(
+    profile: ModelProfile,
+    nodes: list[NodeCapacity],
+    strategy: str,
+    pinned: list[str] | None,
+    lost: list[str],
+) -> Placement:
+    """Healing: the nodes just lost are a preference, not a ban (one may be back, and the only one with room);
+    an instance pinned to nodes stays on them: on the pinned nodes still there if they hold it, else on all
+    of them once they are back. Raises the last PlacementError when nothing fits now."""
+    if pinned:
+        survivors = [p for p in pinned if p not in lost]
+        choices: list[tuple[list[NodeCapacity], list[str] | None]] = [(nodes, survivors), (nodes, pinned)]
+        choices = [c for c in choices if c[1]]
+    else:
+        choices = [([n for n in nodes if n.node_id not in lost], None), (nodes, None)]
+    error = PlacementError("no node is online")
+    for candidates, pins in choices:
+        try:
+            return place(profile, candidates, strategy, pins)
+        except PlacementError as err:
+            error = err
+    raise error
+
+
+def planned_bytes(profile: ModelProfile, placement: Placement) -> list[int]:
+    """What each shard will hold in memory, in rank order (what other placements must not count on)."""
+    if placement.strategy == "tensor":
+        size = len(placement.shards)
+        return [profile.outer_bytes + profile.layer_bytes * profile.num_layers // size] * size
+    return [profile.outer_bytes + profile.layer_bytes * (s.layers.end - s.layers.start) for s in placement.shards]
+
+
 def unsplit(
     profile: ModelProfile, candidates: list[NodeCapacity], strategy: str, pinned: list[str] | None
 ) -> Placement | None:

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     )
     max_downloads: int = Field(default=4, ge=1, description="Downloads a node transfers at once; the rest queue")
     download_attempts: int = Field(default=5, ge=1, description="Attempts of a download before it fails")
+    recovery_deadline: float = Field(
+        default=1800.0, gt=0, description="Seconds a healing instance waits for room (a node back) before it fails"
+    )
     max_batch: int = Field(default=32, ge=1, description="Requests a runner decodes together (rank 0's node decides)")
     max_queue: int = Field(
         default=256, ge=1, description="Requests waiting per instance before the runner answers 429 with Retry-After"

@@ -15,7 +15,7 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from shardline import search
-from shardline.ids import download_workflow_id, node_workflow_id
+from shardline.ids import download_workflow_id, node_workflow_id, serve_workflow_id
 from shardline.types import NodeResources
 
 
@@ -145,6 +145,27 @@ async def placed_on(client: Client, workflow_id: str) -> set[str] | None:
         return None
     nodes = {shard["node_id"] for shard in status.get("shards", [])} if isinstance(status, dict) else set()
     return nodes or None
+
+
+RESERVING = ("placing", "downloading", "loading", "recovering")
+
+
+async def reserved_memory(client: Client, exclude: str) -> dict[str, int]:
+    """Bytes per node that running instances (but `exclude`) have placed and not yet loaded."""
+    reserved: dict[str, int] = {}
+    async for execution in client.list_workflows(list_query("serve", running_only=True)):
+        if execution.id == serve_workflow_id(exclude):
+            continue
+        try:
+            status = await asyncio.wait_for(client.get_workflow_handle(execution.id).query("status"), QUERY_WAIT)
+        except (RPCError, WorkflowQueryFailedError, TimeoutError):
+            continue
+        if not isinstance(status, dict) or status.get("state") not in RESERVING:
+            continue
+        for shard in status.get("shards", []):
+            if not shard.get("ready"):
+                reserved[shard["node_id"]] = reserved.get(shard["node_id"], 0) + int(shard.get("planned_bytes", 0))
+    return reserved
 
 
 async def model_users(client: Client, node_id: str, model_id: str) -> list[str]:

@@ -19,7 +19,15 @@ from temporalio.exceptions import (
 with workflow.unsafe.imports_passed_through():
     from shardline import search
     from shardline.ids import CONTROL_QUEUE, download_workflow_id
-    from shardline.placement import ModelProfile, NodeCapacity, Placement, PlacementError, place
+    from shardline.placement import (
+        ModelProfile,
+        NodeCapacity,
+        Placement,
+        PlacementError,
+        place,
+        place_again,
+        planned_bytes,
+    )  # fmt: skip
     from shardline.types import InspectRequest, RunnerReady, ShardSpec
     from workflows.common import (
         CONTROL_ACTIVITY,
@@ -31,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.download import DownloadInput, DownloadWorkflow
 
 MAX_INCIDENTS = 10
+MAX_PLACE_DELAY_S = 60.0
 # ring ports, below the ephemeral ranges of Linux (32768-60999) and macOS (49152-65535): a port taken by some
 # outgoing connection would fail the runner's bind and cost a recovery
 RING_PORTS = (20000, 32767)
@@ -49,6 +58,7 @@ class ServeInput:
     max_recoveries: int = 3  # within any recovery_window_s: a flaky week is not a broken instance
     recoveries: int = 0  # carried across continue-as-new
     recovery_window_s: float = 3600.0
+    recovery_deadline_s: float = 1800.0  # how long healing waits for room (nodes back, memory freed)
     recent_recoveries: list[float] = field(default_factory=list)  # their times (epoch s), carried likewise
     excluded: list[str] = field(default_factory=list)  # nodes just lost: not placed on next time
     incidents: list[str] = field(default_factory=list)  # carried across continue-as-new
@@ -61,6 +71,7 @@ class ShardStatus:
     layer_start: int
     layer_end: int
     ready: bool = False
+    planned_bytes: int = 0  # memory it will hold: reserved from other placements until it is ready
 
 
 @dataclass
@@ -161,6 +172,14 @@ class ServingWorkflow:
 
     async def _place(self, inp: ServeInput, profile: ModelProfile, excluded: list[str]) -> Placement:
         self._set("placing" if not self._status.recoveries else "recovering", f"placing {inp.model_id}")
+        if workflow.patched("heal-waits"):
+            placement = await (self._place_again if self._status.recoveries else self._place_first)(
+                inp, profile, excluded
+            )
+            sizes = planned_bytes(profile, placement)
+            self._status.shards = [ShardStatus(s.node_id, s.rank, s.layers.start, s.layers.end, planned_bytes=b)
+                                   for s, b in zip(placement.shards, sizes, strict=True)]  # fmt: skip
+            return placement
         nodes = await self._control("online_nodes", [], list[NodeCapacity])
         nodes = [n for n in nodes if n.node_id not in excluded]  # type: ignore[attr-defined]
         pinned = [n for n in inp.nodes if n not in excluded] if inp.nodes else None  # heal on the rest of them
@@ -171,6 +190,36 @@ class ServingWorkflow:
             raise ApplicationError(str(err), type="placement", non_retryable=True) from err
         self._status.shards = [ShardStatus(s.node_id, s.rank, s.layers.start, s.layers.end) for s in placement.shards]
         return placement
+
+    async def _nodes(self, inp: ServeInput) -> list[NodeCapacity]:
+        """Online nodes, less the memory other placements have reserved and not loaded yet."""
+        return await self._control("online_nodes", [inp.instance_id], list[NodeCapacity])  # type: ignore[return-value]
+
+    async def _place_first(self, inp: ServeInput, profile: ModelProfile, _: list[str]) -> Placement:
+        """A new instance that cannot be placed fails at once, saying why: the person is waiting for it."""
+        try:
+            return place(profile, await self._nodes(inp), inp.strategy, inp.nodes)
+        except PlacementError as err:
+            self._set("failed", str(err))
+            raise ApplicationError(str(err), type="placement", non_retryable=True) from err
+
+    async def _place_again(self, inp: ServeInput, profile: ModelProfile, lost: list[str]) -> Placement:
+        """Healing waits for room (a restarted node, memory being freed, a stale memory reading) with
+        backoff, until the recovery deadline."""
+        deadline = workflow.now() + timedelta(seconds=inp.recovery_deadline_s)
+        delay = 1.0
+        while True:
+            try:
+                return place_again(profile, await self._nodes(inp), inp.strategy, inp.nodes, lost)
+            except PlacementError as err:
+                reason = str(err)
+            if workflow.now() + timedelta(seconds=delay) > deadline:
+                reason = f"could not place {inp.model_id} again within {inp.recovery_deadline_s:g} s: {reason}"
+                self._set("failed", reason)
+                raise ApplicationError(reason, type="placement", non_retryable=True)
+            self._set("recovering", f"waiting for room: {reason} (next try in {delay:g} s)")
+            await workflow.sleep(delay)
+            delay = min(delay * 2, MAX_PLACE_DELAY_S)
 
     async def _download(self, inp: ServeInput, placement: Placement) -> None:
         self._set("downloading" if not self._status.recoveries else "recovering", "fetching each node's files")

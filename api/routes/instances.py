@@ -35,6 +35,7 @@ async def create_instance(
             body.revision,
             settings.node_wait,
             settings.heartbeat_timeout,
+            recovery_deadline_s=settings.recovery_deadline,
         ),
         id=serve_workflow_id(instance_id),
         task_queue=CONTROL_QUEUE,

@@ -2,7 +2,16 @@ import itertools
 
 import pytest
 
-from shardline.placement import HEADROOM, ModelProfile, NodeCapacity, PlacementError, place, weighted_split
+from shardline.placement import (
+    HEADROOM,
+    ModelProfile,
+    NodeCapacity,
+    PlacementError,
+    place,
+    place_again,
+    planned_bytes,
+    weighted_split,
+)  # fmt: skip
 from shardline.types import LayerRange
 
 GiB = 2**30
@@ -98,3 +107,32 @@ def test_a_model_that_cannot_be_split_runs_whole_on_one_node() -> None:
     assert [(s.node_id, s.layers) for s in roomiest.shards] == [("n1", LayerRange(0, 4))]
     named = place(no_pipe, nodes(8, 100), pinned=["n0"])
     assert [(s.node_id, s.rank, s.layers) for s in named.shards] == [("n0", 0, LayerRange(0, 4))]
+
+
+def test_healing_prefers_the_nodes_still_there_but_may_use_a_lost_one_that_is_back() -> None:
+    online = nodes(10, 10, 10)
+    p = place_again(profile(layers=4), online, "pipeline", None, lost=["n0"])
+    assert "n0" not in {s.node_id for s in p.shards}
+    # only the lost node has room: it came back, and it is used rather than failing
+    again = place_again(profile(layers=4), nodes(10, 0.1), "pipeline", None, lost=["n0"])
+    assert [s.node_id for s in again.shards] == ["n0"]
+
+
+def test_healing_a_pinned_instance_never_leaves_its_nodes() -> None:
+    online = nodes(10, 10, 10)
+    survivors = place_again(profile(layers=4), online, "pipeline", ["n0", "n1"], lost=["n1"])
+    assert {s.node_id for s in survivors.shards} == {"n0"}  # the pinned node still there holds it
+    with pytest.raises(PlacementError, match="nodes not online: n1"):
+        # n0 cannot hold it alone and n1 is gone: wait for n1 rather than move to n2
+        place_again(profile(layers=8), [NodeCapacity("n0", 5 * GiB), NodeCapacity("n2", 50 * GiB)], "pipeline",
+                    ["n0", "n1"], lost=["n1"])  # fmt: skip
+    with pytest.raises(PlacementError, match="nodes not online: n0"):
+        place_again(profile(layers=4), nodes(10, 10)[1:], "pipeline", ["n0"], lost=["n0"])
+
+
+def test_planned_bytes_per_shard() -> None:
+    prof = profile(layers=8)
+    p = place(prof, nodes(10, 10))
+    assert planned_bytes(prof, p) == [int(0.5 * GiB) + 4 * GiB] * 2
+    t = place(prof, nodes(10, 10), "tensor")
+    assert planned_bytes(prof, t) == [int(0.5 * GiB) + 4 * GiB] * 2
