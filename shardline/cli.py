@@ -2,11 +2,14 @@
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
 import time
-from typing import Annotated, Any
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -20,6 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from shardline.lifeline import hold
 from shardline.logs import configure_logging
 from shardline.settings import Settings
 from shardline.temporal import TemporalConfigError
@@ -30,6 +34,7 @@ app = typer.Typer(
 )
 console = Console()
 FINAL = {"completed", "failed", "canceled", "terminated"}
+API_STOP_S = 1.5  # requests still open (a long stream) are cut this long after SIGTERM: `up` stops within 3 s
 
 
 def settings_and_logs(**bound: str) -> Settings:
@@ -41,35 +46,75 @@ def settings_and_logs(**bound: str) -> Settings:
 # --- processes ---------------------------------------------------------------------------------
 
 
+ParentPid = Annotated[
+    int | None, typer.Option("--parent-pid", hidden=True, help="Exit when this process (`shardline up`) does")
+]
+
+
+def run_piece(main: Callable[[], object], parent_pid: int | None) -> NoReturn:
+    """Run a long-lived piece, then leave without interpreter finalization: the Temporal SDK's Rust threads
+    can still call into Python then (a late RPC result), which aborts the process with `Fatal Python error:
+    PyGILState_Release`. Everything worth keeping (Temporal state, logs) is out by the time `main` returns."""
+    if parent_pid is not None:
+        hold(parent_pid)
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except TemporalConfigError as err:  # a setting that cannot work: say which, without a traceback
+        console.print(f"[red]{err}[/red]")
+        code = 2
+    except BaseException:  # noqa: BLE001 - reported here, since the process ends here
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @app.command()
-def control() -> None:
+def control(parent_pid: ParentPid = None) -> None:
     """Run the control worker (every workflow)."""
     from workers.control import run_control
 
-    asyncio.run(run_control(settings_and_logs(process="control")))
+    run_piece(lambda: asyncio.run(run_control(settings_and_logs(process="control"))), parent_pid)
 
 
 @app.command()
-def node() -> None:
+def node(parent_pid: ParentPid = None) -> None:
     """Run this machine's node worker."""
     from workers.node import run_node
 
-    asyncio.run(run_node(settings_and_logs(process="node")))
+    run_piece(lambda: asyncio.run(run_node(settings_and_logs(process="node"))), parent_pid)
 
 
 @app.command()
-def api() -> None:
+def api(parent_pid: ParentPid = None) -> None:
     """Run the HTTP API."""
+    run_piece(serve_api, parent_pid)
+
+
+def serve_api() -> None:
     import uvicorn
 
     from api.app import create_app
 
     settings = settings_and_logs(process="api")
+    # uvicorn raises the signal it stopped on again once it is done; this makes that a no-op, so a
+    # SIGTERM stop ends with status 0 rather than death by SIGTERM
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
         create_app(settings),
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,
+        timeout_graceful_shutdown=API_STOP_S,
     )
 
 
@@ -78,7 +123,7 @@ def up() -> None:
     """Everything on this machine: Temporal (unless SHARDLINE_TEMPORAL_ADDRESS), control, node, API."""
     from shardline.supervisor import run_all
 
-    sys.exit(run_all(settings_and_logs(process="up")))
+    run_piece(lambda: sys.exit(run_all(settings_and_logs(process="up"))), None)
 
 
 # --- client commands (through the HTTP API) ----------------------------------------------------

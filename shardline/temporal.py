@@ -17,6 +17,7 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import TLSConfig
 
 from shardline import search
+from shardline.lifeline import spawn_tied
 from shardline.settings import Settings
 
 
@@ -130,11 +131,13 @@ def devserver_command(settings: Settings, *, headless: bool = False) -> list[str
 
 
 def start_devserver(settings: Settings, *, headless: bool = False) -> subprocess.Popen[bytes]:
+    """The dev server, tied to this process (it dies with it, SIGKILL included: see shardline.lifeline) and in
+    a session of its own, so that Ctrl-C reaches `up` alone and `up` stops the pieces in its own order."""
     settings.home.mkdir(parents=True, exist_ok=True)
-    log = open(settings.home / "temporal.log", "ab")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen(
-        devserver_command(settings, headless=headless),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(settings.home / "temporal.log", "ab") as log:
+        return spawn_tied(
+            devserver_command(settings, headless=headless),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
