@@ -19,10 +19,11 @@ from tests.conftest import TINY
 from tests.support.cluster import REPO, wait_http
 from tests.support.hub_mirror import HubMirror
 from tests.support.relay import free_port
+from tests.support.serving import MESSAGES, serve, wait_state
 from tests.support.waits import eventually, start_download, wait_download
 
 
-def start_up(home: Path, ports: dict[str, int], hub: str) -> subprocess.Popen[bytes]:
+def start_up(home: Path, ports: dict[str, int], hub: str, **settings: str) -> subprocess.Popen[bytes]:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("SHARDLINE_")},
         "SHARDLINE_HOME": str(home),
@@ -32,6 +33,7 @@ def start_up(home: Path, ports: dict[str, int], hub: str) -> subprocess.Popen[by
         "SHARDLINE_LOG_JSON": "true",
         "HF_ENDPOINT": hub,
         "PYTHONPATH": str(REPO),
+        **settings,
     }
     log = open(home.parent / f"{home.name}-up.log", "ab")  # noqa: SIM115 - the child owns it
     return subprocess.Popen([sys.executable, "-m", "shardline", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -77,6 +79,35 @@ async def test_up_runs_everything_and_state_survives_restart(tmp_path: Path, hub
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
             up.wait(60)
+
+
+async def test_a_killed_up_brings_its_instance_back_ready_by_itself(tmp_path: Path, hub: HubMirror) -> None:
+    """A one-node cluster: SIGKILL of `up` takes the runner with it; the next `up` finds the instance's
+    workflow waiting to heal, the node back as itself, and serves it again with nobody asking."""
+    home = tmp_path / "home"
+    ports = {"temporal": free_port(), "ui": free_port(), "api": free_port()}
+    quick = {"SHARDLINE_HEARTBEAT_TIMEOUT": "5"}
+    up = start_up(home, ports, hub.endpoint, **quick)
+    try:
+        wait_http(f"http://127.0.0.1:{ports['api']}/healthz", timeout=90)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['api']}", timeout=60) as http:
+            await eventually(lambda: online_node(http), 60, "the local node is online")
+            instance_id = await serve(http, TINY)
+            first = await wait_state(http, instance_id, {"ready", "failed"}, timeout=120)
+            assert first["state"] == "ready", first
+        up.kill()
+        up.wait(10)
+        up = start_up(home, ports, hub.endpoint, **quick)
+        wait_http(f"http://127.0.0.1:{ports['api']}/healthz", timeout=90)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['api']}", timeout=60) as http:
+            back = await wait_state(http, instance_id, {"ready", "failed"}, timeout=180)
+            assert back["state"] == "ready" and back["recoveries"] >= 1, back
+            body = {"model": TINY, "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+            reply = await http.post("/v1/chat/completions", json=body)
+            assert reply.status_code == 200, reply.text
+            await http.delete(f"/instances/{instance_id}")
+    finally:
+        stop_quietly(up)
 
 
 def start_ready(home: Path, ports: dict[str, int]) -> subprocess.Popen[bytes]:
