@@ -84,15 +84,17 @@ def batch_pipe2(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
         yield served
 
 
-@pytest.mark.parametrize("instance", ["single", "batch_pipe2"])
+@pytest.mark.parametrize(("instance", "model"), [("single", "qwen_dir"), ("batch_pipe2", "qwen_dir"),
+                                                 ("tensor2", "llama_dir")])  # fmt: skip
 async def test_eight_concurrent_requests_batch_and_match_mlx_lm_alone(
-    instance: str, request: pytest.FixtureRequest, qwen_dir: Path, references
+    instance: str, model: str, request: pytest.FixtureRequest, references
 ) -> None:
     served: Served = request.getfixturevalue(instance)
+    model_dir: Path = request.getfixturevalue(model)
     max_tokens = 24
     results = await asyncio.gather(*(timed(served.endpoint, body(p, max_tokens)) for p in PROMPTS))
     for prompt, result in zip(PROMPTS, results, strict=True):
-        assert result.tokens == references(qwen_dir, prompt, max_tokens), prompt
+        assert result.tokens == references(model_dir, prompt, max_tokens), prompt
         assert result.final["finish_reason"] == "length"
     # they ran together: most first tokens came before the first request was done
     first_done = min(r.done_at for r in results)
