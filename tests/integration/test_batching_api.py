@@ -35,6 +35,12 @@ async def pair(cluster: Cluster) -> AsyncIterator[list[dict[str, Any]]]:
         for i in ids:
             await api.delete(f"/instances/{i}")
 
+        async def cache_freed() -> bool:
+            nodes = (await api.get("/nodes")).json()
+            return any(n["node_id"] == NODE and n["prompt_cache_bytes"] == 0 for n in nodes)
+
+        await eventually(cache_freed, 30, "the stopped instances' prefix caches are freed")
+
 
 async def chat(http: httpx.AsyncClient, max_tokens: int = LONG) -> httpx.Response:
     body = {"model": TINY, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0}
