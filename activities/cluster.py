@@ -2,27 +2,34 @@
 
 import asyncio
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from huggingface_hub import HfApi, RepoFile, hf_hub_download
 from temporalio import activity
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.errors import application_error, classify
+from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls
 from shardline import state
 from shardline.engine.capabilities import sharding_support
 from shardline.model_files import INDEX_FILE, layer_sizes
 from shardline.placement import ModelProfile, NodeCapacity
 from shardline.types import DeleteRequest, InspectRequest
 
+PROFILE_FILE = "shardline-profile.json"
+WAIT_POLL_S = 2.0  # how soon a serve starts its own download once the one it waited for has ended
 
-def profile_model(req: InspectRequest, cache: Path) -> ModelProfile:
+
+def profile_model(req: InspectRequest, cache: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> ModelProfile:
     hub = HfApi()
-    revision = hub.model_info(req.model_id, revision=req.revision or "main").sha
+    revision = hub.model_info(req.model_id, revision=req.revision or "main", timeout=timeout_s).sha
     tree = hub.list_repo_tree(req.model_id, revision=revision, recursive=True)
     sizes = {f.path: f.size for f in tree if isinstance(f, RepoFile)}
-    config_path = hf_hub_download(req.model_id, "config.json", revision=revision, local_dir=cache)
+    config_path = hf_hub_download(req.model_id, "config.json", revision=revision, local_dir=cache,
+                                  etag_timeout=timeout_s)  # fmt: skip
     config = json.loads(Path(config_path).read_text())
     if INDEX_FILE not in sizes and "model.safetensors" not in sizes:
         raise application_error("bad_input", f"{req.model_id} has no safetensors weights: mlx-lm cannot load it")
@@ -37,10 +44,27 @@ def profile_model(req: InspectRequest, cache: Path) -> ModelProfile:
                         int(config.get("num_key_value_heads", heads)))  # fmt: skip
 
 
+def remember_profile(cache: Path, req: InspectRequest, profile: ModelProfile) -> None:
+    """So that a serve can still place a model it has seen when the hub is unreachable (its files may be
+    complete on the nodes)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / PROFILE_FILE).write_text(json.dumps({"revision": req.revision, "profile": asdict(profile)}))
+
+
+def remembered_profile(cache: Path, req: InspectRequest) -> ModelProfile | None:
+    try:
+        raw = json.loads((cache / PROFILE_FILE).read_text())
+        return ModelProfile(**raw["profile"]) if raw["revision"] == req.revision else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class ClusterActivities:
-    def __init__(self, client: Client, cache: Path) -> None:
+    def __init__(self, client: Client, cache: Path, hub_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._client = client
         self._cache = cache
+        self._hub_timeout_s = hub_timeout_s
+        bound_hub_calls(hub_timeout_s)
 
     @activity.defn(name="online_nodes")
     async def online_nodes(self, asking: str = "") -> list[NodeCapacity]:
@@ -67,9 +91,34 @@ class ClusterActivities:
 
     @activity.defn(name="inspect_model")
     async def inspect_model(self, req: InspectRequest) -> ModelProfile:
+        cache = self._cache / req.model_id
         try:
-            return await asyncio.to_thread(profile_model, req, self._cache / req.model_id)
+            profile = await asyncio.to_thread(profile_model, req, cache, self._hub_timeout_s)
         except ApplicationError:
             raise
         except Exception as exc:
-            raise application_error(*classify(exc, req.model_id)) from exc
+            kind, message = classify(exc, req.model_id)
+            known = await asyncio.to_thread(remembered_profile, cache, req) if kind == "transient" else None
+            if known is None:
+                raise application_error(kind, message) from exc
+            activity.logger.warning("hub unreachable (%s): using the profile of %s seen before", message, req.model_id)
+            return known
+        await asyncio.to_thread(remember_profile, cache, req, profile)
+        return profile
+
+    @activity.defn(name="wait_workflow_end")
+    async def wait_workflow_end(self, workflow_id: str) -> str:
+        """Until the workflow's latest run ends, however long it runs (heartbeating, so a restarted control
+        worker picks the wait up again); its final status, or NOT_FOUND."""
+        handle = self._client.get_workflow_handle(workflow_id)
+        while True:
+            try:
+                status = (await handle.describe()).status
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                return "NOT_FOUND"
+            if status != WorkflowExecutionStatus.RUNNING:
+                return status.name if status else "UNKNOWN"
+            activity.heartbeat()
+            await asyncio.sleep(WAIT_POLL_S)

@@ -3,7 +3,6 @@
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -14,15 +13,12 @@ import structlog
 from huggingface_hub import HfApi, RepoFile, hf_hub_download
 from temporalio import activity
 
+from activities.completion import intact, local_weight_map, read_completion, write_completion
 from activities.delete import case_alias
 from activities.errors import application_error, classify
+from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls, hub_env
 from shardline.ids import InvalidId, check_model_id
-from shardline.model_files import (
-    COMPLETE_MARKER,
-    INDEX_FILE,
-    files_to_fetch,
-    model_path,
-)
+from shardline.model_files import INDEX_FILE, files_to_fetch, model_path, record_completion
 from shardline.types import DownloadProgress, DownloadRequest, DownloadResult
 
 log = structlog.get_logger(__name__)
@@ -31,22 +27,44 @@ DISK_MARGIN = 64 * 2**20
 
 @dataclass
 class Plan:
-    files: dict[str, int]  # path in repo -> size in bytes
+    files: dict[str, int]  # path in repo -> size in bytes: what this request needs
     commit: str
+    repo: dict[str, int]  # what a download of the whole model needs
 
 
-def plan_download(req: DownloadRequest, dest: Path) -> Plan:
-    """Ask the hub which files exist and which of them this request needs (blocking)."""
+def plan_download(req: DownloadRequest, dest: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> Plan:
+    """Ask the hub which files exist and which of them this request needs (blocking; each call bounded)."""
     hub = HfApi()
-    info = hub.model_info(req.model_id, revision=req.revision or "main")
+    info = hub.model_info(req.model_id, revision=req.revision or "main", timeout=timeout_s)
     tree = hub.list_repo_tree(req.model_id, revision=info.sha, recursive=True)
     sizes = {f.path: f.size for f in tree if isinstance(f, RepoFile)}
     weight_map = None
     if req.layers is not None and INDEX_FILE in sizes:
-        index = hf_hub_download(req.model_id, INDEX_FILE, revision=info.sha, local_dir=dest)
+        index = hf_hub_download(req.model_id, INDEX_FILE, revision=info.sha, local_dir=dest, etag_timeout=timeout_s)
         weight_map = json.loads(Path(index).read_text())["weight_map"]
     wanted = files_to_fetch(sizes, weight_map, req.layers)
-    return Plan(files={f: sizes[f] for f in wanted}, commit=info.sha or "")
+    repo = {f: sizes[f] for f in files_to_fetch(sizes, None, None)}
+    return Plan(files={f: sizes[f] for f in wanted}, commit=info.sha or "", repo=repo)
+
+
+def plan_from_disk(req: DownloadRequest, dest: Path) -> Plan | None:
+    """The plan the completion marker answers without the hub: only when every file the request needs is
+    recorded complete and still on disk at its size (the hub is unreachable; what is here is enough)."""
+    done = read_completion(dest)
+    if done is None or req.revision not in (None, done.commit):
+        return None
+    needed = done.needed(local_weight_map(dest) if req.layers is not None else None, req.layers)
+    if not needed or any(done.complete.get(name) != size for name, size in needed.items()):
+        return None
+    return Plan(files=needed, commit=done.commit, repo=done.repo) if intact(dest, needed) else None
+
+
+def already_complete(dest: Path, plan: Plan) -> bool:
+    """Every file of the plan was recorded complete at this commit and is still on disk: nothing to fetch."""
+    done = read_completion(dest)
+    if done is None or done.commit != plan.commit:
+        return False
+    return all(done.complete.get(name) == size for name, size in plan.files.items()) and intact(dest, plan.files)
 
 
 def bytes_on_disk(dest: Path, files: dict[str, int]) -> tuple[int, int]:
@@ -63,9 +81,11 @@ def bytes_on_disk(dest: Path, files: dict[str, int]) -> tuple[int, int]:
 
 
 class DownloadActivities:
-    def __init__(self, models_dir: Path, max_concurrent: int = 4) -> None:
+    def __init__(self, models_dir: Path, max_concurrent: int = 4, hub_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._models_dir = models_dir
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._hub_timeout_s = hub_timeout_s
+        bound_hub_calls(hub_timeout_s)
 
     @activity.defn(name="download_model")
     async def download_model(self, req: DownloadRequest) -> DownloadResult:
@@ -109,10 +129,18 @@ class DownloadActivities:
         activity.heartbeat(DownloadProgress(phase="listing"))
         dest.mkdir(parents=True, exist_ok=True)
         try:
-            plan = await asyncio.to_thread(plan_download, req, dest)
+            plan = await asyncio.to_thread(plan_download, req, dest, self._hub_timeout_s)
         except Exception as exc:
-            raise application_error(*classify(exc, req.model_id)) from exc
+            kind, message = classify(exc, req.model_id)
+            offline = await asyncio.to_thread(plan_from_disk, req, dest) if kind == "transient" else None
+            if offline is None:
+                raise application_error(kind, message) from exc
+            logger.warning("download.hub_unreachable", reason=message, files=len(offline.files))
+            return self._result(req, dest, offline, 0, 0.0)
         total = sum(plan.files.values())
+        if await asyncio.to_thread(already_complete, dest, plan):
+            logger.info("download.already_complete", files=len(plan.files), bytes_total=total)
+            return self._result(req, dest, plan, 0, 0.0)
         start_bytes, _ = bytes_on_disk(dest, plan.files)
         free = shutil.disk_usage(dest).free
         if total - start_bytes + DISK_MARGIN > free:
@@ -128,29 +156,16 @@ class DownloadActivities:
         )
         started = time.monotonic()
         await self._fetch(req, plan, dest, start_bytes, started)
-        (dest / COMPLETE_MARKER).write_text(
-            json.dumps(
-                {
-                    "model_id": req.model_id,
-                    "commit": plan.commit,
-                    "files": sorted(plan.files),
-                }
-            )
-        )
+        # record exactly what this request completed: a layer range never reads as the whole model
+        done = record_completion(read_completion(dest), req.model_id, plan.commit, plan.repo, plan.files)
+        await asyncio.to_thread(write_completion, dest, done)
         seconds = time.monotonic() - started
-        logger.info(
-            "download.done",
-            seconds=round(seconds, 2),
-            bytes_fetched=total - start_bytes,
-        )
-        return DownloadResult(
-            req.model_id,
-            str(dest),
-            sorted(plan.files),
-            total,
-            total - start_bytes,
-            seconds,
-        )
+        logger.info("download.done", seconds=round(seconds, 2), bytes_fetched=total - start_bytes, full_model=done.full)
+        return self._result(req, dest, plan, total - start_bytes, seconds)
+
+    @staticmethod
+    def _result(req: DownloadRequest, dest: Path, plan: Plan, fetched: int, seconds: float) -> DownloadResult:
+        return DownloadResult(req.model_id, str(dest), sorted(plan.files), sum(plan.files.values()), fetched, seconds)
 
     async def _fetch(
         self,
@@ -161,11 +176,10 @@ class DownloadActivities:
         started: float,
     ) -> None:
         spec = {"repo_id": req.model_id, "revision": plan.commit or req.revision, "local_dir": str(dest),
-                "files": sorted(plan.files)}  # fmt: skip
-        env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                "files": sorted(plan.files), "timeout_s": self._hub_timeout_s}  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "activities.fetch",
-            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=hub_env(self._hub_timeout_s),
         )  # fmt: skip
         assert proc.stdin and proc.stderr
         proc.stdin.write(json.dumps(spec).encode())

@@ -27,9 +27,11 @@ def exit_with_parent() -> None:
 def main() -> int:
     spec = json.load(sys.stdin)
     exit_with_parent()
-    from huggingface_hub import (
-        snapshot_download,  # after the watcher: importing takes a while
-    )
+    from huggingface_hub import snapshot_download  # after the watcher: importing takes a while
+
+    from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls
+
+    bound_hub_calls(spec.get("timeout_s", DEFAULT_TIMEOUT_S))
 
     try:
         snapshot_download(

@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from temporalio import activity
 from temporalio.client import Client
@@ -16,6 +17,12 @@ class PresenceActivities:
         self._client = client
         self._settings = settings
         self._ledger = ledger or CacheLedger()
+        # its own threads: stalled hub calls or slow deletes filling asyncio's shared pool cannot hold presence
+        # back until a live node is declared gone
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="presence")
+
+    async def _resources(self, node_id: str) -> NodeResources:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._read, node_id)
 
     def _read(self, node_id: str) -> NodeResources:
         s = self._settings
@@ -24,11 +31,11 @@ class PresenceActivities:
     @activity.defn(name="node_presence")
     async def node_presence(self, inp: PresenceInput) -> None:
         info = activity.info()
-        resources = await asyncio.to_thread(self._read, inp.node_id)
+        resources = await self._resources(inp.node_id)
         workflow = self._client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
         await workflow.signal("online", resources)
         deadline = time.monotonic() + inp.lease_s
         while time.monotonic() < deadline:
             activity.heartbeat(resources)
             await asyncio.sleep(inp.report_every_s)
-            resources = await asyncio.to_thread(self._read, inp.node_id)
+            resources = await self._resources(inp.node_id)

@@ -1,6 +1,5 @@
 """What a node has: memory, backend, disk, models on disk."""
 
-import json
 import platform
 import shutil
 import socket
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import psutil
 
+from activities.completion import read_completion
 from shardline.model_files import COMPLETE_MARKER
 from shardline.types import NodeResources
 
@@ -30,15 +30,14 @@ def chip() -> str:
 
 
 def models_on_disk(models_dir: Path) -> list[str]:
-    """Models whose download finished (they carry the completion marker)."""
+    """Models downloaded whole (their completion marker says every file is complete; a layer range is not)."""
     if not models_dir.is_dir():
         return []
     found = []
     for marker in models_dir.glob(f"**/{COMPLETE_MARKER}"):
-        try:
-            found.append(json.loads(marker.read_text())["model_id"])
-        except (OSError, ValueError, KeyError):
-            continue
+        done = read_completion(marker.parent)
+        if done is not None and done.full:
+            found.append(done.model_id)
     return sorted(found)
 
 

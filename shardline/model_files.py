@@ -2,6 +2,7 @@
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,31 @@ def layer_sizes(config: dict[str, Any], weight_bytes: int) -> tuple[int, int, in
     tables = 1 if config.get("tie_word_embeddings", False) else 2  # embeddings, and a separate head
     outer = min(int(vocab * hidden * tables * param_bytes(config)), weight_bytes // 2)
     return layers, max((weight_bytes - outer) // layers, 1), outer
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a node's copy of a model holds, as its completion marker records it: the files a full download
+    fetches at `commit` (with sizes), and those of them verified complete, so a layer range never reads as
+    the whole model."""
+
+    model_id: str
+    commit: str
+    repo: dict[str, int]
+    complete: dict[str, int]
+
+    @property
+    def full(self) -> bool:
+        return all(self.complete.get(name) == size for name, size in self.repo.items())
+
+    def needed(self, weight_map: dict[str, str] | None, layers: LayerRange | None) -> dict[str, int]:
+        """The files (and sizes) a request for `layers` needs, from the listing recorded at download time."""
+        return {name: self.repo[name] for name in files_to_fetch(self.repo, weight_map, layers)}
+
+
+def record_completion(previous: Completion | None, model_id: str, commit: str, repo: dict[str, int],
+                      fetched: dict[str, int]) -> Completion:  # fmt: skip
+    """The marker after `fetched` completed at `commit`; what an earlier commit completed no longer counts."""
+    kept = previous.complete if previous is not None and previous.commit == commit else {}
+    complete = {name: size for name, size in {**kept, **fetched}.items() if repo.get(name) == size}
+    return Completion(model_id, commit, dict(sorted(repo.items())), dict(sorted(complete.items())))

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         description="Seconds node-bound work waits for its node to pick it up (each attempt)",
     )
     max_downloads: int = Field(default=4, ge=1, description="Downloads a node transfers at once; the rest queue")
+    hub_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a hub call waits for a connection or its next bytes; a stalled transfer ends the attempt",
+    )
     download_attempts: int = Field(default=5, ge=1, description="Attempts of a download before it fails")
     recovery_deadline: float = Field(
         default=1800.0, gt=0, description="Seconds a healing instance waits for room (a node back) before it fails"

@@ -18,12 +18,18 @@ WORKFLOWS = [NodeWorkflow, DownloadWorkflow, DeleteModelWorkflow, ServingWorkflo
 
 async def run_control(settings: Settings) -> None:
     client = await connect(settings, wait_s=60, export_metrics=True)
-    cluster = ClusterActivities(client, settings.home / "cache")
+    cluster = ClusterActivities(client, settings.home / "cache", settings.hub_timeout)
     worker = Worker(
         client,
         task_queue=CONTROL_QUEUE,
         workflows=WORKFLOWS,
-        activities=[cluster.online_nodes, cluster.node_state, cluster.inspect_model, cluster.model_users],
+        activities=[
+            cluster.online_nodes,
+            cluster.node_state,
+            cluster.inspect_model,
+            cluster.model_users,
+            cluster.wait_workflow_end,
+        ],
     )
     structlog.get_logger(__name__).info("control.started", task_queue=CONTROL_QUEUE, temporal=settings.target)
     await run_until_signal(worker)

@@ -32,7 +32,7 @@ async def run_node(settings: Settings) -> None:
     ledger = CacheLedger()
     activities = [
         PresenceActivities(client, settings, ledger).node_presence,
-        DownloadActivities(settings.models_dir, settings.max_downloads).download_model,
+        DownloadActivities(settings.models_dir, settings.max_downloads, settings.hub_timeout).download_model,
         DeleteActivities(settings.models_dir).delete_model,
         ShardActivities(client, settings, node_id, ledger).run_shard,
     ]

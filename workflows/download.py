@@ -2,12 +2,27 @@
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
+from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from shardline.ids import CONTROL_QUEUE
     from shardline.types import DownloadRequest, DownloadResult, LayerRange
     from workflows.common import run_on_node, set_state
+
+# histories of serves recorded before a serve waited for a running download as long as it ran replay the
+# old 5-minute cap
+DOWNLOAD_WAITS = "serve-waits-for-download"
+# waiting on someone else's download runs on the control worker, as long as the download does (it may take
+# days); a restarted control worker picks the wait up again within the heartbeat timeout
+WAIT_FOR_DOWNLOAD: dict[str, Any] = {
+    "task_queue": CONTROL_QUEUE,
+    "start_to_close_timeout": timedelta(days=3),
+    "heartbeat_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(maximum_interval=timedelta(seconds=30)),
+}
 
 
 @dataclass
@@ -39,3 +54,9 @@ class DownloadWorkflow:
         )
         set_state("completed", f"{inp.model_id} on {inp.node_id}: {len(result.files)} files")
         return result
+
+
+async def wait_until_ended(workflow_id: str) -> str:
+    """From a workflow: until the download `workflow_id` (someone else's) ends; how it ended."""
+    ended: str = await workflow.execute_activity("wait_workflow_end", workflow_id, result_type=str, **WAIT_FOR_DOWNLOAD)
+    return ended

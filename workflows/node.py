@@ -12,6 +12,18 @@ with workflow.unsafe.imports_passed_through():
 
 # The presence activity returns after this long, so history grows by a few events per lease.
 PRESENCE_LEASE = timedelta(hours=1)
+# histories recorded before presence backed off replay without its timers
+PRESENCE_BACKOFF = "presence-backoff"
+BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 60.0
+HEALTHY_RUN_S = 60.0  # a presence that ran this long was healthy: the next failure starts the backoff over
+
+
+def presence_backoff(previous_s: float, lasted_s: float) -> float:
+    """Seconds to wait before presence runs again after the node failed it: exponential from 1 s to 60 s
+    while it keeps failing fast (a disk unplugged), nothing after a healthy run."""
+    if lasted_s >= HEALTHY_RUN_S:
+        return 0.0
+    return min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, previous_s * 2))
 
 
 @dataclass
@@ -48,14 +60,23 @@ class NodeWorkflow:
             report_every_s=max(0.5, inp.heartbeat_timeout_s / 4),
             lease_s=PRESENCE_LEASE.total_seconds(),
         )
+        backoff = 0.0
         while True:
+            started = workflow.now()
             try:
                 await workflow.execute_activity("node_presence", presence, **options)
             except ActivityError as err:
                 if isinstance(err.cause, TimeoutError) and err.cause.type == TimeoutType.SCHEDULE_TO_START:
                     self._set("departed", f"offline for more than {inp.grace_s:g} s")
                     return self._status
-                self._set("offline", f"no heartbeat for {inp.heartbeat_timeout_s:g} s")
+                if isinstance(err.cause, TimeoutError) or not workflow.patched(PRESENCE_BACKOFF):
+                    self._set("offline", f"no heartbeat for {inp.heartbeat_timeout_s:g} s")
+                else:  # the node ran presence and it failed: waiting is what bounds a fast failure
+                    backoff = presence_backoff(backoff, (workflow.now() - started).total_seconds())
+                    reason = getattr(err.cause, "message", None) or str(err.cause or err)
+                    self._set("offline", f"presence failed on the node ({reason}); again in {backoff:g} s")
+                    if backoff:
+                        await workflow.sleep(backoff)
             if workflow.info().is_continue_as_new_suggested():
                 workflow.continue_as_new(inp)  # nothing is running here: presence just ended
 

@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
         node_activity_options,
         set_state,
     )
-    from workflows.download import DownloadInput, DownloadWorkflow
+    from workflows.download import DOWNLOAD_WAITS, DownloadInput, DownloadWorkflow, wait_until_ended
 
 MAX_INCIDENTS = 10
 MAX_PLACE_DELAY_S = 60.0
@@ -227,12 +227,14 @@ class ServingWorkflow:
 
     async def _download_one(self, inp: ServeInput, node_id: str, layers: object) -> None:
         child = DownloadInput(node_id, inp.model_id, inp.revision, layers, inp.node_wait_s, inp.heartbeat_timeout_s)  # type: ignore[arg-type]
-        for _ in range(60):
+        workflow_id = download_workflow_id(node_id, inp.model_id)
+        waits = 0
+        while True:
             try:
                 await workflow.execute_child_workflow(
                     DownloadWorkflow.run,
                     child,
-                    id=download_workflow_id(node_id, inp.model_id),
+                    id=workflow_id,
                     task_queue=CONTROL_QUEUE,
                     id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                     search_attributes=search.attributes("download", "running", node=node_id, model=inp.model_id),
@@ -240,7 +242,14 @@ class ServingWorkflow:
                 )
                 return
             except WorkflowAlreadyStartedError:
-                await workflow.sleep(5)  # someone else's download of the same model: let it finish first
+                # someone else's download of the same model: let it finish first, then ours finds its files on disk
+                if workflow.patched(DOWNLOAD_WAITS):
+                    await wait_until_ended(workflow_id)
+                    continue
+                await workflow.sleep(5)  # recorded before a serve waited as long as the download ran
+                waits += 1
+                if waits == 60:
+                    break
         raise ApplicationError(f"a download of {inp.model_id} onto {node_id} never finished", non_retryable=True)
 
     async def _run(self, inp: ServeInput, placement: Placement) -> None:

@@ -1,5 +1,5 @@
-"""A TCP relay: a slow link (bandwidth-limited), so tests can act mid-download; the way a node on another
-network (namespace) reaches a service on loopback; or a TLS front for a plaintext server."""
+"""A TCP relay: a slow link (bandwidth-limited) or a stalled one, so tests can act mid-download; the way a node
+on another network (namespace) reaches a service on loopback; or a TLS front for a plaintext server."""
 
 import asyncio
 import contextlib
@@ -45,6 +45,8 @@ class Relay:
         self._server: asyncio.Server | None = None
         self._budget_lock = threading.Lock()
         self._next_free = time.monotonic()
+        self._flowing = asyncio.Event()  # cleared: connections are accepted, and nothing comes back
+        self._flowing.set()
 
     @property
     def endpoint(self) -> str:
@@ -63,10 +65,23 @@ class Relay:
         finally:
             self.bytes_per_s = before
 
+    @contextlib.contextmanager
+    def stall(self) -> Iterator[None]:
+        """A hub that stops answering mid-way (and to every new connection) while the block runs."""
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+        try:
+            yield
+        finally:
+            self._loop.call_soon_threadsafe(self._flowing.set)
+
     def start(self) -> "Relay":
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         async def close() -> None:
@@ -92,6 +107,8 @@ class Relay:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: bool) -> None:
         try:
             while chunk := await reader.read(16384):
+                if limit:
+                    await self._flowing.wait()
                 if limit and self.bytes_per_s:
                     await asyncio.sleep(self._delay(len(chunk)))
                     self.bytes_sent += len(chunk)

@@ -2,7 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from shardline.model_files import files_to_fetch, model_path, tensor_layer, weight_files_for_layers
+from shardline.model_files import (
+    INDEX_FILE,
+    Completion,
+    files_to_fetch,
+    model_path,
+    record_completion,
+    tensor_layer,
+    weight_files_for_layers,
+)
 from shardline.types import LayerRange
 
 WEIGHT_MAP = {
@@ -55,3 +63,23 @@ def test_files_to_fetch_for_a_range() -> None:
 
 def test_model_path() -> None:
     assert model_path(Path("/m"), "org/name") == Path("/m/org/name")
+
+
+def test_a_layer_range_never_reads_as_the_whole_model() -> None:
+    repo = {"config.json": 10, INDEX_FILE: 20, "a.safetensors": 100, "b.safetensors": 200}
+    weight_map = {"model.layers.0.w": "a.safetensors", "model.layers.1.w": "b.safetensors", "norm.w": "a.safetensors"}
+    first = Completion("org/m", "c1", repo, {}).needed(weight_map, LayerRange(0, 1))
+    assert sorted(first) == ["a.safetensors", "config.json", INDEX_FILE]
+    ranged = record_completion(None, "org/m", "c1", repo, first)
+    assert not ranged.full and ranged.needed(weight_map, LayerRange(0, 1)) == first
+    whole = record_completion(ranged, "org/m", "c1", repo, {"b.safetensors": 200})  # a full download: the rest
+    assert whole.full and whole.complete == repo
+
+
+def test_completion_of_another_commit_or_size_does_not_count() -> None:
+    repo = {"config.json": 10, "a.safetensors": 100}
+    old = record_completion(None, "org/m", "c1", repo, repo)
+    assert old.full
+    moved = record_completion(old, "org/m", "c2", {"config.json": 10, "a.safetensors": 150}, {"config.json": 10})
+    assert moved.complete == {"config.json": 10} and not moved.full
+    assert record_completion(None, "org/m", "c1", repo, {"a.safetensors": 99}).complete == {}
