@@ -10,7 +10,7 @@ from api.deps import require_api_key
 from api.errors import install_error_handlers
 from api.instances import InstanceCache
 from api.metrics import Metrics
-from api.routes import dashboard, downloads, health, instances, metrics, nodes, openai
+from api.routes import anthropic, dashboard, downloads, health, instances, metrics, nodes, openai, responses
 from api.runners import InFlight
 from shardline.settings import Settings
 from shardline.temporal import connect
@@ -35,7 +35,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(dashboard.page)  # the page is public; it asks for the key the data wants
-    protected = (nodes.router, downloads.router, instances.router, openai.router, dashboard.router, metrics.router)
+    protected = (nodes.router, downloads.router, instances.router, openai.router, anthropic.router, responses.router,
+                 dashboard.router, metrics.router)  # fmt: skip
     for router in protected:
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app

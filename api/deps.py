@@ -51,10 +51,18 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 InFlightDep = Annotated[InFlight, Depends(get_in_flight)]
 
 
-def require_api_key(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    """With SHARDLINE_API_KEY set, every endpoint but /healthz wants `Authorization: Bearer <key>`."""
+def require_api_key(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> None:
+    """With SHARDLINE_API_KEY set, every endpoint but /healthz wants `Authorization: Bearer <key>` or, as
+    Anthropic's clients send it, `x-api-key: <key>`."""
     if settings.api_key is None:
         return
-    expected = f"Bearer {settings.api_key.get_secret_value()}".encode()
-    if not secrets.compare_digest((authorization or "").encode(), expected):
-        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <SHARDLINE_API_KEY>'")
+    key = settings.api_key.get_secret_value().encode()
+    bearer = secrets.compare_digest((authorization or "").encode(), b"Bearer " + key)
+    if not (bearer or secrets.compare_digest((x_api_key or "").encode(), key)):
+        raise HTTPException(
+            401, "missing or wrong API key: send 'Authorization: Bearer <SHARDLINE_API_KEY>' or 'x-api-key: <key>'"
+        )

@@ -16,18 +16,35 @@ def error_response(
     )
 
 
+def anthropic_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Anthropic's error shape, for /v1/messages."""
+    kinds = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error"}
+    kind = kinds.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return JSONResponse(
+        status_code=status, content={"type": "error", "error": {"type": kind, "message": message}}, headers=headers
+    )
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "this field is not supported (refused rather than ignored)"
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts)
 
 
+def is_anthropic(request: Request) -> bool:
+    return request.url.path.startswith("/v1/messages")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if is_anthropic(request):
+            return anthropic_error(exc.status_code, str(exc.detail), exc.headers)
         kinds = {404: "not_found_error", 429: "rate_limit_error"}
         kind = kinds.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
         return error_response(exc.status_code, str(exc.detail), kind, exc.headers)
@@ -39,5 +56,9 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _validation_message(exc))
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the inference endpoints answer a request they cannot honour as OpenAI and Anthropic do: 400
+        if is_anthropic(request):
+            return anthropic_error(400, _validation_message(exc))
+        status = 400 if request.url.path.startswith("/v1/") else 422
+        return error_response(status, _validation_message(exc))

@@ -1,38 +1,105 @@
-"""OpenAI wire types: only what /v1/chat/completions and /v1/models take and give."""
+"""OpenAI wire types: what /v1/chat/completions, /v1/completions and /v1/models take and give.
+
+A field OpenAI defines that shardline cannot honour is refused (400 naming it), never ignored:
+requests forbid unknown fields, and those that are known but limited say so in their validators.
+"""
 
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_TOKENS = 32768
 
 
-class ChatMessage(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def part_text(part: dict[str, Any], where: str) -> str:
+    kind = part.get("type")
+    if kind not in ("text", "input_text", "output_text"):
+        raise ValueError(f"{where} content part type {kind!r} is not supported: this model takes text only")
+    return str(part.get("text", ""))
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(BaseModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None  # a reasoning model's earlier thinking; templates may drop it
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        if isinstance(value, list):
+            for part in value:
+                part_text(part, "a message's")
+        return value
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part_text(part, "a message's") for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        role = "system" if self.role == "developer" else self.role
+        out: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+class FunctionDef(BaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class SamplingOptions(Strict):
+    """The sampling options every endpoint shares (OpenAI's names; mlx_lm's meaning)."""
+
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
+    user: str | None = None  # accepted: it changes nothing in the output
+    metadata: dict[str, Any] | None = None  # likewise
 
     @field_validator("stop")
     @classmethod
@@ -42,15 +109,114 @@ class ChatRequest(BaseModel):
             raise ValueError("stop takes at most 4 non-empty strings")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if value and any(not -100 <= b <= 100 for b in value.values()):
+            raise ValueError("logit_bias values must be between -100 and 100")
+        return value
+
+    def runner_sampling(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty or 0.0,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": self.logit_bias or {},
+            "seed": self.seed,
+            "stop": [self.stop] if isinstance(self.stop, str) else self.stop or [],
+        }
+
+
+def tools_for(tools: list[Tool] | None, choice: Any) -> list[dict[str, Any]] | None:
+    """The tools the template shows the model: none for `none`, only the named one for a named choice."""
+    if not tools or choice == "none":
+        return None
+    listed = [t.model_dump(exclude_none=True) for t in tools]
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+        listed = [t for t in listed if t["function"]["name"] == name]
+        if not listed:
+            raise ValueError(f"tool_choice names {name!r}, which is not in tools")
+    return listed
+
+
+def check_tool_choice(choice: Any) -> Any:
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return choice
+    raise ValueError("tool_choice must be auto, none, required or {'type': 'function', 'function': {'name': ...}}")
+
+
+class ChatRequest(SamplingOptions):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # the model decides how many it makes
+    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    _tool_choice = field_validator("tool_choice")(check_tool_choice)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChatRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        tools_for(self.tools, self.tool_choice)
+        return self
+
     def generate_body(self) -> dict[str, Any]:
         """What rank 0's runner takes on /generate."""
         return {
-            "messages": [{"role": m.role, "content": m.text()} for m in self.messages],
+            "messages": [m.for_template() for m in self.messages],
             "max_tokens": self.max_completion_tokens or self.max_tokens or 512,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "stop": [self.stop] if isinstance(self.stop, str) else self.stop or [],
+            **self.runner_sampling(),
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+            "tools": tools_for(self.tools, self.tool_choice),
+            "response_format": self.response_format,
+            "chat_template_kwargs": self.chat_template_kwargs or {},
+        }
+
+
+class CompletionRequest(SamplingOptions):
+    model: str
+    prompt: str | list[str]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int = Field(default=16, ge=1, le=MAX_TOKENS)
+    echo: Literal[False] = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    suffix: None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("one prompt per request (a list of several is a batch: send them as separate requests)")
+        return value
+
+    def generate_body(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt if isinstance(self.prompt, str) else self.prompt[0],
+            "max_tokens": self.max_tokens,
+            **self.runner_sampling(),
+            "logprobs": self.logprobs,
+            "response_format": self.response_format,
         }
 
 
@@ -65,11 +231,19 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
+class Placement(BaseModel):
+    instance_id: str
+    strategy: str
+    shards: list[dict[str, Any]]  # node_id, rank, layer_start, layer_end
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "shardline"
+    context_length: int | None = None  # tokens the model attends to; None = its config does not say
+    placement: list[Placement] = Field(default_factory=list)  # each ready instance and its layers on each node
 
 
 class ModelList(BaseModel):
@@ -77,32 +251,65 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+def completion_id(prefix: str = "chatcmpl-") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:
     return int(time.time())
 
 
-def chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+def chunk(
+    cid: str, model: str, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
+) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": now(),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
     }
 
 
-def completion(cid: str, model: str, text: str, finish: str, usage: Usage) -> dict[str, Any]:
+def completion(
+    cid: str, model: str, message: dict[str, Any], finish: str, usage: Usage, logprobs: Any = None
+) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": now(),
         "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
         "usage": usage.model_dump(),
+    }
+
+
+def chat_logprobs(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs.content` from the runner's token events."""
+
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {
+                **entry(e.get("token_text", e.get("text", "")), e["logprob"]),
+                "top_logprobs": [entry(t["text"], t["logprob"]) for t in e.get("top_logprobs", [])],
+            }
+            for e in events
+        ]
+    }
+
+
+def text_logprobs(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The legacy completions `logprobs` object."""
+    offsets, at = [], 0
+    for e in events:
+        offsets.append(at)
+        at += len(e.get("token_text", ""))
+    return {
+        "tokens": [e.get("token_text", "") for e in events],
+        "token_logprobs": [e["logprob"] for e in events],
+        "top_logprobs": [{t["text"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in events],
+        "text_offset": offsets,
     }

@@ -106,3 +106,14 @@ async def runner_stats(http: httpx.AsyncClient, instance: InstanceStatus) -> dic
         return dict(response.json()) if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
+
+
+async def tokenize(http: httpx.AsyncClient, instance: InstanceStatus, body: dict[str, Any]) -> int:
+    """How many tokens the runner's template and tokenizer make of `body`'s prompt."""
+    try:
+        response = await http.post(f"{instance.endpoint}/tokenize", json=body, headers=auth(instance), timeout=30.0)
+    except httpx.TransportError as exc:
+        raise RunnerUnreachable(f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
+    if response.status_code != 200:
+        raise refusal(response, response.content)
+    return int(response.json()["prompt_tokens"])

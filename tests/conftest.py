@@ -13,12 +13,13 @@ from shardline.settings import Settings
 from shardline.temporal import connect
 from tests.support.cluster import TIMEOUTS, Cluster
 from tests.support.hub_mirror import HubMirror, publish_model
-from tests.support.model_factory import make_tiny_model
+from tests.support.model_factory import make_tiny_model, make_tool_model
 from tests.support.relay import Relay
 
 __all__ = ["TIMEOUTS", "Cluster"]
 TINY = "test-org/tiny"  # 4 layers in 3 files: quick
 QWEN = "test-org/qwen-tiny"  # qwen2: pipeline and tensor parallel in mlx-lm
+TOOLS = "test-org/tool-chain"  # calls a tool, deterministically (model_factory.make_tool_model)
 CHUNKY = "test-org/chunky"  # ~26 MB in 4 weight files: slow enough, behind the throttle, to act mid-download
 
 
@@ -29,6 +30,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         TINY: make_tiny_model(root / "tiny", num_layers=4, num_files=3),
         QWEN: make_tiny_model(root / "qwen", model_type="qwen2", num_layers=6, num_files=4, seed=1),
+        TOOLS: make_tool_model(root / "tools"),
     }
 
 

@@ -19,8 +19,9 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from shardline.engine.grammar import Grammars
 from shardline.engine.protocol import Join, Step
-from shardline.engine.sampling import sampler_for
+from shardline.engine.sampling import processors_for, sampler_for
 
 PREFILL_BATCH = 8  # prompts prefilled together
 UNBOUNDED = 1 << 30
@@ -58,6 +59,7 @@ class Batch:
             "prefill_step_size": prefill_step,
         }
         self.model = model
+        self.grammars = Grammars(tokenizer)
         self.generator = BatchGenerator(model, **self.options)
         self.store: dict[int, list[Any]] = {}
         self.sizes: dict[int, int] = {}
@@ -109,6 +111,7 @@ class Batch:
             caches=[caches] if caches is not None else None,
             all_tokens=[join.tokens[: join.reuse]],
             samplers=[sampler_for(join.sampling)],
+            logits_processors=[processors_for(join.sampling, self.grammars)],
         )
         return uid
 

@@ -22,6 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from shardline.engine import protocol
 from shardline.engine.batch import Batch, Kept, Response
+from shardline.engine.channels import Channels
 from shardline.engine.prefix_cache import PrefixIndex
 from shardline.engine.protocol import IDLE, SHUTDOWN, Join, Sampling, Step
 from shardline.engine.stops import StopMatcher
@@ -39,6 +40,9 @@ class Job:
     stop: list[str]
     emit: Callable[[dict], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    tools: list[dict[str, Any]] | None = None  # given: the model's tool calls are parsed out of its text
+    thinking: bool = False  # the prompt left the model inside its reasoning
+    logprobs: int | None = None  # None = none; n = the sampled token's and the n likeliest
 
 
 @dataclass
@@ -46,8 +50,10 @@ class Running:
     job: Job
     detokenizer: Any
     stops: StopMatcher
+    channels: Channels
     cached: int
     count: int = 0
+    tool_calls: int = 0
 
 
 @dataclass
@@ -141,7 +147,8 @@ class Scheduler:
             return
         self.check = protocol.checksum([r.token for r in out.responses])
         for uid, join, job in zip(out.joined, step.joins, joined, strict=True):
-            self.running[uid] = Running(job, self.tokenizer.detokenizer, StopMatcher(job.stop), join.reuse)
+            channels = Channels(self.tokenizer, job.tools, job.thinking)
+            self.running[uid] = Running(job, self.tokenizer.detokenizer, StopMatcher(job.stop), channels, join.reuse)
             self.stats.requests += 1
         self.remember(out.kept)
         for response in out.responses:
@@ -173,11 +180,28 @@ class Scheduler:
         finish = "stop" if hit else response.finish_reason
         if finish is not None:
             text += run.stops.flush()
-        run.job.emit({"text": text, "token": response.token})
+        event = {"text": "", "token": response.token, **run.channels.feed(text, final=finish is not None)}
+        run.tool_calls += len(event.get("tool_calls", ()))
+        if run.job.logprobs is not None:
+            event.update(self.logprobs(response, run.job.logprobs))
+        run.job.emit(event)
         if finish is not None:
+            if finish == "stop" and run.tool_calls:
+                finish = "tool_calls"
             if response.finish_reason is None:
                 self.leaving.append(response.uid)  # a stop string: the generator does not know it ended
             self.finish(response.uid, finish)
+
+    def logprobs(self, response: Response, top: int) -> dict[str, Any]:
+        """The sampled token's log-probability and the `top` likeliest tokens' (after the request's processors)."""
+        values = response.logprobs
+        token_text = self.tokenizer.decode([response.token])
+        out: dict[str, Any] = {"logprob": values[response.token].item(), "token_text": token_text}
+        if top:
+            best = mx.argpartition(-values, top - 1)[:top]
+            pairs = sorted(zip(best.tolist(), values[best].tolist(), strict=True), key=lambda p: -p[1])
+            out["top_logprobs"] = [{"token": t, "text": self.tokenizer.decode([t]), "logprob": v} for t, v in pairs]
+        return out
 
     def finish(self, uid: int, reason: str) -> None:
         run = self.running.pop(uid)
@@ -187,6 +211,7 @@ class Scheduler:
                 "prompt_tokens": len(run.job.tokens),
                 "completion_tokens": run.count,
                 "cached_tokens": run.cached,
+                **({"stop_sequence": run.stops.matched} if run.stops.matched else {}),
             })  # fmt: skip
         log.info(
             "request.done", finish_reason=reason, prompt_tokens=len(run.job.tokens), completion_tokens=run.count,

@@ -14,7 +14,8 @@ check is the sum of the tokens rank 0 sampled in the step before, so the others 
 they sampled the same ones.
 """
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 import numpy as np
@@ -23,7 +24,9 @@ from mlx_lm.generate import generation_stream
 IDLE, STEP, SHUTDOWN = 0, 1, 2
 HEADER_SIZE = 3
 OP_LEAVE, OP_DROP, OP_JOIN = 1, 2, 3
-JOIN_FIELDS = 9  # op, entry, reuse, max_tokens, temperature, top_p, seed low, seed high, prompt length
+# op, entry, reuse, max_tokens, temperature, top_p, seed low, seed high, prompt length, options length;
+# then the prompt's tokens, then the options (Sampling's other fields, JSON, 4 bytes a word)
+JOIN_FIELDS = 10
 POLL_S = 0.2
 # A rank waiting in a ring collective spins a core (MLX's socket thread busy-polls), so
 # between idle headers the other ranks sleep, waking just before rank 0's next one.
@@ -38,6 +41,23 @@ class Sampling:
     temperature: float
     top_p: float
     seed: int  # 0 .. 2**64-1; the request's own random stream starts from it on every rank
+    # Every rank samples, so whatever shapes sampling travels with the join (as `options`):
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 0.0  # 0 = off (mlx_lm's multiplicative penalty)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs
+    grammar: str = ""  # an llguidance grammar the output must match; "" = free
+
+    def options(self) -> dict[str, object]:
+        """The fields past the fixed four that differ from their defaults."""
+        defaults = Sampling(0, 0.0, 1.0, 0)
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)[4:]
+            if getattr(self, f.name) != getattr(defaults, f.name)
+        }
 
 
 @dataclass(frozen=True)
@@ -85,6 +105,25 @@ def words_seed(low: int, high: int) -> int:
     return int(words[0]) | int(words[1]) << 32
 
 
+def options_words(sampling: Sampling) -> tuple[int, list[int]]:
+    """(byte length, int32 words) of the sampling options as JSON."""
+    options = sampling.options()
+    if not options:
+        return 0, []
+    data = json.dumps(options, separators=(",", ":")).encode()
+    padded = data + b"\0" * (-len(data) % 4)
+    return len(data), [int(w) for w in np.frombuffer(padded, dtype="<i4")]
+
+
+def words_options(nbytes: int, words: list[int]) -> dict[str, object]:
+    if not nbytes:
+        return {}
+    options: dict[str, object] = json.loads(np.array(words, dtype="<i4").tobytes()[:nbytes])
+    if "logit_bias" in options:
+        options["logit_bias"] = tuple((int(t), float(b)) for t, b in options["logit_bias"])  # type: ignore[attr-defined]
+    return options
+
+
 def checksum(tokens: list[int]) -> int:
     return sum(tokens) % 2**31
 
@@ -99,7 +138,8 @@ def encode_step(step: Step) -> list[int]:
         s = join.sampling
         entry = NO_ENTRY if join.entry is None else join.entry
         out += [OP_JOIN, entry, join.reuse, s.max_tokens, float_bits(s.temperature), float_bits(s.top_p)]
-        out += [*seed_words(s.seed), len(join.tokens), *join.tokens]
+        nbytes, words = options_words(s)
+        out += [*seed_words(s.seed), len(join.tokens), nbytes, *join.tokens, *words]
     return out
 
 
@@ -114,11 +154,15 @@ def decode_step(values: list[int]) -> Step:
             step.drops.append(values[at + 1])
             at += 2
         elif op == OP_JOIN:
-            _, entry, reuse, max_tokens, temperature, top_p, low, high, n = values[at : at + JOIN_FIELDS]
-            tokens = values[at + JOIN_FIELDS : at + JOIN_FIELDS + n]
-            sampling = Sampling(max_tokens, bits_float(temperature), bits_float(top_p), words_seed(low, high))
+            _, entry, reuse, max_tokens, temperature, top_p, low, high, n, nbytes = values[at : at + JOIN_FIELDS]
+            at += JOIN_FIELDS
+            tokens, at = values[at : at + n], at + n
+            nwords = (nbytes + 3) // 4
+            options, at = words_options(nbytes, values[at : at + nwords]), at + nwords
+            sampling = Sampling(
+                max_tokens, bits_float(temperature), bits_float(top_p), words_seed(low, high), **options
+            )  # type: ignore[arg-type]
             step.joins.append(Join(tokens, sampling, None if entry == NO_ENTRY else entry, reuse))
-            at += JOIN_FIELDS + n
         else:
             raise ValueError(f"unknown step op {op} at {at}")
     return step

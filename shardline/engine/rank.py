@@ -69,7 +69,9 @@ class Rank:
             self.batch, self.tokenizer, self.group, jobs, max_batch=spec.max_batch, index=index, scale=cache_scale(spec)
         )
         limits = Limits(context_length(Path(spec.model_path)), spec.max_queue, spec.secret)
-        http = start_http(create_app(self.tokenizer, jobs, limits, lambda: stats(scheduler)), sock)
+        http = start_http(
+            create_app(self.tokenizer, jobs, limits, lambda: stats(scheduler) | {"context": limits.context}), sock
+        )
         host, port = sock.getsockname()[:2]
         endpoint = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         report(ready_event(0, self.model, endpoint) | {"context": limits.context})

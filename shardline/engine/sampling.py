@@ -2,32 +2,54 @@
 
 `mx.random.seed(s)` followed by draws splits one global key; a request here splits its own
 key the same way, so a seeded request samples exactly what mlx_lm's stream_generate would
-after `mx.random.seed(seed)`, alone or beside any number of others.
+after `mx.random.seed(seed)` with `make_sampler` and `make_logits_processors`, alone or
+beside any number of others. Every rank builds the same samplers and processors from the
+same Sampling, so every rank samples the same tokens.
 """
 
 from collections.abc import Callable
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_p, greedy_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
 
+from shardline.engine.grammar import Grammars
 from shardline.engine.protocol import Sampling
+
+Processor = Callable[[mx.array, mx.array], mx.array]
 
 
 class SeededSampler:
-    def __init__(self, temperature: float, top_p: float, seed: int) -> None:
-        self.temperature = temperature
-        self.top_p = top_p
-        self.key = mx.random.key(seed)
+    def __init__(self, sampling: Sampling) -> None:
+        self.s = sampling
+        self.key = mx.random.key(sampling.seed)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
-        if 0 < self.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self.top_p)
+        # mlx_lm's make_sampler order: top_p, min_p, top_k
+        if 0 < self.s.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self.s.top_p)
+        if self.s.min_p != 0.0:
+            logprobs = apply_min_p(logprobs, self.s.min_p)
+        if self.s.top_k > 0:
+            logprobs = apply_top_k(logprobs, self.s.top_k)
         self.key, draw = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * (1 / self.temperature), key=draw)
+        return mx.random.categorical(logprobs * (1 / self.s.temperature), key=draw)
 
 
 def sampler_for(sampling: Sampling) -> Callable[[mx.array], mx.array]:
     # Greedy requests share one function, so a batch of them samples in one call.
     if sampling.temperature == 0:
         return greedy_sampler
-    return SeededSampler(sampling.temperature, sampling.top_p, sampling.seed)
+    return SeededSampler(sampling)
+
+
+def processors_for(sampling: Sampling, grammars: Grammars) -> list[Processor]:
+    """The request's logits processors: mlx_lm's (bias, penalties), then its grammar, which has the last word."""
+    processors: list[Processor] = make_logits_processors(
+        dict(sampling.logit_bias) or None,
+        sampling.repetition_penalty or None,
+        presence_penalty=sampling.presence_penalty or None,
+        frequency_penalty=sampling.frequency_penalty or None,
+    )
+    if sampling.grammar:
+        processors.append(grammars.processor(sampling.grammar))
+    return processors

@@ -21,6 +21,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, Field, model_validator
 
 from shardline.engine.generation import Job, random_seed
+from shardline.engine.grammar import grammar_for
 from shardline.engine.protocol import Sampling
 
 MAX_SEED = 2**64
@@ -50,6 +51,16 @@ class GenerateBody(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None  # None = a fresh random seed
     stop: list[str] = Field(default_factory=list)
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=0.0, ge=0.0)  # 0 = off
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # None = none; n = the token's and the n likeliest
+    response_format: dict[str, Any] | None = None  # OpenAI's: json_object / json_schema are enforced
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools, for the chat template and the parser
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def one_input(self) -> Self:
@@ -58,11 +69,29 @@ class GenerateBody(BaseModel):
         return self
 
 
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat templates want a tool call's arguments as an object (OpenAI sends a JSON string)."""
+    out = []
+    for message in messages:
+        calls = [
+            {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+            if isinstance(call.get("function", {}).get("arguments"), str)
+            else call
+            for call in message.get("tool_calls") or []
+        ]
+        out.append({**message, "tool_calls": calls} if calls else message)
+    return out
+
+
 def prompt_tokens(tokenizer: TokenizerWrapper, body: GenerateBody) -> list[int]:
     if body.messages is not None:
         if not tokenizer.has_chat_template:
             raise ValueError("this model has no chat template; send a prompt instead")
-        return list(tokenizer.apply_chat_template(body.messages, add_generation_prompt=True))
+        if body.tools and not tokenizer.has_tool_calling:
+            raise ValueError("this model's chat template does not call tools: send the request without tools")
+        kwargs = {**body.chat_template_kwargs, **({"tools": body.tools} if body.tools else {})}
+        messages = template_messages(body.messages)
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
     # The same rule as mlx_lm's stream_generate, so results match it exactly.
     bos = tokenizer.bos_token
     return tokenizer.encode(body.prompt, add_special_tokens=bos is None or not body.prompt.startswith(bos))
@@ -83,10 +112,31 @@ def make_job(tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Que
                 detail=f"the prompt is {len(tokens)} tokens but the model's context is {limits.context}: shorten it",
             )
         max_tokens = min(max_tokens, limits.context - len(tokens))  # ends with finish_reason "length"
+    try:
+        grammar = grammar_for(body.response_format) if body.response_format else ""
+    except ValueError as error:
+        raise HTTPException(status_code=400, detail=str(error)) from error
+    if any(not 0 <= t < len(tokenizer.get_vocab()) for t in body.logit_bias):
+        raise HTTPException(status_code=400, detail="logit_bias names a token id outside the model's vocabulary")
     seed = random_seed() if body.seed is None else body.seed % MAX_SEED
-    sampling = Sampling(max_tokens, body.temperature, body.top_p, seed)
+    sampling = Sampling(
+        max_tokens, body.temperature, body.top_p, seed, top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, logit_bias=tuple(sorted(body.logit_bias.items())), grammar=grammar,
+    )  # fmt: skip
     loop = asyncio.get_running_loop()
-    return Job(tokens, sampling, body.stop, emit=lambda item: loop.call_soon_threadsafe(lines.put_nowait, item))
+    return Job(
+        tokens, sampling, body.stop, emit=lambda item: loop.call_soon_threadsafe(lines.put_nowait, item),
+        tools=body.tools if body.messages is not None else None, thinking=in_thinking(tokenizer, tokens),
+        logprobs=body.logprobs,
+    )  # fmt: skip
+
+
+def in_thinking(tokenizer: TokenizerWrapper, tokens: list[int]) -> bool:
+    """The prompt opened the model's reasoning and did not close it (a template that starts it thinking)."""
+    if not tokenizer.has_thinking:
+        return False
+    return bool(tokenizer.rfind_think_start(tokens) > tokenizer.rfind_think_end(tokens))
 
 
 async def stream_lines(job: Job, lines: asyncio.Queue, jobs: "Queue[Job]") -> AsyncIterator[str]:
@@ -127,6 +177,14 @@ def create_app(
         lines: asyncio.Queue = asyncio.Queue()
         job = make_job(tokenizer, body, lines, limits)
         return StreamingResponse(stream_lines(job, lines, jobs), media_type="application/x-ndjson")
+
+    @app.post("/tokenize", dependencies=authorized)
+    async def tokenize(body: GenerateBody) -> dict[str, int]:
+        """How many tokens the request's prompt is (Anthropic's count_tokens), without generating."""
+        try:
+            return {"prompt_tokens": len(prompt_tokens(tokenizer, body))}
+        except Exception as error:  # a template or tokenizer failure is the client's input
+            raise HTTPException(status_code=400, detail=f"cannot tokenize the request: {error}") from error
 
     return app
 

@@ -5,13 +5,15 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [stop for stop in stops if stop]
         self.pending = ""
+        self.matched: str | None = None  # the stop string that ended the output
 
     def feed(self, text: str) -> tuple[str, bool]:
         """The text that is safe to emit now, and whether a stop string ended the output."""
         self.pending += text
-        found = [at for stop in self.stops if (at := self.pending.find(stop)) >= 0]
+        found = [(at, stop) for stop in self.stops if (at := self.pending.find(stop)) >= 0]
         if found:
-            ready, self.pending = self.pending[: min(found)], ""
+            at, self.matched = min(found)
+            ready, self.pending = self.pending[:at], ""
             return ready, True
         cut = len(self.pending) - held_back(self.pending, self.stops)
         ready, self.pending = self.pending[:cut], self.pending[cut:]

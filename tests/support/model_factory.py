@@ -361,3 +361,80 @@ def files_for_layers(model_dir: Path, layers: range) -> list[str]:
     weight_map: dict[str, str] = json.loads((model_dir / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
     prefixes = tuple(f"model.layers.{layer}." for layer in layers)
     return sorted({filename for key, filename in weight_map.items() if key.startswith(prefixes)})
+
+
+# A model that calls a tool, deterministically. Every layer's output projections are zero, so the last
+# hidden state is the last token's embedding; lm_head's row for token b is the (normalised) embedding of
+# the token a that must come before it, so greedy decoding follows a fixed chain from the prompt's last
+# token. Each piece of the output is one added token.
+TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TOOL_ANSWER = "It is sunny in Paris today."
+PLAIN_ANSWER = "Hello from the chain model."
+AFTER_TOOL = "<|after_tool|>"  # the template ends the prompt with it when the last message is a tool's result
+PLAIN_TURN = "<|no_tools|>"  # and with this when no tools were offered
+TOOL_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\\n# Tools\\n' }}{% for tool in tools %}{{ tool | tojson }}\\n{% endfor %}"
+    '{{ \'Call one inside <tool_call></tool_call> as {"name": ..., "arguments": ...}<|im_end|>\\n\' }}{%- endif %}'
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{ '<|im_start|>assistant\\n' }}{% for call in message['tool_calls'] %}"
+    "{%- set tool_call = call.function if call.function is defined else call %}"
+    '{{ \'<tool_call>\\n{"name": "\' + tool_call.name + \'", "arguments": \' + (tool_call.arguments | tojson) }}'
+    "{{ '}\\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if messages[-1]['role'] == 'tool' %}{{ '" + AFTER_TOOL + "' }}"
+    "{%- elif not tools %}{{ '" + PLAIN_TURN + "' }}{%- endif %}{%- endif %}"
+)
+
+
+def make_tool_model(dest: Path, *, vocab_size: int = 512, hidden_size: int = 64) -> Path:
+    """A llama whose chat template mlx-lm recognises as a tool-calling one (json_tools) and whose greedy answer is:
+    with tools offered, TOOL_CALL then end; after a tool's result, TOOL_ANSWER then end; with no tools, PLAIN_ANSWER."""
+    make_tiny_model(dest, num_layers=2, num_files=1, vocab_size=vocab_size, hidden_size=hidden_size)
+    tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
+    tokenizer.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in (TOOL_CALL, TOOL_ANSWER, PLAIN_ANSWER)]
+    )
+    tokenizer.add_special_tokens([AFTER_TOOL, PLAIN_TURN])
+    tokenizer.save(str(dest / "tokenizer.json"))
+    config_path = dest / "tokenizer_config.json"
+    write_json(config_path, {**json.loads(config_path.read_text()), "chat_template": TOOL_TEMPLATE})
+    ids = {t: token_id(tokenizer, t) for t in (TOOL_CALL, TOOL_ANSWER, PLAIN_ANSWER, AFTER_TOOL, PLAIN_TURN, EOS_TOKEN)}
+    turn_end = tokenizer.encode("<|im_start|>assistant\n").ids[-1]
+    chain = {
+        turn_end: ids[TOOL_CALL],
+        ids[TOOL_CALL]: ids[EOS_TOKEN],
+        ids[AFTER_TOOL]: ids[TOOL_ANSWER],
+        ids[TOOL_ANSWER]: ids[EOS_TOKEN],
+        ids[PLAIN_TURN]: ids[PLAIN_ANSWER],
+        ids[PLAIN_ANSWER]: ids[EOS_TOKEN],
+    }
+    write_chain_weights(dest, tokenizer.get_vocab_size(), chain)
+    return dest
+
+
+def write_chain_weights(dest: Path, vocab: int, chain: dict[int, int]) -> None:
+    from safetensors.numpy import load_file
+
+    (path,) = dest.glob("model-*.safetensors")
+    weights = load_file(str(path))
+    hidden = weights["model.embed_tokens.weight"].shape[1]
+    embed = np.random.default_rng(7).standard_normal((vocab, hidden)).astype(np.float32)
+    head = np.zeros((vocab, hidden), dtype=np.float32)
+    for before, after in chain.items():
+        head[after] += embed[before] / np.sqrt(np.mean(embed[before] ** 2))  # what the final RMS norm makes of it
+    weights["model.embed_tokens.weight"] = embed.astype(DTYPE)
+    weights["lm_head.weight"] = head.astype(DTYPE)
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = np.zeros_like(weights[name])
+    save_file(weights, str(path), metadata={"format": "mlx"})
+    config = json.loads((dest / "config.json").read_text())
+    write_json(dest / "config.json", {**config, "vocab_size": vocab})
+    index = json.loads((dest / INDEX_FILE).read_text())
+    index["metadata"]["total_size"] = sum(w.nbytes for w in weights.values())
+    write_json(dest / INDEX_FILE, index)

@@ -29,3 +29,13 @@ def test_every_setting_is_in_the_readme() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     documented = set(re.findall(r"`(SHARDLINE_[A-Z_]+)`", readme))
     assert {f"SHARDLINE_{name.upper()}" for name in Settings.model_fields} <= documented
+
+
+def test_x_api_key_is_as_good_as_bearer() -> None:
+    http = offline_app(None, api_key=SecretStr("s3cret"))
+    assert http.get("/v1/models", headers={"x-api-key": "wrong"}).status_code == 401
+    denied = http.post("/v1/messages", json={}, headers={"x-api-key": "wrong"})
+    assert denied.status_code == 401 and denied.json()["type"] == "error"  # Anthropic's shape on its endpoint
+    refused = http.post("/v1/messages", json={"model": "o/m", "max_tokens": 1, "messages": []},
+                        headers={"x-api-key": "s3cret"})  # fmt: skip
+    assert refused.status_code == 400 and "messages" in refused.json()["error"]["message"]

@@ -1,0 +1,60 @@
+"""Structured output's cost per token: the same seeded sampled requests decoded with and without a JSON-schema
+grammar (llguidance masks applied as a logits processor), on one rank's Batch, in this process.
+
+    python -m bench.grammar [--batch 8] [--tokens 64]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
+          "required": ["items"]}  # fmt: skip
+
+
+def decode(batch: object, prompt: list[int], size: int, tokens: int, grammar: str) -> float:
+    """Seconds per decoded token (all requests' tokens counted) for `size` requests joining at once."""
+    from shardline.engine.protocol import Join, Sampling, Step
+
+    joins = [Join(prompt, Sampling(tokens, 1.0, 1.0, seed, grammar=grammar)) for seed in range(size)]
+    out = batch.apply(Step(joins=joins))  # type: ignore[attr-defined]
+    count, started = 0, time.perf_counter()
+    while True:
+        count += len(out.responses)
+        if batch.idle():  # type: ignore[attr-defined]
+            break
+        out = batch.apply(Step())  # type: ignore[attr-defined]
+    return (time.perf_counter() - started) / max(count, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    from mlx_lm import load
+
+    from shardline.engine.batch import Batch
+    from shardline.engine.grammar import grammar_for
+    from tests.support.model_factory import make_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_tiny_model(Path(tmp) / "m", num_layers=4, num_files=1, vocab_size=4096, hidden_size=256,
+                                    intermediate_size=512)  # fmt: skip
+        model, tokenizer = load(str(model_dir))
+        batch = Batch(model, tokenizer, prefill_step=512)
+        grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "b", "schema": SCHEMA}})
+        prompt = tokenizer.encode("The quick brown fox")
+        decode(batch, prompt, 1, 8, grammar)  # warm-up: builds llguidance's tokenizer view
+        rows = {}
+        for size in (1, args.batch):
+            free = min(decode(batch, prompt, size, args.tokens, "") for _ in range(3))
+            constrained = min(decode(batch, prompt, size, args.tokens, grammar) for _ in range(3))
+            rows[size] = {"free_ms": free * 1e3, "grammar_ms": constrained * 1e3, "cost_ms": (constrained - free) * 1e3}
+        print(json.dumps({"vocab": 4096, "per_token": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Structured output: llguidance grammars applied to the logits of one request, the same on every rank.
+
+llguidance (Rust, no torch) computes the set of allowed next tokens as a bitmask in tens of
+microseconds; the mask is applied here with MLX ops (llguidance's own MLX helper is a Metal-only
+kernel), so it works wherever MLX does. Every rank consumes the same sampled tokens and so
+computes the same masks.
+"""
+
+import json
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import mlx.core as mx
+import numpy as np
+from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+BITS = mx.arange(32, dtype=mx.int32)
+# Compact JSON: a random-weights model cannot wander through whitespace forever.
+JSON_OPTIONS: Any = {"whitespace_flexible": False}
+
+
+def grammar_for(response_format: dict[str, Any]) -> str:
+    """The llguidance grammar for an OpenAI `response_format` (`json_object` or `json_schema`); "" = free text.
+    Raises ValueError for a format or schema that cannot be enforced."""
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return ""
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema", spec if "type" in spec else None)
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+    else:
+        raise ValueError(f"response_format type {kind!r} is not supported: use text, json_object or json_schema")
+    grammar: str = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+    error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if error:
+        raise ValueError(f"the JSON schema cannot be enforced: {'; '.join(messages)}")
+    return grammar
+
+
+class Grammars:
+    """One rank's llguidance view of the tokenizer, built at the first grammar (a second or so for big vocabularies)."""
+
+    def __init__(self, tokenizer: TokenizerWrapper) -> None:
+        self.tokenizer = tokenizer
+        self._lltok: Any = None
+
+    @property
+    def lltok(self) -> Any:
+        if self._lltok is None:
+            eos = sorted(self.tokenizer.eos_token_ids)
+            self._lltok = llguidance.hf.from_tokenizer(self.tokenizer._tokenizer, eos_token=eos)
+        return self._lltok
+
+    def processor(self, grammar: str) -> "GrammarProcessor":
+        return GrammarProcessor(llguidance.LLMatcher(self.lltok, grammar, log_level=0), self.lltok.vocab_size)
+
+
+class GrammarProcessor:
+    """An mlx_lm logits processor: (tokens so far, logits) -> logits with every disallowed token at -inf.
+
+    Called once per step; from the second call on, the last of `tokens` is the token sampled the step before."""
+
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        self.matcher = matcher
+        self.mask = allocate_token_bitmask(1, vocab_size)
+        self.started = False
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self.started and not self.matcher.is_stopped():
+            self.matcher.consume_token(int(tokens[-1].item()))
+        self.started = True
+        if self.matcher.is_error():
+            return logits  # never fail the whole batch's step; the output stops validating here
+        fill_next_token_bitmask(self.matcher, self.mask, 0)
+        return apply_bitmask(logits, self.mask)
+
+
+def apply_bitmask(logits: mx.array, mask: np.ndarray) -> mx.array:
+    words = mx.array(mask[0])
+    allowed = ((words[:, None] >> BITS) & 1).reshape(-1).astype(mx.bool_)
+    vocab = logits.shape[-1]
+    if allowed.shape[0] < vocab:
+        allowed = mx.concatenate([allowed, mx.zeros(vocab - allowed.shape[0], dtype=mx.bool_)])
+    return mx.where(allowed[:vocab], logits, mx.array(-mx.inf, dtype=logits.dtype))
