@@ -15,6 +15,7 @@ with workflow.unsafe.imports_passed_through():
 # histories of serves recorded before a serve waited for a running download as long as it ran replay the
 # old 5-minute cap
 DOWNLOAD_WAITS = "serve-waits-for-download"
+WIDENS = "download-widens-to-whole-model"
 # waiting on someone else's download runs on the control worker, as long as the download does (it may take
 # days); a restarted control worker picks the wait up again within the heartbeat timeout
 WAIT_FOR_DOWNLOAD: dict[str, Any] = {
@@ -38,10 +39,22 @@ class DownloadInput:
 
 @workflow.defn(name="DownloadWorkflow")
 class DownloadWorkflow:
+    def __init__(self) -> None:
+        self._whole = False
+
     @workflow.run
     async def run(self, inp: DownloadInput) -> DownloadResult:
         set_state("running", f"downloading {inp.model_id} onto {inp.node_id}")
-        request = DownloadRequest(inp.node_id, inp.model_id, inp.revision, inp.layers)
+        result = await self._fetch(inp, inp.layers)
+        if inp.layers is not None and self._whole and workflow.patched(WIDENS):
+            # someone asked for the whole model while this fetched a layer range: fetch the rest too
+            set_state("running", f"downloading the rest of {inp.model_id} onto {inp.node_id}")
+            result = await self._fetch(inp, None)
+        set_state("completed", f"{inp.model_id} on {inp.node_id}: {len(result.files)} files")
+        return result
+
+    async def _fetch(self, inp: DownloadInput, layers: LayerRange | None) -> DownloadResult:
+        request = DownloadRequest(inp.node_id, inp.model_id, inp.revision, layers)
         result: DownloadResult = await run_on_node(
             "download_model",
             request,
@@ -52,8 +65,12 @@ class DownloadWorkflow:
             attempts=inp.attempts,
             run_for=timedelta(days=2),  # a slow link may take long; the heartbeat says it is alive
         )
-        set_state("completed", f"{inp.model_id} on {inp.node_id}: {len(result.files)} files")
         return result
+
+    @workflow.signal
+    def whole_model(self) -> None:
+        """A request for every file of the model reached this download (which may fetch one layer range)."""
+        self._whole = True
 
 
 async def wait_until_ended(workflow_id: str) -> str:

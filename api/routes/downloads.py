@@ -52,6 +52,8 @@ async def start_downloads(body: DownloadCreate, client: ClientDep, settings: Set
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             search_attributes=search.attributes("download", "running", node=node_id, model=body.model),
             static_summary=f"Download {body.model} onto {node_id}",
+            # a running download of one layer range (for a serve) then fetches the rest of the model too
+            start_signal=DownloadWorkflow.whole_model.__name__,
         )
         ids.append(workflow_id)
     return DownloadsStarted(workflow_ids=ids)

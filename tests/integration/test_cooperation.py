@@ -101,6 +101,29 @@ async def test_range_then_full_download(cluster: Cluster, client: Client, api: h
     await eventually(listed, 15, "the node reports the whole model on disk")
 
 
+async def test_a_whole_model_request_widens_a_running_range_download(
+    cluster: Cluster, client: Client, api: httpx.AsyncClient, link: Relay, node_id: str
+) -> None:
+    cluster.start_node(node_id, hub=link.endpoint)
+    await wait_node(api, node_id, "online")
+    with link.capped(2**20):  # the range's files take seconds: the whole-model request meets it running
+        inp = DownloadInput(node_id, CHUNKY, layers=LayerRange(0, 1), node_wait_s=10, heartbeat_timeout_s=3)
+        ranged = await start_download_workflow(client, inp)
+        await wait_progress(api, ranged.id)
+        assert await start_download(api, CHUNKY, node_id) == ranged.id  # the same workflow, now widened
+        done = await wait_download(api, ranged.id, timeout=180)
+    assert done["state"] == "completed", done
+    fetched = [a for a in await scheduled_activities(client, ranged.id) if a == "download_model"]
+    assert len(fetched) == 2  # the range, then the rest
+    files = set(done["result"]["files"])
+    assert {f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)} <= files, files
+
+    async def listed() -> bool:
+        return CHUNKY in await models_listed(api, node_id)
+
+    await eventually(listed, 15, "the node reports the whole model on disk")
+
+
 async def test_serve_waits_for_a_running_download_of_the_same_model(
     cluster: Cluster, client: Client, api: httpx.AsyncClient, link: Relay, node_id: str
 ) -> None:
