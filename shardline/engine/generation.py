@@ -21,7 +21,7 @@ import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from shardline.engine import protocol
-from shardline.engine.batch import Batch, Kept, Response
+from shardline.engine.batch import Batch, Kept, Output, Response
 from shardline.engine.channels import Channels
 from shardline.engine.prefix_cache import PrefixIndex
 from shardline.engine.protocol import IDLE, SHUTDOWN, Join, Sampling, Step
@@ -29,6 +29,10 @@ from shardline.engine.stops import StopMatcher
 
 log = structlog.get_logger(__name__)
 Group = mx.distributed.Group | None
+# a distributed batch runs this long between messages to the other ranks (each message drains the
+# pipeline): how late a join, a stop string or a hang-up can be acted on
+SYNC_S = 0.05
+MAX_STEPS_AHEAD = 16
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Scheduler:
         self.leaving: list[int] = []
         self.drops: list[int] = []
         self.check = 0
+        self.step_s = 1.0  # seconds per forward pass, smoothed: how many fit in SYNC_S
         self.stats = Stats()
 
     def serve(self, stop: threading.Event) -> None:
@@ -131,21 +136,42 @@ class Scheduler:
             admitted.append((join, job))
         return admitted
 
+    def steps_ahead(self) -> int:
+        """Forward passes to run before the next message to the other ranks: one while someone waits to
+        join, else as many as take about SYNC_S (a stop string or a client gone is acted on after them)."""
+        if self.group is None or (self.jobs.qsize() and len(self.running) < self.max_batch):
+            return 1
+        return max(1, min(MAX_STEPS_AHEAD, int(SYNC_S / max(self.step_s, 1e-4))))
+
     def run_step(self, step: Step, joined: list[Job]) -> None:
+        steps = self.steps_ahead()
         if self.group is not None:
-            protocol.send_step(self.group, step, self.check)
-        try:
-            out = self.batch.apply(step)
-        except Exception as error:
-            if self.group is not None:
-                raise  # the other ranks may be mid-collective: only a restart of every rank is safe
-            log.exception("step.failed", batch=len(self.running) + len(joined))
-            for job in joined:
-                job.emit({"error": f"generation failed: {error}", "status": 500})
-            self.fail_all(f"generation failed: {error}")
-            self.batch.reset()
-            return
-        self.check = protocol.checksum([r.token for r in out.responses])
+            protocol.send_step(self.group, step, self.check, steps)
+        started, tokens = time.monotonic(), []
+        for i in range(steps):
+            try:
+                out = self.batch.apply(step if i == 0 else Step())
+            except Exception as error:
+                if self.group is not None:
+                    raise  # the other ranks may be mid-collective: only a restart of every rank is safe
+                log.exception("step.failed", batch=len(self.running) + len(joined))
+                for job in joined:
+                    job.emit({"error": f"generation failed: {error}", "status": 500})
+                self.fail_all(f"generation failed: {error}")
+                self.batch.reset()
+                return
+            tokens += [r.token for r in out.responses]
+            self.take(out, step if i == 0 else Step(), joined if i == 0 else [])
+        self.check = protocol.checksum(tokens)
+        self.step_s = (self.step_s + (time.monotonic() - started) / steps) / 2
+        for uid, run in list(self.running.items()):
+            if run.job.cancelled.is_set():
+                self.leaving.append(uid)
+                self.finish(uid, "cancelled")
+        self.stats.batch = len(self.running)
+
+    def take(self, out: Output, step: Step, joined: list[Job]) -> None:
+        """One forward pass's results: the requests that joined, the prefixes kept, the tokens made."""
         for uid, join, job in zip(out.joined, step.joins, joined, strict=True):
             channels = Channels(self.tokenizer, job.tools, job.thinking)
             self.running[uid] = Running(job, self.tokenizer.detokenizer, StopMatcher(job.stop), channels, join.reuse)
@@ -153,11 +179,6 @@ class Scheduler:
         self.remember(out.kept)
         for response in out.responses:
             self.deliver(response)
-        for uid, run in list(self.running.items()):
-            if run.job.cancelled.is_set():
-                self.leaving.append(uid)
-                self.finish(uid, "cancelled")
-        self.stats.batch = len(self.running)
         self.stats.steps += 1
 
     def remember(self, kept: list[Kept]) -> None:
@@ -229,7 +250,7 @@ def follow(batch: Batch, group: mx.distributed.Group) -> None:
     """Ranks other than 0: apply what rank 0 sends until it says shut down."""
     check = 0
     while True:
-        kind, step, expected = protocol.receive(group)
+        kind, step, expected, steps = protocol.receive(group)
         if kind == SHUTDOWN:
             return
         if kind == IDLE:
@@ -239,5 +260,7 @@ def follow(batch: Batch, group: mx.distributed.Group) -> None:
         # going on would feed the pipeline tokens rank 0 never reported.
         if expected != check:
             raise RanksDiverged(f"rank 0 sampled tokens summing to {expected}, this rank {check}")
-        out = batch.apply(step)
-        check = protocol.checksum([r.token for r in out.responses])
+        tokens = []
+        for i in range(steps):
+            tokens += [r.token for r in batch.apply(step if i == 0 else Step()).responses]
+        check = protocol.checksum(tokens)

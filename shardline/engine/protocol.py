@@ -6,12 +6,13 @@ stream run in the order they were issued, so these messages can never interleave
 the model's own collectives (pipeline send/recv/all_gather, tensor all_sum), which
 the batch generator may still have in flight.
 
-  every step (or every POLL_S while idle):  header [kind, payload length, check]
+  every few steps (or POLL_S while idle):   header [kind, payload length, check, steps]
   kind STEP with a payload, then:           the payload: who leaves the batch, which cached
                                             prefixes are dropped, who joins (prompt, sampling,
                                             the cached prefix it reuses)
-check is the sum of the tokens rank 0 sampled in the step before, so the others can tell
-they sampled the same ones.
+then every rank runs `steps` forward passes, the first after applying the payload. check is
+the sum of the tokens rank 0 sampled in the passes before, so the others can tell they sampled
+the same ones.
 """
 
 import json
@@ -22,7 +23,7 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 
 IDLE, STEP, SHUTDOWN = 0, 1, 2
-HEADER_SIZE = 3
+HEADER_SIZE = 4
 OP_LEAVE, OP_DROP, OP_JOIN = 1, 2, 3
 # op, entry, reuse, max_tokens, temperature, top_p, seed low, seed high, prompt length, options length;
 # then the prompt's tokens, then the options (Sampling's other fields, JSON, 4 bytes a word)
@@ -169,22 +170,24 @@ def decode_step(values: list[int]) -> Step:
 
 
 def send_idle(group: mx.distributed.Group) -> None:
-    share(group, [IDLE, 0, 0], HEADER_SIZE)
+    share(group, [IDLE, 0, 0, 0], HEADER_SIZE)
 
 
 def send_shutdown(group: mx.distributed.Group) -> None:
-    share(group, [SHUTDOWN, 0, 0], HEADER_SIZE)
+    share(group, [SHUTDOWN, 0, 0, 0], HEADER_SIZE)
 
 
-def send_step(group: mx.distributed.Group, step: Step, check: int) -> None:
+def send_step(group: mx.distributed.Group, step: Step, check: int, steps: int = 1) -> None:
+    """`step`'s changes, then `steps` forward passes (the later ones change nothing) before the next message:
+    every message waits for the work before it, so fewer of them keep the ranks' pipelines full."""
     payload = encode_step(step)
-    share(group, [STEP, len(payload), check], HEADER_SIZE)
+    share(group, [STEP, len(payload), check, steps], HEADER_SIZE)
     if payload:
         share(group, payload, len(payload))
 
 
-def receive(group: mx.distributed.Group) -> tuple[int, Step, int]:
-    """(kind, step, check) as rank 0 sent them."""
-    kind, size, check = share(group, None, HEADER_SIZE)
+def receive(group: mx.distributed.Group) -> tuple[int, Step, int, int]:
+    """(kind, step, check, steps) as rank 0 sent them."""
+    kind, size, check, steps = share(group, None, HEADER_SIZE)
     payload = share(group, None, size) if kind == STEP and size else []
-    return kind, decode_step(payload), check
+    return kind, decode_step(payload), check, steps
