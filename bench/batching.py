@@ -15,7 +15,8 @@ Load levels: N requests sent at once; aggregate tok/s = completion tokens / (las
 first token (TTFT) p50 / p95 (nearest rank) / max over the N. Level 1 is --single-runs requests one
 after another; single-stream decode tok/s = (tokens - 1) / (last token - first token), median.
 Second turn: a ~--prefix-tokens system prompt and a question (turn 1, cold, warms the cache), then
-the conversation so far plus a new question (turn 2): its first token is what a chat user waits for.
+the conversation so far plus a new question (turn 2): its first token is what a chat user waits for
+(max_tokens 1 for both turns). Load-level prompts are screened (see screen) so the first token shows text.
 The 2-rank mlx_lm.server is started as `mlx.launch --backend ring -n 2` starts it (MLX_RANK,
 MLX_HOSTFILE of two loopback ports) unless --launcher mlx.launch: mlx.launch's I/O loop selects on each
 child's always-writable stdin and so spins about a core, which on a small machine is the benchmark.
@@ -71,11 +72,12 @@ class Target:
     model: str  # the chat request's "model"
     kind: str = "chat"  # "chat": OpenAI SSE; "generate": a runner's NDJSON
     stats_url: str | None = None  # a shardline runner's GET /stats: cached tokens when the usage lacks them
-    counter: list[int] = field(default_factory=lambda: [0])
+    numbers: list[int] = field(default_factory=list)  # screened prompt numbers, used in order (see screen)
+    used: int = 0
 
     def fresh(self) -> int:
-        self.counter[0] += 1
-        return self.counter[0]
+        self.used += 1
+        return self.numbers[self.used - 1] if self.used <= len(self.numbers) else 100_000 + self.used
 
 
 # --- prompts -----------------------------------------------------------------------------------
@@ -94,6 +96,27 @@ def system_prompt(tokenizer: Tokenizer, tokens: int, salt: str) -> str:
         parts.append(f"({i}) {CORPUS[i % len(CORPUS)]}")
         i += 1
     return " ".join(parts)
+
+
+def screen(model_dir: Path, want: int, max_tokens: int) -> list[int]:
+    """Prompt numbers whose greedy answer shows text by its second token (of four, so not the final flush).
+    A random model often answers with byte tokens that are no UTF-8 alone: every server's streaming
+    detokenizer then holds all text back to the end, and "first token" would time the whole answer."""
+    from mlx_lm import load, stream_generate  # only here: the bench needs MLX for nothing else
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = load(str(model_dir))[:2]
+    good: list[int] = []
+    for n in range(1, want * 30):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_prompt(n)}], add_generation_prompt=True
+        )
+        texts = [r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=4, sampler=make_sampler(0.0))]
+        if any(texts[:2]):
+            good.append(n)
+            if len(good) == want:
+                break
+    return good
 
 
 # --- one streaming request ---------------------------------------------------------------------
@@ -144,10 +167,10 @@ async def request(client: httpx.AsyncClient, target: Target, messages: list[dict
                 }
             for choice in event.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content")
-                if piece:
+                if piece or (choice.get("finish_reason") and not first):  # a 1-token answer with no text
                     now = time.perf_counter()
                     first, last, count = first or now, now, count + 1
-                    text.append(piece)
+                    text.append(piece or "")
     if not first:
         raise RuntimeError(f"{target.name}: no token came back")
     tokens = usage.get("completion_tokens", count)
@@ -201,19 +224,20 @@ def level(target: Target, streams: int, max_tokens: int, rounds: int, settle_s: 
 
 
 def second_turn(
-    target: Target, tokenizer: Tokenizer, prefix_tokens: int, max_tokens: int, rounds: int, settle_s: float
+    target: Target, tokenizer: Tokenizer, prefix_tokens: int, rounds: int, settle_s: float
 ) -> dict[str, Any]:
-    """Turn 1 (cold: the whole system prompt) then turn 2 (the conversation so far + a question)."""
+    """Turn 1 (cold: the whole system prompt) then turn 2 (the conversation so far + a question); max_tokens 1
+    for both, so the first token's time is seen exactly whatever the random model says."""
     turns: list[dict[str, Any]] = []
     for i in range(rounds):
         system = system_prompt(tokenizer, prefix_tokens, f"{target.name}-{i}-{uuid.uuid4().hex[:6]}")
         first = [{"role": "system", "content": system}, {"role": "user", "content": user_prompt(target.fresh())}]
         settle(settle_s)
         snap = busy()
-        turn1 = one(target, first, max_tokens)
+        turn1 = one(target, first, 1)
         history = [*first, {"role": "assistant", "content": turn1["text"]}]
         before = runner_cached(target)
-        turn2 = one(target, [*history, {"role": "user", "content": user_prompt(target.fresh())}], max_tokens)
+        turn2 = one(target, [*history, {"role": "user", "content": user_prompt(target.fresh())}], 1)
         if turn2["cached_tokens"] is None and before is not None:
             turn2["cached_tokens"] = (runner_cached(target) or 0) - before  # from the runner's /stats
         turns.append({"turn1_ttft_s": turn1["ttft_s"], "turn2_ttft_s": turn2["ttft_s"],
@@ -243,10 +267,12 @@ class Plan:
     prefix_tokens: int
     prefix_rounds: int
     settle_s: float
+    numbers: list[int] = field(default_factory=list)
 
 
 def measure(target: Target, plan: Plan, tokenizer: Tokenizer) -> dict[str, Any]:
     """Warm-ups (one request, then two at once), every load level, then the second-turn test."""
+    target.numbers = plan.numbers  # every target gets the same prompts in the same order
     one(target, [{"role": "user", "content": user_prompt(target.fresh())}], plan.max_tokens)
     prompts = [[{"role": "user", "content": user_prompt(target.fresh())}] for _ in range(2)]
     asyncio.run(burst(target, prompts, plan.max_tokens))
@@ -260,7 +286,7 @@ def measure(target: Target, plan: Plan, tokenizer: Tokenizer) -> dict[str, Any]:
     result: dict[str, Any] = {"levels": levels}
     if target.kind == "chat" and plan.prefix_rounds:
         result["second_turn"] = turn = second_turn(
-            target, tokenizer, plan.prefix_tokens, plan.max_tokens, plan.prefix_rounds, plan.settle_s
+            target, tokenizer, plan.prefix_tokens, plan.prefix_rounds, plan.settle_s
         )
         print(f"  {target.name} second turn: first token {turn['turn2_ttft_s']:.2f} s "
               f"(turn 1 {turn['turn1_ttft_s']:.2f} s, cached {turn['turn2_cached_tokens']})", flush=True)  # fmt: skip
@@ -443,6 +469,8 @@ def bench(root: Path, size: str, dtype: str, plan: Plan, launcher: str, pipeline
     model_dir = make_model(root / "src", size, dtype)
     publish_model(model_dir, root / "mirrors", REPO_ID)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    plan.numbers = screen(model_dir, 3 + plan.single_runs + sum(n for n in plan.levels if n > 1), plan.max_tokens)
+    print(f"prompts: {len(plan.numbers)} screened", flush=True)
     rows: dict[str, Run] = {}
     problems: dict[str, str] = {}
 
