@@ -276,15 +276,20 @@ def measure(target: Target, plan: Plan, tokenizer: Tokenizer) -> dict[str, Any]:
     one(target, [{"role": "user", "content": user_prompt(target.fresh())}], plan.max_tokens)
     prompts = [[{"role": "user", "content": user_prompt(target.fresh())}] for _ in range(2)]
     asyncio.run(burst(target, prompts, plan.max_tokens))
-    levels = {}
+    levels: dict[str, Any] = {}
+    result: dict[str, Any] = {"levels": levels}
     for streams in plan.levels:
-        levels[str(streams)] = found = level(
-            target, streams, plan.max_tokens, plan.single_runs if streams == 1 else 1, plan.settle_s
-        )
+        try:
+            levels[str(streams)] = found = level(
+                target, streams, plan.max_tokens, plan.single_runs if streams == 1 else 1, plan.settle_s
+            )
+        except (RuntimeError, httpx.HTTPError) as error:  # keep the levels done; a report, not a gate
+            result["error"] = f"{streams} streams: {type(error).__name__}: {error}"
+            print(f"  {target.name} x{streams}: failed: {result['error'][:300]}", flush=True)
+            break
         print(f"  {target.name} x{streams}: {found['aggregate_tps']:.1f} tok/s, first token p50 "
               f"{found['ttft_p50_s']:.2f} s max {found['ttft_max_s']:.2f} s", flush=True)  # fmt: skip
-    result: dict[str, Any] = {"levels": levels}
-    if target.kind == "chat" and plan.prefix_rounds:
+    if target.kind == "chat" and plan.prefix_rounds and "error" not in result:
         result["second_turn"] = turn = second_turn(
             target, tokenizer, plan.prefix_tokens, plan.prefix_rounds, plan.settle_s
         )
@@ -372,7 +377,7 @@ def bench_mlx_server(root: Path, model_dir: Path, ranks: int, launcher: str, pla
         result = measure(target, plan, tok)  # the first request also waits for the model to load
         return {**result, "launcher": launcher if ranks > 1 else None, "up_s": time.perf_counter() - started}
     except (RuntimeError, httpx.HTTPError) as error:
-        raise RuntimeError(f"{error}; logs: {logs(root)}") from error
+        raise RuntimeError(f"{type(error).__name__}: {error}; logs: {logs(root)}") from error
     finally:
         stop_group(procs)
 
@@ -478,6 +483,8 @@ def bench(root: Path, size: str, dtype: str, plan: Plan, launcher: str, pipeline
         print(f"{name} ...", flush=True)
         try:
             rows[name] = work()
+            if "error" in rows[name]:
+                problems[name] = rows[name]["error"]
         except (RuntimeError, TimeoutError, httpx.HTTPError, OSError) as error:
             problems[name] = f"{type(error).__name__}: {error}"
             print(f"{name}: skipped: {problems[name][:500]}", flush=True)
@@ -495,7 +502,8 @@ def bench(root: Path, size: str, dtype: str, plan: Plan, launcher: str, pipeline
                 start_node(cluster, nodes[1])
             print(f"shardline-{n} ...", flush=True)
             try:
-                rows.update(bench_shardline(cluster, nodes[:n], plan, tok, direct))
+                rows.update(found := bench_shardline(cluster, nodes[:n], plan, tok, direct))
+                problems.update({name: row["error"] for name, row in found.items() if "error" in row})
             except (RuntimeError, TimeoutError, httpx.HTTPError) as error:
                 problems[f"shardline-{n}"] = f"{type(error).__name__}: {error}"
                 log_tails(
