@@ -31,6 +31,7 @@ test: lint
 bench: install
 	$(BIN)/python -m bench.download
 	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.batching
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -46,6 +46,8 @@ REPO_ID = "bench-org/serve-model"
 OUT = Path(__file__).resolve().parent / "out" / "serve.json"
 MESSAGES = [{"role": "user", "content": "Tell me about the quiet river that runs past the old mill at night."}]
 SIZES: dict[str, dict[str, int]] = {  # qwen2, vocab 4096, untied head
+    "8m": {"num_layers": 4, "hidden_size": 256, "intermediate_size": 704, "num_heads": 4, "num_kv_heads": 2},
+    "30m": {"num_layers": 8, "hidden_size": 512, "intermediate_size": 1408, "num_heads": 8, "num_kv_heads": 4},
     "100m": {"num_layers": 16, "hidden_size": 768, "intermediate_size": 2048, "num_heads": 12, "num_kv_heads": 4},
     "150m": {"num_layers": 12, "hidden_size": 1024, "intermediate_size": 2816, "num_heads": 16, "num_kv_heads": 4},
     "200m": {"num_layers": 16, "hidden_size": 1024, "intermediate_size": 2816, "num_heads": 16, "num_kv_heads": 4},
