@@ -2,12 +2,11 @@
 
     .venv/bin/python -m bench.batching [--size 8m] [--max-tokens 32] [--levels 1,4,8,16] [--prefix-tokens 2000]
                                        [--prefix-rounds 2] [--single-runs 3] [--launcher direct|mlx.launch]
-                                       [--no-pipeline] [--direct]
+                                       [--no-pipeline]
 
 Targets (every request: a streaming OpenAI chat completion, greedy, fixed max_tokens, a prompt no
 other request shares, so no prefix-cache hit flatters a load level):
   shardline-1          /v1/chat/completions (SSE) of a 1-node instance, through a real cluster
-  shardline-1-direct   (--direct) the same instance's runner, POST /generate (NDJSON)
   mlx_lm.server-1      `python -m mlx_lm.server --model DIR` (its BatchGenerator, LRU prompt cache)
   shardline-2          a 2-node pipeline instance (two node workers on this machine)
   mlx_lm.server-2      `mlx_lm.server --pipeline` on a 2-rank ring over loopback
@@ -70,8 +69,6 @@ class Target:
     name: str
     url: str
     model: str  # the chat request's "model"
-    kind: str = "chat"  # "chat": OpenAI SSE; "generate": a runner's NDJSON
-    stats_url: str | None = None  # a shardline runner's GET /stats: cached tokens when the usage lacks them
     numbers: list[int] = field(default_factory=list)  # screened prompt numbers, used in order (see screen)
     used: int = 0
 
@@ -131,31 +128,15 @@ async def request(client: httpx.AsyncClient, target: Target, messages: list[dict
     """Send one streaming request; its timing, text, and cached_tokens when the server tells."""
     first = last = 0.0
     count, text, usage = 0, [], {}
-    if target.kind == "generate":
-        path, body = "/generate", {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    else:
-        path = "/v1/chat/completions"
-        body = {"model": target.model, "messages": messages, "temperature": 0, "max_tokens": max_tokens,
-                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    path = "/v1/chat/completions"
+    body = {"model": target.model, "messages": messages, "temperature": 0, "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     started = time.perf_counter()
     async with client.stream("POST", target.url + path, json=body) as response:
         if response.status_code != 200:
             await response.aread()
             raise RuntimeError(f"{target.name}: HTTP {response.status_code}: {response.text[:300]}")
         async for line in response.aiter_lines():
-            if target.kind == "generate":
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                if "error" in event:
-                    raise RuntimeError(f"{target.name}: {event}")
-                if "token" in event:
-                    now = time.perf_counter()
-                    first, last, count = first or now, now, count + 1
-                    text.append(event.get("text", ""))
-                elif "finish_reason" in event:
-                    usage = {"completion_tokens": event["completion_tokens"], "cached": event.get("cached_tokens")}
-                continue
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line.removeprefix("data: "))
@@ -236,10 +217,7 @@ def second_turn(
         snap = busy()
         turn1 = one(target, first, 1)
         history = [*first, {"role": "assistant", "content": turn1["text"]}]
-        before = runner_cached(target)
         turn2 = one(target, [*history, {"role": "user", "content": user_prompt(target.fresh())}], 1)
-        if turn2["cached_tokens"] is None and before is not None:
-            turn2["cached_tokens"] = (runner_cached(target) or 0) - before  # from the runner's /stats
         turns.append({"turn1_ttft_s": turn1["ttft_s"], "turn2_ttft_s": turn2["ttft_s"],
                       "turn2_cached_tokens": turn2["cached_tokens"],
                       "foreign_cores": foreign(snap, busy())})  # fmt: skip
@@ -250,13 +228,6 @@ def second_turn(
         "turn2_ttft_s": statistics.median(t["turn2_ttft_s"] for t in turns),
         "turn2_cached_tokens": turns[-1]["turn2_cached_tokens"],
     }
-
-
-def runner_cached(target: Target) -> int | None:
-    """The runner's cumulative prefix-cache tokens reused (the API's usage has no prompt_tokens_details yet)."""
-    if target.stats_url is None:
-        return None
-    return int(httpx.get(target.stats_url, timeout=30).json()["cached_tokens"])
 
 
 @dataclass
@@ -289,7 +260,7 @@ def measure(target: Target, plan: Plan, tokenizer: Tokenizer) -> dict[str, Any]:
             break
         print(f"  {target.name} x{streams}: {found['aggregate_tps']:.1f} tok/s, first token p50 "
               f"{found['ttft_p50_s']:.2f} s max {found['ttft_max_s']:.2f} s", flush=True)  # fmt: skip
-    if target.kind == "chat" and plan.prefix_rounds and "error" not in result:
+    if plan.prefix_rounds and "error" not in result:
         result["second_turn"] = turn = second_turn(
             target, tokenizer, plan.prefix_tokens, plan.prefix_rounds, plan.settle_s
         )
@@ -385,17 +356,12 @@ def bench_mlx_server(root: Path, model_dir: Path, ranks: int, launcher: str, pla
 # --- shardline ---------------------------------------------------------------------------------
 
 
-def bench_shardline(cluster: Cluster, nodes: list[str], plan: Plan, tok: Tokenizer, direct: bool) -> dict[str, Run]:
+def bench_shardline(cluster: Cluster, nodes: list[str], plan: Plan, tok: Tokenizer) -> dict[str, Run]:
     instance = serve(cluster.api, nodes)
     n = len(nodes)
     try:
-        stats = instance["endpoint"] + "/stats"
-        results = {
-            f"shardline-{n}": measure(Target(f"shardline-{n}", cluster.api, REPO_ID, stats_url=stats), plan, tok)
-        }
-        if direct:
-            target = Target(f"shardline-{n}-direct", instance["endpoint"], REPO_ID, kind="generate")
-            results[target.name] = measure(target, plan, tok)
+        # (a runner answers only its API, with the instance's secret: time the API, which users reach)
+        results = {f"shardline-{n}": measure(Target(f"shardline-{n}", cluster.api, REPO_ID), plan, tok)}
     finally:
         httpx.delete(f"{cluster.api}/instances/{instance['instance_id']}", timeout=90)
     splits = [s["layers"][1] - s["layers"][0] for s in sorted(instance["shards"], key=lambda s: s["rank"])]
@@ -470,7 +436,7 @@ def report(data: dict[str, Any]) -> None:
 # --- the run -----------------------------------------------------------------------------------
 
 
-def bench(root: Path, size: str, dtype: str, plan: Plan, launcher: str, pipeline: bool, direct: bool) -> Run:
+def bench(root: Path, size: str, dtype: str, plan: Plan, launcher: str, pipeline: bool) -> Run:
     model_dir = make_model(root / "src", size, dtype)
     publish_model(model_dir, root / "mirrors", REPO_ID)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -502,7 +468,7 @@ def bench(root: Path, size: str, dtype: str, plan: Plan, launcher: str, pipeline
                 start_node(cluster, nodes[1])
             print(f"shardline-{n} ...", flush=True)
             try:
-                rows.update(found := bench_shardline(cluster, nodes[:n], plan, tok, direct))
+                rows.update(found := bench_shardline(cluster, nodes[:n], plan, tok))
                 problems.update({name: row["error"] for name, row in found.items() if "error" in row})
             except (RuntimeError, TimeoutError, httpx.HTTPError) as error:
                 problems[f"shardline-{n}"] = f"{type(error).__name__}: {error}"
@@ -544,13 +510,12 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=5.0, help="wait at most this long for a quiet machine")
     parser.add_argument("--launcher", choices=["direct", "mlx.launch"], default="direct")
     parser.add_argument("--no-pipeline", action="store_true", help="1-node targets only")
-    parser.add_argument("--direct", action="store_true", help="also time the shardline runners' /generate")
     args = parser.parse_args()
     plan = Plan([int(n) for n in args.levels.split(",")], args.max_tokens, args.single_runs, args.prefix_tokens,
                 args.prefix_rounds, args.settle)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop every process
     with tempfile.TemporaryDirectory(prefix="shardline-bench-") as tmp:
-        data = bench(Path(tmp), args.size, args.dtype, plan, args.launcher, not args.no_pipeline, args.direct)
+        data = bench(Path(tmp), args.size, args.dtype, plan, args.launcher, not args.no_pipeline)
     report(data)
     save(OUT, data)
 
