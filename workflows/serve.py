@@ -3,7 +3,7 @@ and heal: a lost runner stops the rest and the model is placed again on the node
 
 import asyncio
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
@@ -107,6 +107,8 @@ class ServingWorkflow:
         self._generation = 0
         self._runners: list[workflow.ActivityHandle[None]] = []
         self._recent: list[float] = []
+        self._heal_until: datetime | None = None  # while healing: when it gives up
+        self._heal_delay = 1.0
 
     @workflow.run
     async def run(self, inp: ServeInput) -> InstanceStatus:
@@ -134,7 +136,8 @@ class ServingWorkflow:
         excluded = list(inp.excluded)
         while True:
             placement = await self._place(inp, profile, excluded)
-            await self._download(inp, placement)
+            if not await self._fetch(inp, placement):
+                continue
             await self._run(inp, placement)
             lost = self._lost(inp, placement, await self._stop_runners())
             self._status.recoveries += 1
@@ -204,22 +207,36 @@ class ServingWorkflow:
             raise ApplicationError(str(err), type="placement", non_retryable=True) from err
 
     async def _place_again(self, inp: ServeInput, profile: ModelProfile, lost: list[str]) -> Placement:
-        """Healing waits for room (a restarted node, memory being freed, a stale memory reading) with
-        backoff, until the recovery deadline."""
-        deadline = workflow.now() + timedelta(seconds=inp.recovery_deadline_s)
-        delay = 1.0
+        """Healing waits for room (a restarted node, memory being freed, a stale memory reading)."""
         while True:
             try:
                 return place_again(profile, await self._nodes(inp), inp.strategy, inp.nodes, lost)
             except PlacementError as err:
-                reason = str(err)
-            if workflow.now() + timedelta(seconds=delay) > deadline:
-                reason = f"could not place {inp.model_id} again within {inp.recovery_deadline_s:g} s: {reason}"
-                self._set("failed", reason)
-                raise ApplicationError(reason, type="placement", non_retryable=True)
-            self._set("recovering", f"waiting for room: {reason} (next try in {delay:g} s)")
-            await workflow.sleep(delay)
-            delay = min(delay * 2, MAX_PLACE_DELAY_S)
+                await self._wait_to_heal(inp, str(err))
+
+    async def _fetch(self, inp: ServeInput, placement: Placement) -> bool:
+        """Each node's files. While healing, a node's download that fails (the node was only just lost, and
+        looked online) means: wait, and place again; False then."""
+        try:
+            await self._download(inp, placement)
+            return True
+        except ChildWorkflowError as err:
+            if not self._status.recoveries or not workflow.patched("heal-waits"):
+                raise
+            await self._wait_to_heal(inp, f"a download failed: {getattr(err.cause, 'message', None) or err}")
+            return False
+
+    async def _wait_to_heal(self, inp: ServeInput, reason: str) -> None:
+        """Back off (1 s, doubling, at most a minute) before healing tries again; fail past the deadline."""
+        if self._heal_until is None:
+            self._heal_until = workflow.now() + timedelta(seconds=inp.recovery_deadline_s)
+        if workflow.now() + timedelta(seconds=self._heal_delay) > self._heal_until:
+            reason = f"could not heal {inp.model_id} within {inp.recovery_deadline_s:g} s: {reason}"
+            self._set("failed", reason)
+            raise ApplicationError(reason, type="placement", non_retryable=True)
+        self._set("recovering", f"waiting for room: {reason} (next try in {self._heal_delay:g} s)")
+        await workflow.sleep(self._heal_delay)
+        self._heal_delay = min(self._heal_delay * 2, MAX_PLACE_DELAY_S)
 
     async def _download(self, inp: ServeInput, placement: Placement) -> None:
         self._set("downloading" if not self._status.recoveries else "recovering", "fetching each node's files")
@@ -272,6 +289,7 @@ class ServingWorkflow:
         if not self._any_runner_done():
             self._status.endpoint = self._ready[0].endpoint
             self._status.secret = secret
+            self._heal_until, self._heal_delay = None, 1.0
             self._set("ready", f"serving at {self._status.endpoint}")
             await workflow.wait_condition(self._any_runner_done)
 
