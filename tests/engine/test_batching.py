@@ -71,12 +71,6 @@ async def stats(endpoint: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
-    with serving(rank_specs([qwen_dir], "single"), workdir, "batch-single") as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
 def batch_pipe2(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
     splits = [2, 2]
     dirs = [node_copy(qwen_dir, workdir / f"batch-pipe2-node{rank}", splits, rank) for rank in range(2)]
@@ -84,7 +78,7 @@ def batch_pipe2(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
         yield served
 
 
-@pytest.mark.parametrize(("instance", "model"), [("single", "qwen_dir"), ("batch_pipe2", "qwen_dir"),
+@pytest.mark.parametrize(("instance", "model"), [("single_qwen", "qwen_dir"), ("batch_pipe2", "qwen_dir"),
                                                  ("tensor2", "llama_dir")])  # fmt: skip
 async def test_eight_concurrent_requests_batch_and_match_mlx_lm_alone(
     instance: str, model: str, request: pytest.FixtureRequest, references
@@ -102,9 +96,9 @@ async def test_eight_concurrent_requests_batch_and_match_mlx_lm_alone(
     assert (await stats(served.endpoint))["requests"] >= len(PROMPTS)
 
 
-async def test_a_cancelled_stream_leaves_the_others_unchanged(single: Served, qwen_dir: Path, references) -> None:
+async def test_a_cancelled_stream_leaves_the_others_unchanged(single_qwen: Served, qwen_dir: Path, references) -> None:
     max_tokens = 20
-    requests = [timed(single.endpoint, body(p, max_tokens), cancel_after=3 if i == 2 else None)
+    requests = [timed(single_qwen.endpoint, body(p, max_tokens), cancel_after=3 if i == 2 else None)
                 for i, p in enumerate(PROMPTS)]  # fmt: skip
     results = await asyncio.gather(*requests)
     assert len(results[2].tokens) == 3 and not results[2].final
@@ -113,10 +107,12 @@ async def test_a_cancelled_stream_leaves_the_others_unchanged(single: Served, qw
             assert result.tokens == references(qwen_dir, prompt, max_tokens), prompt
 
 
-async def test_seeded_requests_keep_their_own_randomness_in_a_batch(single: Served, qwen_dir: Path, references) -> None:
+async def test_seeded_requests_keep_their_own_randomness_in_a_batch(
+    single_qwen: Served, qwen_dir: Path, references
+) -> None:
     sampled = [{"temperature": 1.3, "top_p": 0.9, "seed": seed} for seed in (1, 2, 3)]
     requests = [body(PROMPT, 12, **s) for s in sampled] + [body(p, 12) for p in PROMPTS[1:4]]
-    results = await asyncio.gather(*(timed(single.endpoint, r) for r in requests))
+    results = await asyncio.gather(*(timed(single_qwen.endpoint, r) for r in requests))
     for s, result in zip(sampled, results, strict=False):
         assert result.tokens == references(qwen_dir, PROMPT, 12, **s)
     assert len({tuple(r.tokens) for r in results[:3]}) == 3  # three seeds, three answers
@@ -134,27 +130,29 @@ async def second_turn(endpoint: str, first: list[dict], max_tokens: int = 16) ->
     return one, two, conversation
 
 
-async def test_second_turn_reuses_the_first_from_the_prefix_cache(single: Served, qwen_dir: Path, references) -> None:
+async def test_second_turn_reuses_the_first_from_the_prefix_cache(
+    single_qwen: Served, qwen_dir: Path, references
+) -> None:
     system = {"role": "system", "content": " ".join(["The cluster keeps its state in workflows."] * 30)}
-    one, two, conversation = await second_turn(single.endpoint, [system, {"role": "user", "content": "Hello!"}])
+    one, two, conversation = await second_turn(single_qwen.endpoint, [system, {"role": "user", "content": "Hello!"}])
     assert one.final["cached_tokens"] <= 2  # at most the template's opening, shared with other chats
     # the whole first turn's prompt is reused (its answer too, up to where the template differs)
     assert two.final["cached_tokens"] >= one.final["prompt_tokens"]
     assert two.tokens == references(qwen_dir, conversation, 16)  # the same text as without a cache
     print(f"second turn: {two.final['cached_tokens']} of {two.final['prompt_tokens']} prompt tokens cached, "
           f"first token after {two.first_at:.3f} s")  # fmt: skip
-    seen = await stats(single.endpoint)
+    seen = await stats(single_qwen.endpoint)
     assert seen["cache_hits"] >= 1 and seen["cache_bytes"] > 0 and seen["cached_tokens"] >= one.final["prompt_tokens"]
 
 
 async def test_prefix_cache_evicts_the_least_recently_used_within_its_budget(
-    workdir: Path, qwen_dir: Path, single: Served
+    workdir: Path, qwen_dir: Path, single_qwen: Served
 ) -> None:
     a = [{"role": "user", "content": "Tell me about the river bank and the lazy dog."}]
     b = [{"role": "user", "content": "What does the scheduler keep in its workflows?"}]
-    before = (await stats(single.endpoint))["cache_bytes"]
-    await timed(single.endpoint, body(a, 8))
-    entry = (await stats(single.endpoint))["cache_bytes"] - before  # one conversation's KV state
+    before = (await stats(single_qwen.endpoint))["cache_bytes"]
+    await timed(single_qwen.endpoint, body(a, 8))
+    entry = (await stats(single_qwen.endpoint))["cache_bytes"] - before  # one conversation's KV state
     budget = int(entry * 1.5)  # room for one conversation, not two
     with serving(rank_specs([qwen_dir], "single", prompt_cache_bytes=budget), workdir, "small-cache") as small:
         first_a = await timed(small.endpoint, body(a, 8))

@@ -5,27 +5,15 @@ import signal
 import time
 
 import httpx
-import psutil
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from tests.conftest import CHUNKY, TIMEOUTS, Cluster
+from tests.support.cluster import fetch_processes
 from tests.support.relay import Relay
 from tests.support.waits import eventually, start_download, wait_download, wait_node, wait_progress
 
 HEARTBEAT = float(TIMEOUTS["SHARDLINE_HEARTBEAT_TIMEOUT"])
 SLACK = 10.0  # scheduling and polling on a busy 2-core machine
-
-
-def fetch_processes(home: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "environ"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if "activities.fetch" in cmdline and (proc.info["environ"] or {}).get("SHARDLINE_HOME") == home:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 async def test_cancel_of_a_frozen_nodes_download_ends_canceled(

@@ -3,11 +3,11 @@
 import json
 
 import httpx
-import psutil
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from shardline.types import LayerRange
 from tests.conftest import CHUNKY, TINY, Cluster
+from tests.support.cluster import fetch_processes
 from tests.support.relay import Relay
 from tests.support.waits import (
     eventually,
@@ -19,18 +19,6 @@ from tests.support.waits import (
     wait_progress,
 )
 from workflows.download import DownloadInput
-
-
-def fetch_processes(home: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "environ"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if "activities.fetch" in cmdline and (proc.info["environ"] or {}).get("SHARDLINE_HOME") == home:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 async def test_download_completes_and_repeat_fetches_nothing(

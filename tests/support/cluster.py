@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from shardline.settings import Settings
 from shardline.temporal import devserver_command
@@ -119,3 +120,15 @@ def wait_http(url: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def fetch_processes(home: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "activities.fetch" in cmdline and (proc.info["environ"] or {}).get("SHARDLINE_HOME") == home:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
