@@ -107,6 +107,42 @@ async def test_a_cancelled_stream_leaves_the_others_unchanged(single_qwen: Serve
             assert result.tokens == references(qwen_dir, prompt, max_tokens), prompt
 
 
+async def test_a_long_prompt_is_prefilled_between_the_others_decoding_steps(single_qwen: Served) -> None:
+    gaps: list[float] = []
+    flowing, long_done = asyncio.Event(), asyncio.Event()
+
+    async def running() -> None:
+        async with (
+            httpx.AsyncClient(base_url=single_qwen.endpoint, timeout=120) as http,
+            http.stream("POST", "/generate", json=body(PROMPT, 3000)) as response,
+        ):
+            last = None
+            async for line in response.aiter_lines():
+                if '"token"' in line:
+                    now = time.monotonic()
+                    if last is not None:
+                        gaps.append(now - last)
+                    last = now
+                    if len(gaps) >= 5:
+                        flowing.set()
+                if long_done.is_set():
+                    return
+
+    decoding = asyncio.create_task(running())
+    await asyncio.wait_for(flowing.wait(), 60)
+    before, started = len(gaps), time.monotonic()
+    long = await timed(single_qwen.endpoint, body("river " * 1100, 1))  # ~3,300 tokens: 7 chunks of prefill
+    long_done.set()
+    await decoding
+    during = gaps[before:]
+    print(
+        f"a {long.final['prompt_tokens']}-token prompt's first token after {long.first_at - started:.2f} s; "
+        f"the running stream made {len(during)} tokens meanwhile, longest gap {max(during):.2f} s"
+    )
+    assert long.final["prompt_tokens"] > 3000, long.final
+    assert len(during) >= 5  # it kept decoding while the long prompt was prefilled, chunk by chunk
+
+
 async def test_seeded_requests_keep_their_own_randomness_in_a_batch(
     single_qwen: Served, qwen_dir: Path, references
 ) -> None:
