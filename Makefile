@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python -m bench.download
 	$(BIN)/python -m bench.serve
 	$(BIN)/python -m bench.batching
+	$(BIN)/python -m bench.grammar
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
