@@ -95,9 +95,10 @@ async def test_refusals(cluster: Cluster, api: httpx.AsyncClient) -> None:
         {"messages": MESSAGES},
         {"model": QWEN, "messages": [{"role": "wizard", "content": "x"}]},
     ]
-    for bad in malformed:
+    for bad in malformed:  # OpenAI's status for a request it cannot take is 400, and so is ours under /v1
         response = await api.post("/v1/chat/completions", json=bad)
-        assert response.status_code == 422, (bad, response.text)
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["error"]["type"] == "invalid_request_error"
     assert (await api.post("/instances", json={"model": "a/b/c"})).status_code == 422
     assert (await api.post("/instances", json={"model": QWEN, "strategy": "diagonal"})).status_code == 422
 
