@@ -16,13 +16,20 @@ def error_response(
     )
 
 
+def openai_error_type(status: int) -> str:
+    kinds = {404: "not_found_error", 429: "rate_limit_error"}
+    return kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+def anthropic_error_type(status: int) -> str:
+    kinds = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error"}
+    return kinds.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
 def anthropic_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """Anthropic's error shape, for /v1/messages."""
-    kinds = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error"}
-    kind = kinds.get(status, "invalid_request_error" if status < 500 else "api_error")
-    return JSONResponse(
-        status_code=status, content={"type": "error", "error": {"type": kind, "message": message}}, headers=headers
-    )
+    content = {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+    return JSONResponse(status_code=status, content=content, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -45,9 +52,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         if is_anthropic(request):
             return anthropic_error(exc.status_code, str(exc.detail), exc.headers)
-        kinds = {404: "not_found_error", 429: "rate_limit_error"}
-        kind = kinds.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
-        return error_response(exc.status_code, str(exc.detail), kind, exc.headers)
+        return error_response(exc.status_code, str(exc.detail), openai_error_type(exc.status_code), exc.headers)
 
     @app.exception_handler(RPCError)
     async def _temporal(_: Request, exc: RPCError) -> JSONResponse:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.anthropic_types import CountRequest, MessagesRequest
 from api.deps import HttpDep, InFlightDep, InstancesDep, MetricsDep
+from api.errors import anthropic_error_type
 from api.inference import call_id, gather, instance_for, start
 from api.runners import Events, tokenize
 
@@ -150,5 +151,4 @@ async def stream(lines: Events, mid: str, model: str) -> AsyncIterator[str]:
                 )
                 yield event("message_stop", {})
     except HTTPException as exc:  # the response has started: the error goes to this client as an event
-        kind = "invalid_request_error" if exc.status_code < 500 else "api_error"
-        yield event("error", {"error": {"type": kind, "message": str(exc.detail)}})
+        yield event("error", {"error": {"type": anthropic_error_type(exc.status_code), "message": str(exc.detail)}})

@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import HttpDep, InFlightDep, InstancesDep, MetricsDep
+from api.errors import openai_error_type
 from api.inference import call_id, gather, start
 from api.openai_types import (
     ChatRequest,
@@ -130,7 +131,7 @@ async def events_or_error(lines: Events) -> AsyncIterator[dict[str, Any] | str]:
         async for event in lines:
             yield ": keep-alive\n\n" if event is None else event
     except HTTPException as exc:  # the response has started: the error goes to this client as an event
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        kind = openai_error_type(exc.status_code)
         yield data({"error": {"message": str(exc.detail), "type": kind, "code": exc.status_code}})
 
 
