@@ -15,6 +15,7 @@ Prints a table, ratios and the machine's figures, and writes bench/out/serve.jso
 """
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -33,10 +34,12 @@ from typing import Any
 
 import httpx
 import psutil
+from temporalio.client import Client
 
 from activities.serve import blas_works, optimized_blas, runner_env
 from bench.common import machine, save, start_cluster, start_node, wait_for
 from shardline.engine.spec import RunnerSpec, pipeline_layers
+from shardline.ids import serve_workflow_id
 from tests.support.cluster import REPO, Cluster, stop_process
 from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import make_tiny_model
@@ -207,11 +210,12 @@ def time_chat(api: str, max_tokens: int) -> Run:
     return timing(started, first, last, usage["completion_tokens"])
 
 
-def time_generate(endpoint: str, max_tokens: int) -> Run:
+def time_generate(endpoint: str, max_tokens: int, secret: str = "") -> Run:
     body = {"messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0}
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     times: list[float] = []
     started = time.perf_counter()
-    with httpx.stream("POST", f"{endpoint}/generate", json=body, timeout=600) as response:
+    with httpx.stream("POST", f"{endpoint}/generate", json=body, headers=headers, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if '"token"' in line:
@@ -309,6 +313,17 @@ def serve(api: str, nodes: list[str]) -> dict[str, Any]:
     return {**instance, "ready_s": time.perf_counter() - started}
 
 
+def runner_secret(cluster: Cluster, instance_id: str) -> str:
+    """What the API sends rank 0's runner: only the serving workflow's status (Temporal access) tells it."""
+
+    async def query() -> str:
+        client = await Client.connect(cluster.address)
+        status = await client.get_workflow_handle(serve_workflow_id(instance_id)).query("status")
+        return str(status.get("secret") or "")
+
+    return asyncio.run(query())
+
+
 def runner_procs(cluster: Cluster) -> dict[str, psutil.Process]:
     """Every long-lived process of the cluster, and the MLX runners under the node workers."""
     procs = {name: psutil.Process(p.pid) for name, p in cluster.procs.items()}
@@ -324,7 +339,8 @@ def time_shardline(cluster: Cluster, nodes: list[str], max_tokens: int, runs: in
     try:
         warmup_errors = warm_up(lambda: time_chat(cluster.api, max_tokens))
         api_runs = measure(lambda: time_chat(cluster.api, max_tokens), runs, watch)
-        direct = measure(lambda: time_generate(instance["endpoint"], max_tokens), runs, watch)
+        secret = runner_secret(cluster, instance["instance_id"])
+        direct = measure(lambda: time_generate(instance["endpoint"], max_tokens, secret), runs, watch)
     finally:
         httpx.delete(f"{cluster.api}/instances/{instance['instance_id']}", timeout=90)
     shards = sorted(instance["shards"], key=lambda s: s["rank"])
