@@ -13,11 +13,14 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.errors import application_error, classify
 from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls
-from shardline import state
+from shardline import contracts
+from shardline.contracts import implements
 from shardline.engine.capabilities import sharding_support
 from shardline.model_files import INDEX_FILE, layer_sizes
 from shardline.placement import ModelProfile, NodeCapacity
+from shardline.states import NodeState
 from shardline.types import DeleteRequest, InspectRequest
+from workflows import state
 
 PROFILE_FILE = "shardline-profile.json"
 WAIT_POLL_S = 2.0  # how soon a serve starts its own download once the one it waited for has ended
@@ -66,7 +69,7 @@ class ClusterActivities:
         self._hub_timeout_s = hub_timeout_s
         bound_hub_calls(hub_timeout_s)
 
-    @activity.defn(name="online_nodes")
+    @implements(contracts.online_nodes)
     async def online_nodes(self, asking: str = "") -> list[NodeCapacity]:
         """Online nodes and their free memory, less what instances other than `asking` have placed on them
         and not loaded yet (their nodes' readings do not show it): two placements never count on the same bytes."""
@@ -75,21 +78,21 @@ class ClusterActivities:
         return [
             NodeCapacity(v.node_id, max(0, v.resources.memory_available - reserved.get(v.node_id, 0)), v.resources.host)
             for v in views
-            if v.state == "online" and v.resources is not None
+            if v.state == NodeState.ONLINE and v.resources is not None
         ]
 
-    @activity.defn(name="node_state")
+    @implements(contracts.node_state)
     async def node_state(self, node_id: str) -> str:
         """online | offline | departed as the node's presence workflow says; unknown if it never joined."""
         view = await state.get_node(self._client, node_id)
-        return view.state if view else "unknown"
+        return view.state if view else NodeState.UNKNOWN
 
-    @activity.defn(name="model_users")
+    @implements(contracts.model_users)
     async def model_users(self, req: DeleteRequest) -> list[str]:
         """Running workflows that need this model on this node (see state.model_users)."""
         return await state.model_users(self._client, req.node_id, req.model_id)
 
-    @activity.defn(name="inspect_model")
+    @implements(contracts.inspect_model)
     async def inspect_model(self, req: InspectRequest) -> ModelProfile:
         cache = self._cache / req.model_id
         try:
@@ -106,7 +109,7 @@ class ClusterActivities:
         await asyncio.to_thread(remember_profile, cache, req, profile)
         return profile
 
-    @activity.defn(name="wait_workflow_end")
+    @implements(contracts.wait_workflow_end)
     async def wait_workflow_end(self, workflow_id: str) -> str:
         """Until the workflow's latest run ends, however long it runs (heartbeating, so a restarted control
         worker picks the wait up again); its final status, or NOT_FOUND."""

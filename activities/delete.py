@@ -9,6 +9,8 @@ import structlog
 from temporalio import activity
 
 from activities.errors import application_error
+from shardline import contracts
+from shardline.contracts import implements
 from shardline.ids import InvalidId, check_model_id
 from shardline.model_files import model_path
 from shardline.types import DeleteRequest, DeleteResult
@@ -81,7 +83,7 @@ class DeleteActivities:
     def __init__(self, models_dir: Path) -> None:
         self._models_dir = models_dir
 
-    @activity.defn(name="delete_model")
+    @implements(contracts.delete_model)
     async def delete_model(self, req: DeleteRequest) -> DeleteResult:
         activity.heartbeat()
         result = await asyncio.to_thread(remove_model, self._models_dir, req.model_id)

@@ -17,6 +17,8 @@ from activities.completion import intact, local_weight_map, read_completion, wri
 from activities.delete import case_alias
 from activities.errors import application_error, classify
 from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls, hub_env
+from shardline import contracts
+from shardline.contracts import implements
 from shardline.ids import InvalidId, check_model_id
 from shardline.model_files import INDEX_FILE, files_to_fetch, model_path, record_completion
 from shardline.types import DownloadProgress, DownloadRequest, DownloadResult
@@ -87,7 +89,7 @@ class DownloadActivities:
         self._hub_timeout_s = hub_timeout_s
         bound_hub_calls(hub_timeout_s)
 
-    @activity.defn(name="download_model")
+    @implements(contracts.download_model)
     async def download_model(self, req: DownloadRequest) -> DownloadResult:
         try:
             check_model_id(req.model_id)

@@ -8,8 +8,11 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.resources import CacheLedger, read_resources
+from shardline import contracts
+from shardline.contracts import implements
 from shardline.settings import Settings
 from shardline.types import NodeResources, PresenceInput
+from workflows.node import NodeWorkflow
 
 
 class PresenceActivities:
@@ -28,12 +31,12 @@ class PresenceActivities:
         s = self._settings
         return read_resources(node_id, s.home, s.node_host, s.node_memory, self._ledger.total())
 
-    @activity.defn(name="node_presence")
+    @implements(contracts.node_presence)
     async def node_presence(self, inp: PresenceInput) -> None:
         info = activity.info()
         resources = await self._resources(inp.node_id)
         workflow = self._client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
-        await workflow.signal("online", resources)
+        await workflow.signal(NodeWorkflow.online, resources)
         deadline = time.monotonic() + inp.lease_s
         while time.monotonic() < deadline:
             activity.heartbeat(resources)

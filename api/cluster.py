@@ -6,9 +6,11 @@ from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowFailureError
 
 from api.schemas import DownloadOut, NodeOut, Progress
-from shardline import search, state
-from shardline.state import describe, heartbeat, list_query, state_of
+from shardline import search
+from shardline.states import Kind, WorkState
 from shardline.types import DownloadProgress
+from workflows import state
+from workflows.state import describe, heartbeat, list_query, state_of
 
 
 def node_out(view: state.NodeView) -> NodeOut:
@@ -41,7 +43,7 @@ def download_summary(execution: WorkflowExecution) -> DownloadOut:
 
 
 async def list_downloads(client: Client, node: str | None, model: str | None, state: str | None) -> list[DownloadOut]:
-    query = list_query("download", node=node, model=model, state=state)
+    query = list_query(Kind.DOWNLOAD, node=node, model=model, state=state)
     return [download_summary(e) async for e in client.list_workflows(query)]
 
 
@@ -59,7 +61,7 @@ async def download_detail(client: Client, workflow_id: str) -> DownloadOut | Non
     if pending is not None:
         out.attempt = pending.attempt
         if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED and pending.attempt == 1:
-            out.state = "waiting for node"
+            out.state = WorkState.WAITING_FOR_NODE
         if pending.last_failure.message:
             out.last_failure = pending.last_failure.message
     if isinstance(progress, DownloadProgress):
@@ -71,7 +73,7 @@ async def download_detail(client: Client, workflow_id: str) -> DownloadOut | Non
         out.result, out.reason = await outcome(client, workflow_id)
     elif desc.status == WorkflowExecutionStatus.CANCELED:
         # what the node did about the cancel (confirmed, went silent, had finished), as the workflow wrote it
-        out.reason = (await desc.memo()).get("reason") or "canceled"
+        out.reason = (await desc.memo()).get("reason") or WorkState.CANCELED
     return out
 
 

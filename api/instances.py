@@ -12,8 +12,11 @@ from temporalio.service import RPCError
 
 from api.cluster import outcome
 from shardline import search
-from shardline.state import describe, list_query, state_of
-from workflows.serve import InstanceStatus, ServingWorkflow
+from shardline.ids import instance_of
+from shardline.states import InstanceState, Kind
+from workflows import client as workflows
+from workflows.serve import InstanceStatus
+from workflows.state import describe, list_query, state_of
 
 CACHE_SECONDS = 1.0
 LOOKUP_TIMEOUT = 3.0  # seconds; past it, the cached endpoints answer
@@ -28,17 +31,15 @@ async def instance_status(
     desc = await describe(client, workflow_id)
     if desc is None:
         return None
-    instance_id = workflow_id.removeprefix("serve:")
+    instance_id = instance_of(workflow_id)
     model = desc.typed_search_attributes.get(search.MODEL) or ""
     if desc.status == WorkflowExecutionStatus.RUNNING:
         try:
-            return await client.get_workflow_handle_for(ServingWorkflow.run, workflow_id).query(ServingWorkflow.status)
+            return await workflows.instance_status(client, instance_id)
         except RPCError:
-            return known or InstanceStatus(instance_id, model, "starting", "")
-    ended = InstanceStatus(instance_id, model, state_of(desc), "")
-    if ended.state == "canceled":
-        ended.state = "stopped"
-    elif ended.state == "failed":
+            return known or InstanceStatus(instance_id, model, InstanceState.STARTING, "")
+    ended = InstanceStatus(instance_id, model, state_of(desc), "")  # a canceled one reads "stopped"
+    if ended.state == InstanceState.FAILED:
         _, ended.reason = await outcome(client, workflow_id)
     return ended
 
@@ -47,8 +48,8 @@ async def list_instances(
     client: Client, running_only: bool = True, known: dict[str, InstanceStatus] | None = None
 ) -> list[InstanceStatus]:
     found = []
-    async for execution in client.list_workflows(list_query("serve", running_only=running_only)):
-        last = (known or {}).get(execution.id.removeprefix("serve:"))
+    async for execution in client.list_workflows(list_query(Kind.SERVE, running_only=running_only)):
+        last = (known or {}).get(instance_of(execution.id))
         status = await instance_status(client, execution.id, last)
         if status is not None:
             found.append(status)
@@ -69,7 +70,7 @@ class InstanceCache:
     async def for_model(self, model: str) -> list[InstanceStatus]:
         known = [i for i in self._instances if i.model_id == model]
         if time.monotonic() - self._at > CACHE_SECONDS:
-            if any(i.state == "ready" for i in known):
+            if any(i.state == InstanceState.READY for i in known):
                 if self._refreshing is None or self._refreshing.done():
                     self._refreshing = asyncio.create_task(self.refresh())
             else:

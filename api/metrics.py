@@ -11,14 +11,15 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from api.runners import InFlight
-from shardline.state import count_states
+from shardline.states import Kind
 from workflows.serve import InstanceStatus
+from workflows.state import count_states
 
 UNSERVED = "unserved"  # the model label of requests for a model nobody serves: client input is no label
 CLUSTER_TIMEOUT = 5.0  # seconds a scrape waits for Temporal before it answers without the cluster gauges
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
-KINDS = {"node": "nodes", "download": "downloads", "serve": "instances"}  # ShardlineKind -> gauge
+KINDS = {Kind.NODE: "nodes", Kind.DOWNLOAD: "downloads", Kind.SERVE: "instances"}  # ShardlineKind -> gauge
 RUNNER_GAUGES = {  # rank 0's /stats field -> what the gauge says
     "requests": "Requests the instance's runner took into its batch since it started",
     "batch": "Requests in the instance's running batch",

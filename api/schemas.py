@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from shardline.ids import check_model_id, check_node_id
+from shardline.ids import check_model_id, check_node_id, serve_workflow_id
 
 
 class ErrorBody(BaseModel):
@@ -121,7 +121,7 @@ class InstanceOut(BaseModel):
 
     @classmethod
     def of(cls, instance_id: str, model: str, state: str, strategy: str) -> "InstanceOut":
-        return cls(instance_id=instance_id, workflow_id=f"serve:{instance_id}", model=model, state=state,
+        return cls(instance_id=instance_id, workflow_id=serve_workflow_id(instance_id), model=model, state=state,
                    strategy=strategy)  # fmt: skip
 
     @classmethod

@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 from tokenizers import Tokenizer
 
-from activities.serve import optimized_blas, runner_env
+from activities.runner import optimized_blas, runner_env
 from bench.common import machine, save, start_cluster, start_node
 from bench.serve import REPO_ID, SIZES, busy, foreign, log_tails, make_model, model_figures, serve, settle
 from tests.support.cluster import REPO, Cluster

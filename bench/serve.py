@@ -36,14 +36,14 @@ import httpx
 import psutil
 from temporalio.client import Client
 
-from activities.serve import blas_works, optimized_blas, runner_env
+from activities.runner import blas_works, optimized_blas, runner_env
 from bench.common import machine, save, start_cluster, start_node, wait_for
 from shardline.engine.spec import RunnerSpec, pipeline_layers
-from shardline.ids import serve_workflow_id
 from tests.support.cluster import REPO, Cluster, stop_process
 from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import make_tiny_model
 from tests.support.relay import free_port
+from workflows.client import instance_status
 
 REPO_ID = "bench-org/serve-model"
 OUT = Path(__file__).resolve().parent / "out" / "serve.json"
@@ -318,8 +318,7 @@ def runner_secret(cluster: Cluster, instance_id: str) -> str:
 
     async def query() -> str:
         client = await Client.connect(cluster.address)
-        status = await client.get_workflow_handle(serve_workflow_id(instance_id)).query("status")
-        return str(status.get("secret") or "")
+        return (await instance_status(client, instance_id)).secret
 
     return asyncio.run(query())
 

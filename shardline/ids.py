@@ -1,6 +1,9 @@
 """Ids users type and Temporal stores: validation and the workflow id scheme."""
 
 import re
+import uuid
+
+from shardline.states import Kind
 
 CONTROL_QUEUE = "shardline-control"
 
@@ -44,19 +47,41 @@ def node_queue(node_id: str) -> str:
 
 
 def node_workflow_id(node_id: str) -> str:
-    return f"node:{node_id}"
+    return f"{Kind.NODE}:{node_id}"
 
 
 def download_workflow_id(node_id: str, model_id: str) -> str:
-    return f"download:{node_id}:{model_id}"
+    return f"{Kind.DOWNLOAD}:{node_id}:{model_id}"
 
 
 def delete_workflow_id(node_id: str, model_id: str) -> str:
-    return f"delete:{node_id}:{model_id}"
+    return f"{Kind.DELETE}:{node_id}:{model_id}"
 
 
 def serve_workflow_id(instance_id: str) -> str:
-    return f"serve:{instance_id}"
+    return f"{Kind.SERVE}:{instance_id}"
+
+
+def new_instance_id(model_id: str) -> str:
+    """A fresh instance id that says which model it serves: `llama-3.2-1b-4bit-1a2b3c`."""
+    return f"{model_id.rsplit('/', 1)[-1].lower()[:40]}-{uuid.uuid4().hex[:6]}"
+
+
+def _suffix(workflow_id: str, kind: Kind) -> str:
+    prefix, sep, rest = workflow_id.partition(":")
+    if prefix != kind or not sep or not rest:
+        raise InvalidId(f"invalid workflow id {workflow_id!r}: expected '{kind}:<id>'")
+    return rest
+
+
+def node_of(workflow_id: str) -> str:
+    """`node:n1` -> "n1"."""
+    return _suffix(workflow_id, Kind.NODE)
+
+
+def instance_of(workflow_id: str) -> str:
+    """`serve:llama-1a2b3c` -> "llama-1a2b3c"."""
+    return _suffix(workflow_id, Kind.SERVE)
 
 
 def parse_workflow_id(workflow_id: str) -> tuple[str, list[str]]:
@@ -64,7 +89,7 @@ def parse_workflow_id(workflow_id: str) -> tuple[str, list[str]]:
     kind, _, rest = workflow_id.partition(":")
     if not rest:
         raise InvalidId(f"invalid workflow id {workflow_id!r}: expected '<kind>:<...>'")
-    if kind in ("download", "delete"):
+    if kind in (Kind.DOWNLOAD, Kind.DELETE):
         node_id, sep, model_id = rest.partition(":")
         if not sep:
             raise InvalidId(f"invalid workflow id {workflow_id!r}: expected '{kind}:<node_id>:<model_id>'")

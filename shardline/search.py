@@ -15,7 +15,7 @@ ALL = (KIND, NODE, MODEL, STATE)
 
 
 def attributes(kind: str, state: str, node: str | None = None, model: str | None = None) -> TypedSearchAttributes:
-    pairs = [SearchAttributePair(KIND, kind), SearchAttributePair(STATE, state)]
+    pairs = [SearchAttributePair(KIND, str(kind)), SearchAttributePair(STATE, str(state))]
     if node:
         pairs.append(SearchAttributePair(NODE, node))
     if model:

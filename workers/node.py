@@ -5,7 +5,6 @@ from datetime import timedelta
 
 import structlog
 from temporalio.client import Client
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
@@ -13,14 +12,14 @@ from activities.delete import DeleteActivities
 from activities.download import DownloadActivities
 from activities.presence import PresenceActivities
 from activities.resources import CacheLedger
-from activities.serve import ShardActivities
-from shardline import search
-from shardline.ids import CONTROL_QUEUE, node_queue, node_workflow_id
+from activities.runner import ShardActivities
+from shardline.ids import node_queue
 from shardline.node_identity import resolve_node_id
 from shardline.settings import Settings
 from shardline.temporal import connect
 from workers.run import run_until_signal
-from workflows.node import NodeInput, NodeWorkflow
+from workflows.client import start_node
+from workflows.node import NodeInput
 
 log = structlog.get_logger(__name__)
 
@@ -58,17 +57,8 @@ async def run_node(settings: Settings) -> None:
 
 async def join(client: Client, settings: Settings, node_id: str, rpc_timeout: timedelta | None = None) -> str | None:
     """Start this node's NodeWorkflow, or find the one already running; its run id."""
-    handle = await client.start_workflow(
-        NodeWorkflow.run,
-        NodeInput(node_id, settings.heartbeat_timeout, settings.node_grace),
-        id=node_workflow_id(node_id),
-        task_queue=CONTROL_QUEUE,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        search_attributes=search.attributes("node", "starting", node=node_id),
-        static_summary=f"Node {node_id}",
-        rpc_timeout=rpc_timeout,
-    )
+    inp = NodeInput(node_id=node_id, heartbeat_timeout_s=settings.heartbeat_timeout, grace_s=settings.node_grace)
+    handle = await start_node(client, inp, rpc_timeout=rpc_timeout)
     return handle.result_run_id
 
 

@@ -1,7 +1,7 @@
 """What every node-bound activity call shares: its options and how its failure reads to a person."""
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
@@ -17,8 +17,9 @@ from temporalio.exceptions import (
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from shardline import search
+    from shardline import contracts, search
     from shardline.ids import CONTROL_QUEUE, node_queue
+    from shardline.states import NodeState, WorkState
 
 T = TypeVar("T")
 # histories recorded before a cancel always won replay the old way: they may have failed, retried or completed
@@ -65,8 +66,9 @@ def is_cancel(err: BaseException) -> bool:
 
 
 def set_state(state: str, details: str = "") -> None:
-    workflow.upsert_search_attributes([search.STATE.value_set(state)])
-    workflow.set_current_details(details or state)
+    """The state in the `ShardlineState` search attribute (a member of one of shardline.states' enums)."""
+    workflow.upsert_search_attributes([search.STATE.value_set(str(state))])
+    workflow.set_current_details(details or str(state))
 
 
 def cancel_requested() -> bool:
@@ -90,7 +92,7 @@ def canceled_reason(outcome: BaseException | None, node_id: str, *, heartbeat_s:
 
 def end_canceled(reason: str) -> NoReturn:
     """End the workflow CANCELED, whatever its last activity ended with; the reason outlives the run (memo)."""
-    set_state("canceled", reason)
+    set_state(WorkState.CANCELED, reason)
     workflow.upsert_memo({"reason": reason})
     raise asyncio.CancelledError(reason)
 
@@ -113,8 +115,8 @@ def never_started(err: ActivityError) -> bool:
 
 
 async def node_is_online(node_id: str) -> bool:
-    state = await workflow.execute_activity("node_state", node_id, result_type=str, **CONTROL_ACTIVITY)
-    return state == "online"
+    state = await workflow.execute_activity(contracts.node_state, node_id, **CONTROL_ACTIVITY)
+    return state == NodeState.ONLINE
 
 
 async def between_attempts(step: Awaitable[T], node_id: str, reason: str) -> T:
@@ -128,27 +130,26 @@ async def between_attempts(step: Awaitable[T], node_id: str, reason: str) -> T:
 
 
 async def run_on_node(
-    activity: str,
+    activity: Callable[[Any], Awaitable[T]],
     request: Any,
-    result_type: type,
     node_id: str,
     *,
     wait_s: float,
     heartbeat_s: float,
     attempts: int,
     run_for: timedelta,
-) -> Any:
+) -> T:
     """Run one node-bound activity, retrying here rather than in the server so that a node that is gone
     ends the work within heartbeat + wait; a failure ends the workflow with a readable reason."""
     options = node_activity_options(node_id, wait_s=wait_s, heartbeat_s=heartbeat_s, run_for=run_for)
     reason = "no attempt made"
     for attempt in range(1, attempts + 1):
         try:
-            result = await workflow.execute_activity(activity, request, result_type=result_type, **options)
+            result = await workflow.execute_activity(activity, request, **options)
         except asyncio.CancelledError:
             if cancel_requested():
                 end_canceled(f"canceled; node {node_id} had not started the work")
-            set_state("canceled")
+            set_state(WorkState.CANCELED)
             raise
         except ActivityError as err:
             # WAIT_CANCELLATION_COMPLETED: a cancel asked for ends only once the node confirmed it or went
@@ -156,7 +157,7 @@ async def run_on_node(
             if cancel_requested():
                 end_canceled(canceled_reason(err, node_id, heartbeat_s=heartbeat_s))
             if is_cancel(err):
-                set_state("canceled")
+                set_state(WorkState.CANCELED)
                 raise
             reason = failure_reason(err, node_id, wait_s=wait_s, heartbeat_s=heartbeat_s)
             if attempt == attempts:
@@ -167,11 +168,11 @@ async def run_on_node(
                 never_started(err) and await between_attempts(node_is_online(node_id), node_id, reason)
             ):
                 break
-            set_state("retrying", f"attempt {attempt} of {attempts} failed: {reason}")
+            set_state(WorkState.RETRYING, f"attempt {attempt} of {attempts} failed: {reason}")
             await between_attempts(workflow.sleep(min(2 ** (attempt - 1), 10)), node_id, reason)
         else:
             if cancel_requested():  # the node finished before the cancel reached it
                 end_canceled(canceled_reason(None, node_id, heartbeat_s=heartbeat_s))
             return result
-    set_state("failed", reason)
+    set_state(WorkState.FAILED, reason)
     raise ApplicationError(reason, non_retryable=True)

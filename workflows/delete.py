@@ -7,7 +7,8 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from shardline.state import in_use_message
+    from shardline import contracts
+    from shardline.states import WorkState
     from shardline.types import DeleteRequest, DeleteResult
     from workflows.common import CONTROL_ACTIVITY, run_on_node, set_state
 
@@ -26,25 +27,32 @@ class DeleteInput:
 class DeleteModelWorkflow:
     @workflow.run
     async def run(self, inp: DeleteInput) -> DeleteResult:
-        set_state("running", f"deleting {inp.model_id} from {inp.node_id}")
+        set_state(WorkState.RUNNING, f"deleting {inp.model_id} from {inp.node_id}")
         # a history recorded before this check replays without it; `temporal workflow start` callers get it too
         if not inp.force and workflow.patched("delete-checks-users"):
-            users: list[str] = await workflow.execute_activity(
-                "model_users", DeleteRequest(inp.node_id, inp.model_id), result_type=list[str], **CONTROL_ACTIVITY
+            users = await workflow.execute_activity(
+                contracts.model_users, DeleteRequest(inp.node_id, inp.model_id), **CONTROL_ACTIVITY
             )
             if users:
                 reason = in_use_message(inp.node_id, inp.model_id, users)
-                set_state("failed", reason)
+                set_state(WorkState.FAILED, reason)
                 raise ApplicationError(reason, type="in_use", non_retryable=True)
-        result: DeleteResult = await run_on_node(
-            "delete_model",
+        result = await run_on_node(
+            contracts.delete_model,
             DeleteRequest(inp.node_id, inp.model_id),
-            DeleteResult,
             inp.node_id,
             wait_s=inp.node_wait_s,
             heartbeat_s=inp.heartbeat_timeout_s,
             attempts=inp.attempts,
             run_for=timedelta(minutes=30),
         )
-        set_state("completed", "removed" if result.removed else "already absent")
+        set_state(WorkState.COMPLETED, "removed" if result.removed else "already absent")
         return result
+
+
+def in_use_message(node_id: str, model_id: str, users: list[str]) -> str:
+    """Why a delete is refused while `users` (workflow ids) need the model on the node."""
+    return (
+        f"{model_id} on node {node_id} is in use by {', '.join(users)}: stop or cancel that first "
+        "(or delete with force)"
+    )

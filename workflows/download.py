@@ -8,7 +8,9 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from shardline import contracts
     from shardline.ids import CONTROL_QUEUE
+    from shardline.states import WorkState
     from shardline.types import DownloadRequest, DownloadResult, LayerRange
     from workflows.common import run_on_node, set_state
 
@@ -44,28 +46,26 @@ class DownloadWorkflow:
 
     @workflow.run
     async def run(self, inp: DownloadInput) -> DownloadResult:
-        set_state("running", f"downloading {inp.model_id} onto {inp.node_id}")
+        set_state(WorkState.RUNNING, f"downloading {inp.model_id} onto {inp.node_id}")
         result = await self._fetch(inp, inp.layers)
         if inp.layers is not None and self._whole and workflow.patched(WIDENS):
             # someone asked for the whole model while this fetched a layer range: fetch the rest too
-            set_state("running", f"downloading the rest of {inp.model_id} onto {inp.node_id}")
+            set_state(WorkState.RUNNING, f"downloading the rest of {inp.model_id} onto {inp.node_id}")
             result = await self._fetch(inp, None)
-        set_state("completed", f"{inp.model_id} on {inp.node_id}: {len(result.files)} files")
+        set_state(WorkState.COMPLETED, f"{inp.model_id} on {inp.node_id}: {len(result.files)} files")
         return result
 
     async def _fetch(self, inp: DownloadInput, layers: LayerRange | None) -> DownloadResult:
         request = DownloadRequest(inp.node_id, inp.model_id, inp.revision, layers)
-        result: DownloadResult = await run_on_node(
-            "download_model",
+        return await run_on_node(
+            contracts.download_model,
             request,
-            DownloadResult,
             inp.node_id,
             wait_s=inp.node_wait_s,
             heartbeat_s=inp.heartbeat_timeout_s,
             attempts=inp.attempts,
             run_for=timedelta(days=2),  # a slow link may take long; the heartbeat says it is alive
         )
-        return result
 
     @workflow.signal
     def whole_model(self) -> None:
@@ -75,5 +75,4 @@ class DownloadWorkflow:
 
 async def wait_until_ended(workflow_id: str) -> str:
     """From a workflow: until the download `workflow_id` (someone else's) ends; how it ended."""
-    ended: str = await workflow.execute_activity("wait_workflow_end", workflow_id, result_type=str, **WAIT_FOR_DOWNLOAD)
-    return ended
+    return await workflow.execute_activity(contracts.wait_workflow_end, workflow_id, **WAIT_FOR_DOWNLOAD)

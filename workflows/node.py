@@ -7,6 +7,8 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, TimeoutError, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
+    from shardline import contracts
+    from shardline.states import NodeState
     from shardline.types import NodeResources, PresenceInput
     from workflows.common import node_activity_options, set_state
 
@@ -36,7 +38,7 @@ class NodeInput:
 @dataclass
 class NodeStatus:
     node_id: str
-    state: str  # starting | online | offline | departed
+    state: NodeState
     resources: NodeResources | None = None
     boots: int = 0
 
@@ -44,7 +46,7 @@ class NodeStatus:
 @workflow.defn(name="NodeWorkflow")
 class NodeWorkflow:
     def __init__(self) -> None:
-        self._status = NodeStatus(node_id="", state="starting")
+        self._status = NodeStatus(node_id="", state=NodeState.STARTING)
 
     @workflow.run
     async def run(self, inp: NodeInput) -> NodeStatus:
@@ -64,17 +66,17 @@ class NodeWorkflow:
         while True:
             started = workflow.now()
             try:
-                await workflow.execute_activity("node_presence", presence, **options)
+                await workflow.execute_activity(contracts.node_presence, presence, **options)
             except ActivityError as err:
                 if isinstance(err.cause, TimeoutError) and err.cause.type == TimeoutType.SCHEDULE_TO_START:
-                    self._set("departed", f"offline for more than {inp.grace_s:g} s")
+                    self._set(NodeState.DEPARTED, f"offline for more than {inp.grace_s:g} s")
                     return self._status
                 if isinstance(err.cause, TimeoutError) or not workflow.patched(PRESENCE_BACKOFF):
-                    self._set("offline", f"no heartbeat for {inp.heartbeat_timeout_s:g} s")
+                    self._set(NodeState.OFFLINE, f"no heartbeat for {inp.heartbeat_timeout_s:g} s")
                 else:  # the node ran presence and it failed: waiting is what bounds a fast failure
                     backoff = presence_backoff(backoff, (workflow.now() - started).total_seconds())
                     reason = getattr(err.cause, "message", None) or str(err.cause or err)
-                    self._set("offline", f"presence failed on the node ({reason}); again in {backoff:g} s")
+                    self._set(NodeState.OFFLINE, f"presence failed on the node ({reason}); again in {backoff:g} s")
                     if backoff:
                         await workflow.sleep(backoff)
             if workflow.info().is_continue_as_new_suggested():
@@ -84,12 +86,12 @@ class NodeWorkflow:
     def online(self, resources: NodeResources) -> None:
         self._status.resources = resources
         self._status.boots += 1
-        self._set("online", f"{resources.hostname} {resources.backend}")
+        self._set(NodeState.ONLINE, f"{resources.hostname} {resources.backend}")
 
     @workflow.query
     def status(self) -> NodeStatus:
         return self._status
 
-    def _set(self, state: str, details: str) -> None:
+    def _set(self, state: NodeState, details: str) -> None:
         self._status.state = state
         set_state(state, details)

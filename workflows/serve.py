@@ -2,11 +2,12 @@
 and heal: a lost runner stops the rest and the model is placed again on the nodes still online."""
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -17,8 +18,7 @@ from temporalio.exceptions import (
 )
 
 with workflow.unsafe.imports_passed_through():
-    from shardline import search
-    from shardline.ids import CONTROL_QUEUE, download_workflow_id
+    from shardline import contracts
     from shardline.placement import (
         ModelProfile,
         NodeCapacity,
@@ -28,7 +28,8 @@ with workflow.unsafe.imports_passed_through():
         place_again,
         planned_bytes,
     )  # fmt: skip
-    from shardline.types import InspectRequest, RunnerReady, ShardSpec
+    from shardline.states import InstanceState
+    from shardline.types import InspectRequest, LayerRange, RunnerReady, ShardSpec
     from workflows.common import (
         CONTROL_ACTIVITY,
         cancel_requested,
@@ -37,6 +38,9 @@ with workflow.unsafe.imports_passed_through():
         set_state,
     )
     from workflows.download import DOWNLOAD_WAITS, DownloadInput, DownloadWorkflow, wait_until_ended
+    from workflows.starts import download_start
+
+T = TypeVar("T")
 
 MAX_INCIDENTS = 10
 MAX_PLACE_DELAY_S = 60.0
@@ -62,6 +66,7 @@ class ServeInput:
     recent_recoveries: list[float] = field(default_factory=list)  # their times (epoch s), carried likewise
     excluded: list[str] = field(default_factory=list)  # nodes just lost: not placed on next time
     incidents: list[str] = field(default_factory=list)  # carried across continue-as-new
+    download_attempts: int = 5  # of each node's download (histories from before it was carried replay with 5)
 
 
 @dataclass
@@ -78,7 +83,7 @@ class ShardStatus:
 class InstanceStatus:
     instance_id: str
     model_id: str
-    state: str  # placing | downloading | loading | ready | recovering | failed | stopped
+    state: str  # an InstanceState
     strategy: str
     shards: list[ShardStatus] = field(default_factory=list)
     endpoint: str | None = None
@@ -102,7 +107,7 @@ def recent_recoveries(times: list[float], now: float, window_s: float) -> list[f
 @workflow.defn(name="ServingWorkflow")
 class ServingWorkflow:
     def __init__(self) -> None:
-        self._status = InstanceStatus("", "", "placing", "pipeline")
+        self._status = InstanceStatus("", "", InstanceState.PLACING, "pipeline")
         self._ready: dict[int, RunnerReady] = {}
         self._generation = 0
         self._runners: list[workflow.ActivityHandle[None]] = []
@@ -112,15 +117,15 @@ class ServingWorkflow:
 
     @workflow.run
     async def run(self, inp: ServeInput) -> InstanceStatus:
-        self._status = InstanceStatus(inp.instance_id, inp.model_id, "placing", inp.strategy, recoveries=inp.recoveries,
-                                      incidents=list(inp.incidents))  # fmt: skip
+        self._status = InstanceStatus(inp.instance_id, inp.model_id, InstanceState.PLACING, inp.strategy,
+                                      recoveries=inp.recoveries, incidents=list(inp.incidents))  # fmt: skip
         self._generation = inp.recoveries
         self._recent = list(inp.recent_recoveries)
         try:
             return await self._serve(inp)
         except asyncio.CancelledError:
             await self._stop_runners()
-            self._set("stopped", "canceled")
+            self._set(InstanceState.STOPPED, "canceled")
             raise
         except (ActivityError, ApplicationError, ChildWorkflowError):
             if not cancel_requested():
@@ -128,11 +133,11 @@ class ServingWorkflow:
             # whatever a step ended with once a cancel was asked for (a child download that failed, a
             # control call cut short), the person asked to stop: stop the runners and end CANCELED
             await self._stop_runners()
-            self._set("stopped", "canceled")
+            self._set(InstanceState.STOPPED, "canceled")
             raise asyncio.CancelledError("canceled") from None
 
     async def _serve(self, inp: ServeInput) -> InstanceStatus:
-        profile = await self._control("inspect_model", [InspectRequest(inp.model_id, inp.revision)], ModelProfile)
+        profile = await self._control(contracts.inspect_model, InspectRequest(inp.model_id, inp.revision))
         excluded = list(inp.excluded)
         while True:
             placement = await self._place(inp, profile, excluded)
@@ -150,9 +155,9 @@ class ServingWorkflow:
                 over, window = self._status.recoveries > inp.max_recoveries, ""
             if over:
                 reason = f"gave up after {inp.max_recoveries} recoveries{window}; last: {lost.reason}"
-                self._set("failed", reason)
+                self._set(InstanceState.FAILED, reason)
                 raise ApplicationError(reason, non_retryable=True)
-            self._set("recovering", lost.reason)
+            self._set(InstanceState.RECOVERING, lost.reason)
             excluded = lost.gone
             if workflow.info().is_continue_as_new_suggested():  # every runner is drained: nothing is orphaned
                 workflow.continue_as_new(
@@ -165,16 +170,18 @@ class ServingWorkflow:
                     )
                 )
 
-    async def _control(self, activity: str, args: list[object], result_type: type) -> object:
+    async def _control(self, activity: Callable[..., Awaitable[T]], *args: Any) -> T:
         try:
-            return await workflow.execute_activity(activity, args=args, result_type=result_type, **CONTROL_ACTIVITY)
+            return await workflow.execute_activity(activity, args=list(args), **CONTROL_ACTIVITY)
         except ActivityError as err:
             reason = getattr(err.cause, "message", None) or str(err.cause or err)
-            self._set("failed", reason)
+            self._set(InstanceState.FAILED, reason)
             raise ApplicationError(reason, non_retryable=True) from err
 
     async def _place(self, inp: ServeInput, profile: ModelProfile, excluded: list[str]) -> Placement:
-        self._set("placing" if not self._status.recoveries else "recovering", f"placing {inp.model_id}")
+        self._set(
+            InstanceState.RECOVERING if self._status.recoveries else InstanceState.PLACING, f"placing {inp.model_id}"
+        )
         if workflow.patched("heal-waits"):
             placement = await (self._place_again if self._status.recoveries else self._place_first)(
                 inp, profile, excluded
@@ -183,27 +190,27 @@ class ServingWorkflow:
             self._status.shards = [ShardStatus(s.node_id, s.rank, s.layers.start, s.layers.end, planned_bytes=b)
                                    for s, b in zip(placement.shards, sizes, strict=True)]  # fmt: skip
             return placement
-        nodes = await self._control("online_nodes", [], list[NodeCapacity])
-        nodes = [n for n in nodes if n.node_id not in excluded]  # type: ignore[attr-defined]
+        nodes = await self._control(contracts.online_nodes)
+        nodes = [n for n in nodes if n.node_id not in excluded]
         pinned = [n for n in inp.nodes if n not in excluded] if inp.nodes else None  # heal on the rest of them
         try:
-            placement = place(profile, nodes, inp.strategy, pinned)  # type: ignore[arg-type]
+            placement = place(profile, nodes, inp.strategy, pinned)
         except PlacementError as err:
-            self._set("failed", str(err))
+            self._set(InstanceState.FAILED, str(err))
             raise ApplicationError(str(err), type="placement", non_retryable=True) from err
         self._status.shards = [ShardStatus(s.node_id, s.rank, s.layers.start, s.layers.end) for s in placement.shards]
         return placement
 
     async def _nodes(self, inp: ServeInput) -> list[NodeCapacity]:
         """Online nodes, less the memory other placements have reserved and not loaded yet."""
-        return await self._control("online_nodes", [inp.instance_id], list[NodeCapacity])  # type: ignore[return-value]
+        return await self._control(contracts.online_nodes, inp.instance_id)
 
     async def _place_first(self, inp: ServeInput, profile: ModelProfile, _: list[str]) -> Placement:
         """A new instance that cannot be placed fails at once, saying why: the person is waiting for it."""
         try:
             return place(profile, await self._nodes(inp), inp.strategy, inp.nodes)
         except PlacementError as err:
-            self._set("failed", str(err))
+            self._set(InstanceState.FAILED, str(err))
             raise ApplicationError(str(err), type="placement", non_retryable=True) from err
 
     async def _place_again(self, inp: ServeInput, profile: ModelProfile, lost: list[str]) -> Placement:
@@ -232,31 +239,26 @@ class ServingWorkflow:
             self._heal_until = workflow.now() + timedelta(seconds=inp.recovery_deadline_s)
         if workflow.now() + timedelta(seconds=self._heal_delay) > self._heal_until:
             reason = f"could not heal {inp.model_id} within {inp.recovery_deadline_s:g} s: {reason}"
-            self._set("failed", reason)
+            self._set(InstanceState.FAILED, reason)
             raise ApplicationError(reason, type="placement", non_retryable=True)
-        self._set("recovering", f"waiting for room: {reason} (next try in {self._heal_delay:g} s)")
+        self._set(InstanceState.RECOVERING, f"waiting for room: {reason} (next try in {self._heal_delay:g} s)")
         await workflow.sleep(self._heal_delay)
         self._heal_delay = min(self._heal_delay * 2, MAX_PLACE_DELAY_S)
 
     async def _download(self, inp: ServeInput, placement: Placement) -> None:
-        self._set("downloading" if not self._status.recoveries else "recovering", "fetching each node's files")
+        self._set(InstanceState.RECOVERING if self._status.recoveries else InstanceState.DOWNLOADING,
+                  "fetching each node's files")  # fmt: skip
         await asyncio.gather(*(self._download_one(inp, s.node_id, s.layers) for s in placement.shards))
 
-    async def _download_one(self, inp: ServeInput, node_id: str, layers: object) -> None:
-        child = DownloadInput(node_id, inp.model_id, inp.revision, layers, inp.node_wait_s, inp.heartbeat_timeout_s)  # type: ignore[arg-type]
-        workflow_id = download_workflow_id(node_id, inp.model_id)
+    async def _download_one(self, inp: ServeInput, node_id: str, layers: LayerRange) -> None:
+        child = DownloadInput(node_id, inp.model_id, inp.revision, layers, inp.node_wait_s, inp.heartbeat_timeout_s,
+                              inp.download_attempts)  # fmt: skip
+        start = download_start(node_id, inp.model_id, for_instance=inp.instance_id)
+        workflow_id = start["id"]
         waits = 0
         while True:
             try:
-                await workflow.execute_child_workflow(
-                    DownloadWorkflow.run,
-                    child,
-                    id=workflow_id,
-                    task_queue=CONTROL_QUEUE,
-                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                    search_attributes=search.attributes("download", "running", node=node_id, model=inp.model_id),
-                    static_summary=f"Download {inp.model_id} onto {node_id} for {inp.instance_id}",
-                )
+                await workflow.execute_child_workflow(DownloadWorkflow.run, child, **start)
                 return
             except WorkflowAlreadyStartedError:
                 # someone else's download of the same model: let it finish first, then ours finds its files on disk
@@ -273,7 +275,7 @@ class ServingWorkflow:
         """Start every rank; return when the first one ends."""
         self._generation += 1
         self._ready = {}
-        self._set("loading" if not self._status.recoveries else "recovering", "starting runners")
+        self._set(InstanceState.RECOVERING if self._status.recoveries else InstanceState.LOADING, "starting runners")
         hosts = [f"{s.host}:{workflow.random().randint(*RING_PORTS)}" for s in placement.shards]
         # a fresh secret for each placement: the runners answer only the API (and whoever reads this history)
         secret = workflow.uuid4().hex if workflow.patched("runner-secret") else ""
@@ -283,14 +285,14 @@ class ServingWorkflow:
             options = node_activity_options(
                 shard.node_id, wait_s=inp.node_wait_s, heartbeat_s=inp.heartbeat_timeout_s, run_for=RUNNER_LIFETIME
             )
-            self._runners.append(workflow.start_activity("run_shard", spec, **options))
+            self._runners.append(workflow.start_activity(contracts.run_shard, spec, **options))
         size = len(placement.shards)
         await workflow.wait_condition(lambda: len(self._ready) == size or self._any_runner_done())
         if not self._any_runner_done():
             self._status.endpoint = self._ready[0].endpoint
             self._status.secret = secret
             self._heal_until, self._heal_delay = None, 1.0
-            self._set("ready", f"serving at {self._status.endpoint}")
+            self._set(InstanceState.READY, f"serving at {self._status.endpoint}")
             await workflow.wait_condition(self._any_runner_done)
 
     def _any_runner_done(self) -> bool:
@@ -338,8 +340,8 @@ class ServingWorkflow:
     def status(self) -> InstanceStatus:
         return self._status
 
-    def _set(self, state: str, details: str) -> None:
+    def _set(self, state: InstanceState, details: str) -> None:
         self._status.state = state
-        if state in ("failed", "recovering"):
+        if state in (InstanceState.FAILED, InstanceState.RECOVERING):
             self._status.reason = details
         set_state(state, details)

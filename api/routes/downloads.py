@@ -1,32 +1,27 @@
 from fastapi import APIRouter, HTTPException, Response, status
 from temporalio.client import WorkflowExecutionStatus
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from api import cluster
 from api.deps import ClientDep, SettingsDep
 from api.schemas import DownloadCreate, DownloadOut, DownloadsStarted
-from shardline import search
-from shardline.ids import (
-    CONTROL_QUEUE,
-    InvalidId,
-    download_workflow_id,
-    parse_workflow_id,
-)
-from workflows.download import DownloadInput, DownloadWorkflow
+from shardline.ids import InvalidId, parse_workflow_id
+from shardline.states import Kind, NodeState, WorkState
+from workflows import client as workflows
+from workflows.download import DownloadInput
 
 router = APIRouter(prefix="/downloads", tags=["downloads"])
 
 
 async def target_nodes(client: ClientDep, node_id: str | None) -> list[str]:
     if node_id is None:
-        online = [n.node_id for n in await cluster.list_nodes(client) if n.state == "online"]
+        online = [n.node_id for n in await cluster.list_nodes(client) if n.state == NodeState.ONLINE]
         if not online:
             raise HTTPException(409, "no node is online: start one with `shardline node`")
         return online
     node = await cluster.get_node(client, node_id)
     if node is None:
         raise HTTPException(404, f"node {node_id} is unknown: see GET /nodes")
-    if node.state == "departed":
+    if node.state == NodeState.DEPARTED:
         raise HTTPException(409, f"node {node_id} has departed: restart it with `shardline node` first")
     return [node_id]
 
@@ -35,27 +30,19 @@ async def target_nodes(client: ClientDep, node_id: str | None) -> list[str]:
 async def start_downloads(body: DownloadCreate, client: ClientDep, settings: SettingsDep) -> DownloadsStarted:
     ids = []
     for node_id in await target_nodes(client, body.node_id):
-        workflow_id = download_workflow_id(node_id, body.model)
-        await client.start_workflow(
-            DownloadWorkflow.run,
+        # a running download of one layer range (for a serve) then fetches the rest of the model too
+        handle = await workflows.start_download(
+            client,
             DownloadInput(
-                node_id,
-                body.model,
-                body.revision,
+                node_id=node_id,
+                model_id=body.model,
+                revision=body.revision,
                 node_wait_s=settings.node_wait,
                 heartbeat_timeout_s=settings.heartbeat_timeout,
                 attempts=settings.download_attempts,
             ),
-            id=workflow_id,
-            task_queue=CONTROL_QUEUE,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            search_attributes=search.attributes("download", "running", node=node_id, model=body.model),
-            static_summary=f"Download {body.model} onto {node_id}",
-            # a running download of one layer range (for a serve) then fetches the rest of the model too
-            start_signal=DownloadWorkflow.whole_model.__name__,
         )
-        ids.append(workflow_id)
+        ids.append(handle.id)
     return DownloadsStarted(workflow_ids=ids)
 
 
@@ -74,7 +61,7 @@ def checked_download_id(workflow_id: str) -> str:
         kind, _ = parse_workflow_id(workflow_id)
     except InvalidId as exc:
         raise HTTPException(422, str(exc)) from exc
-    if kind != "download":
+    if kind != Kind.DOWNLOAD:
         raise HTTPException(
             422,
             f"{workflow_id!r} is not a download: ids look like download:<node_id>:<model_id>",
@@ -102,6 +89,6 @@ async def cancel_download(workflow_id: str, client: ClientDep, response: Respons
     if found.status != WorkflowExecutionStatus.RUNNING.name:
         response.status_code = status.HTTP_200_OK  # already over: nothing to cancel
         return found
-    await client.get_workflow_handle(workflow_id).cancel()
-    found.state = "canceling"
+    await workflows.cancel(client, workflow_id)
+    found.state = WorkState.CANCELING
     return found

@@ -1,23 +1,15 @@
-import asyncio
-import contextlib
-import uuid
-
 from fastapi import APIRouter, HTTPException, status
-from temporalio.client import WorkflowFailureError
 
 from api.deps import ClientDep, InstancesDep, SettingsDep
 from api.instances import instance_status, list_instances
 from api.schemas import InstanceCreate, InstanceOut
-from shardline import search
-from shardline.ids import CONTROL_QUEUE, serve_workflow_id
-from workflows.serve import ServeInput, ServingWorkflow
+from shardline.ids import new_instance_id, serve_workflow_id
+from shardline.states import InstanceState, WorkState
+from workflows import client as workflows
+from workflows.serve import ServeInput
 
 router = APIRouter(prefix="/instances", tags=["instances"])
 STOP_WAIT = 60.0  # seconds DELETE waits for every runner to stop
-
-
-def new_instance_id(model: str) -> str:
-    return f"{model.rsplit('/', 1)[-1].lower()[:40]}-{uuid.uuid4().hex[:6]}"
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=InstanceOut)
@@ -25,25 +17,20 @@ async def create_instance(
     body: InstanceCreate, client: ClientDep, settings: SettingsDep, cache: InstancesDep
 ) -> InstanceOut:
     instance_id = new_instance_id(body.model)
-    await client.start_workflow(
-        ServingWorkflow.run,
-        ServeInput(
-            instance_id,
-            body.model,
-            body.strategy,
-            body.nodes,
-            body.revision,
-            settings.node_wait,
-            settings.heartbeat_timeout,
-            recovery_deadline_s=settings.recovery_deadline,
-        ),
-        id=serve_workflow_id(instance_id),
-        task_queue=CONTROL_QUEUE,
-        search_attributes=search.attributes("serve", "placing", model=body.model),
-        static_summary=f"Serve {body.model} ({body.strategy})",
+    inp = ServeInput(
+        instance_id=instance_id,
+        model_id=body.model,
+        strategy=body.strategy,
+        nodes=body.nodes,
+        revision=body.revision,
+        node_wait_s=settings.node_wait,
+        heartbeat_timeout_s=settings.heartbeat_timeout,
+        recovery_deadline_s=settings.recovery_deadline,
+        download_attempts=settings.download_attempts,
     )
+    await workflows.start_serving(client, inp)
     cache.forget()
-    return InstanceOut.of(instance_id, body.model, "placing", body.strategy)
+    return InstanceOut.of(instance_id, body.model, InstanceState.PLACING, body.strategy)
 
 
 @router.get("", response_model=list[InstanceOut])
@@ -67,10 +54,7 @@ async def get_instance(instance_id: str, client: ClientDep) -> InstanceOut:
 async def stop_instance(instance_id: str, client: ClientDep, cache: InstancesDep) -> InstanceOut:
     """Cancel the instance and wait until every runner has stopped and freed its memory."""
     current = await found(client, instance_id)
-    handle = client.get_workflow_handle(serve_workflow_id(instance_id))
-    if current.state not in ("stopped", "failed", "completed", "terminated"):
-        await handle.cancel()
-        with contextlib.suppress(WorkflowFailureError, TimeoutError):
-            await asyncio.wait_for(handle.result(), STOP_WAIT)
+    if current.state not in (InstanceState.STOPPED, InstanceState.FAILED, WorkState.COMPLETED, WorkState.TERMINATED):
+        await workflows.cancel(client, serve_workflow_id(instance_id), wait_s=STOP_WAIT)
     cache.forget()
     return await found(client, instance_id)

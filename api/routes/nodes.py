@@ -2,20 +2,15 @@ import asyncio
 
 from fastapi import APIRouter, HTTPException
 from temporalio.client import WorkflowFailureError
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from api import cluster
 from api.deps import ClientDep, SettingsDep
 from api.schemas import Accepted, NodeOut
-from shardline import search, state
-from shardline.ids import (
-    CONTROL_QUEUE,
-    InvalidId,
-    check_model_id,
-    check_node_id,
-    delete_workflow_id,
-)
-from workflows.delete import DeleteInput, DeleteModelWorkflow
+from shardline.ids import InvalidId, check_model_id, check_node_id
+from shardline.states import WorkState
+from workflows import client as workflows
+from workflows import state
+from workflows.delete import DeleteInput, in_use_message
 
 router = APIRouter(prefix="/nodes", tags=["nodes"])
 
@@ -42,22 +37,20 @@ async def delete_model(
     if node is None:
         raise HTTPException(404, f"node {node_id} is unknown: see GET /nodes")
     if not force and (users := await state.model_users(client, node_id, model_id)):
-        raise HTTPException(409, state.in_use_message(node_id, model_id, users))
-    workflow_id = delete_workflow_id(node_id, model_id)
-    handle = await client.start_workflow(
-        DeleteModelWorkflow.run,
-        DeleteInput(node_id, model_id, settings.node_wait, settings.heartbeat_timeout, force=force),
-        id=workflow_id,
-        task_queue=CONTROL_QUEUE,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        search_attributes=search.attributes("delete", "running", node=node_id, model=model_id),
-        static_summary=f"Delete {model_id} from {node_id}",
+        raise HTTPException(409, in_use_message(node_id, model_id, users))
+    inp = DeleteInput(
+        node_id=node_id,
+        model_id=model_id,
+        node_wait_s=settings.node_wait,
+        heartbeat_timeout_s=settings.heartbeat_timeout,
+        force=force,
     )
+    handle = await workflows.start_delete(client, inp)
+    workflow_id = handle.id
     try:
         result = await asyncio.wait_for(handle.result(), DELETE_WAIT)
     except WorkflowFailureError as err:
         raise HTTPException(409, getattr(err.cause, "message", None) or str(err)) from err
     except TimeoutError:  # still waiting for its node: the workflow carries on
-        return Accepted(workflow_id=workflow_id, state="running")
-    return Accepted(workflow_id=workflow_id, state="completed", result=vars(result))
+        return Accepted(workflow_id=workflow_id, state=WorkState.RUNNING)
+    return Accepted(workflow_id=workflow_id, state=WorkState.COMPLETED, result=vars(result))

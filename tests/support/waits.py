@@ -7,11 +7,9 @@ from typing import Any, TypeVar
 
 import httpx
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import WorkflowIDReusePolicy
 
-from shardline import search
-from shardline.ids import CONTROL_QUEUE, download_workflow_id
 from shardline.types import DownloadResult
+from workflows import client as workflows
 from workflows.download import DownloadInput, DownloadWorkflow
 
 T = TypeVar("T")
@@ -77,16 +75,11 @@ async def start_download(api: httpx.AsyncClient, model: str, node_id: str) -> st
     return str(workflow_id)
 
 
-async def start_download_workflow(client: Client, inp: DownloadInput) -> WorkflowHandle[Any, DownloadResult]:
+async def start_download_workflow(
+    client: Client, inp: DownloadInput
+) -> WorkflowHandle[DownloadWorkflow, DownloadResult]:
     """A DownloadWorkflow started on Temporal directly, as the API would, but past its checks and defaults."""
-    return await client.start_workflow(
-        DownloadWorkflow.run,
-        inp,
-        id=download_workflow_id(inp.node_id, inp.model_id),
-        task_queue=CONTROL_QUEUE,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        search_attributes=search.attributes("download", "running", node=inp.node_id, model=inp.model_id),
-    )
+    return await workflows.start_download(client, inp)
 
 
 async def scheduled_activities(client: Client, workflow_id: str) -> list[str]:

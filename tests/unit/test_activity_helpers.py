@@ -91,7 +91,7 @@ def test_remove_model_keeps_the_org_while_it_holds_another_model(tmp_path: Path)
 
 
 def test_runner_blas_choice() -> None:
-    from activities.serve import blas_works, optimized_blas
+    from activities.runner import blas_works, optimized_blas
 
     assert optimized_blas("reference") is None
     assert optimized_blas("/opt/lib/libblis.so") == "/opt/lib/libblis.so"

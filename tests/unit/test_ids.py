@@ -1,6 +1,19 @@
+from collections.abc import Callable
+
 import pytest
 
-from shardline.ids import InvalidId, check_model_id, check_node_id, download_workflow_id, parse_workflow_id
+from shardline.ids import (
+    InvalidId,
+    check_model_id,
+    check_node_id,
+    download_workflow_id,
+    instance_of,
+    new_instance_id,
+    node_of,
+    node_workflow_id,
+    parse_workflow_id,
+    serve_workflow_id,
+)
 
 
 @pytest.mark.parametrize("good", ["org/name", "mlx-community/Llama-3.2-1B-Instruct-4bit", "a.b/c_d-1.5"])
@@ -36,3 +49,20 @@ def test_workflow_ids_round_trip() -> None:
         parse_workflow_id("download:n1")
     with pytest.raises(InvalidId):
         parse_workflow_id("download:n1:../etc")
+
+
+def test_node_and_instance_ids_parse_back() -> None:
+    assert node_of(node_workflow_id("n1")) == "n1"
+    instance_id = new_instance_id("mlx-community/Llama-3.2-1B-Instruct-4bit")
+    assert instance_id.startswith("llama-3.2-1b-instruct-4bit-")
+    assert instance_of(serve_workflow_id(instance_id)) == instance_id
+
+
+WRONG_KIND = [(node_of, "serve:n1"), (node_of, "node:"), (instance_of, "node:x"), (instance_of, "serve-x"),
+              (instance_of, "download:n1:org/m")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("parse", "wrong"), WRONG_KIND)
+def test_a_workflow_id_of_another_kind_is_refused(parse: Callable[[str], str], wrong: str) -> None:
+    with pytest.raises(InvalidId, match="invalid workflow id"):
+        parse(wrong)

@@ -14,7 +14,7 @@ from temporalio.client import Client
 from api import metrics as api_metrics
 from api.metrics import ChatWatch, Metrics, decode_rate, outcome_of
 from shardline.settings import Settings
-from shardline.state import closed_state
+from shardline.states import closed_state
 from shardline.supervisor import piece_env
 from shardline.temporal import metrics_runtime
 from tests.support.offline_app import offline_app

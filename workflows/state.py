@@ -1,4 +1,5 @@
-"""Reading cluster state out of Temporal: visibility queries and describe(), never the workers."""
+"""Reading cluster state out of Temporal: visibility queries, describe() and the workflows' own queries,
+never the workers."""
 
 import asyncio
 from collections import Counter
@@ -14,17 +15,20 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from shardline import search
-from shardline.ids import download_workflow_id, node_workflow_id, serve_workflow_id
+from shardline import search, states
+from shardline.ids import download_workflow_id, instance_of, node_of, node_workflow_id, serve_workflow_id
+from shardline.states import RESERVING, Kind
 from shardline.types import NodeResources
+from workflows.client import instance_status
+from workflows.serve import InstanceStatus
 
 
 def quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def list_query(kind: str, running_only: bool = False, **equals: str | None) -> str:
-    clauses = [f"{search.KIND.name} = {quote(kind)}"]
+def list_query(kind: Kind, running_only: bool = False, **equals: str | None) -> str:
+    clauses = [f"{search.KIND.name} = {quote(str(kind))}"]
     names = {
         "node": search.NODE.name,
         "model": search.MODEL.name,
@@ -57,47 +61,26 @@ async def heartbeat(client: Client, desc: WorkflowExecutionDescription, as_type:
 
 
 def state_of(execution: WorkflowExecution) -> str:
-    state = execution.typed_search_attributes.get(search.STATE)
-    if execution.status == WorkflowExecutionStatus.RUNNING:
-        return state or "running"
-    closed = {
-        WorkflowExecutionStatus.COMPLETED: "completed",
-        WorkflowExecutionStatus.CANCELED: "canceled",
-        WorkflowExecutionStatus.TERMINATED: "terminated",
-        WorkflowExecutionStatus.TIMED_OUT: "failed",
-        WorkflowExecutionStatus.FAILED: "failed",
-    }
-    # a node's last state (departed) says more than "completed"
-    return state if state == "departed" else closed.get(execution.status, state or "unknown")  # type: ignore[arg-type]
-
-
-# closed statuses as visibility names them, and the state state_of gives each; ContinuedAsNew is left out:
-# that workflow carries on under the same id
-CLOSED = {"Completed": "completed", "Canceled": "canceled", "Terminated": "terminated", "TimedOut": "failed",
-          "Failed": "failed"}  # fmt: skip
-# where a kind's last state says more than its status (a departed node, a stopped instance, as GET /instances)
-ENDED_AS = {("node", "completed"): "departed", ("serve", "canceled"): "stopped"}
+    """The workflow's state (see shardline.states.state_of) from what visibility or describe() says."""
+    attrs = execution.typed_search_attributes
+    status = execution.status.name if execution.status else "UNKNOWN"
+    return states.state_of(attrs.get(search.KIND) or "", status, attrs.get(search.STATE))
 
 
 BY_STATUS = "GROUP BY ExecutionStatus"
 
 
-def closed_state(kind: str, status: str) -> str | None:
-    state = CLOSED.get(status)
-    return None if state is None else ENDED_AS.get((kind, state), state)
-
-
-async def count_states(client: Client, kind: str, limit: int = 10_000) -> dict[str, int]:
+async def count_states(client: Client, kind: Kind, limit: int = 10_000) -> dict[str, int]:
     """Workflows of one kind by state. Running ones are listed (a few per node); closed ones pile up, so the
     server counts them (visibility can GROUP BY ExecutionStatus only, not by ShardlineState)."""
-    if kind == "node":  # few, and one may have runs that departed before it came back: the last run counts
+    if kind == Kind.NODE:  # few, and one may have runs that departed before it came back: the last run counts
         return dict(Counter(n.state for n in await list_nodes(client, include_departed=True)))
     counts: Counter[str] = Counter()
     async for execution in client.list_workflows(list_query(kind, running_only=True), limit=limit):
         counts[state_of(execution)] += 1
     closed = await client.count_workflows(f"{list_query(kind)} AND ExecutionStatus != 'Running' {BY_STATUS}")
     for group in closed.groups:
-        state = closed_state(kind, str(group.group_values[0]))
+        state = states.closed_state(kind, str(group.group_values[0]))
         if state is not None:
             counts[state] += group.count
     return dict(counts)
@@ -112,7 +95,7 @@ class NodeView:
 
 
 async def node_view(client: Client, desc: WorkflowExecutionDescription) -> NodeView:
-    node_id = desc.typed_search_attributes.get(search.NODE) or desc.id.removeprefix("node:")
+    node_id = desc.typed_search_attributes.get(search.NODE) or node_of(desc.id)
     resources, _ = await heartbeat(client, desc, NodeResources)
     return NodeView(node_id, state_of(desc), desc.id, resources if isinstance(resources, NodeResources) else None)
 
@@ -120,7 +103,7 @@ async def node_view(client: Client, desc: WorkflowExecutionDescription) -> NodeV
 async def list_nodes(client: Client, include_departed: bool = False) -> list[NodeView]:
     """Every node once, as its latest run says (a node that departed and came back has several runs)."""
     nodes: dict[str, NodeView] = {}
-    async for execution in client.list_workflows(list_query("node", running_only=not include_departed)):
+    async for execution in client.list_workflows(list_query(Kind.NODE, running_only=not include_departed)):
         if execution.id in nodes:
             continue
         desc = await describe(client, execution.id)
@@ -137,34 +120,34 @@ async def get_node(client: Client, node_id: str) -> NodeView | None:
 QUERY_WAIT = 5.0  # seconds an instance gets to say where it runs; silent, it counts as a user
 
 
-async def placed_on(client: Client, workflow_id: str) -> set[str] | None:
-    """The nodes a running instance is placed on; None when it cannot say (not placed yet, not answering)."""
+async def answered(client: Client, instance_id: str) -> InstanceStatus | None:
+    """A running instance's status, or None if it does not answer within QUERY_WAIT."""
     try:
-        status = await asyncio.wait_for(client.get_workflow_handle(workflow_id).query("status"), QUERY_WAIT)
+        return await asyncio.wait_for(instance_status(client, instance_id), QUERY_WAIT)
     except (RPCError, WorkflowQueryFailedError, TimeoutError):
         return None
-    nodes = {shard["node_id"] for shard in status.get("shards", [])} if isinstance(status, dict) else set()
-    return nodes or None
 
 
-RESERVING = ("placing", "downloading", "loading", "recovering")
+async def placed_on(client: Client, instance_id: str) -> set[str] | None:
+    """The nodes a running instance is placed on; None when it cannot say (not placed yet, not answering)."""
+    status = await answered(client, instance_id)
+    if status is None:
+        return None
+    return {shard.node_id for shard in status.shards} or None
 
 
 async def reserved_memory(client: Client, exclude: str) -> dict[str, int]:
     """Bytes per node that running instances (but `exclude`) have placed and not yet loaded."""
     reserved: dict[str, int] = {}
-    async for execution in client.list_workflows(list_query("serve", running_only=True)):
+    async for execution in client.list_workflows(list_query(Kind.SERVE, running_only=True)):
         if execution.id == serve_workflow_id(exclude):
             continue
-        try:
-            status = await asyncio.wait_for(client.get_workflow_handle(execution.id).query("status"), QUERY_WAIT)
-        except (RPCError, WorkflowQueryFailedError, TimeoutError):
+        status = await answered(client, instance_of(execution.id))
+        if status is None or status.state not in RESERVING:
             continue
-        if not isinstance(status, dict) or status.get("state") not in RESERVING:
-            continue
-        for shard in status.get("shards", []):
-            if not shard.get("ready"):
-                reserved[shard["node_id"]] = reserved.get(shard["node_id"], 0) + int(shard.get("planned_bytes", 0))
+        for shard in status.shards:
+            if not shard.ready:
+                reserved[shard.node_id] = reserved.get(shard.node_id, 0) + shard.planned_bytes
     return reserved
 
 
@@ -175,15 +158,8 @@ async def model_users(client: Client, node_id: str, model_id: str) -> list[str]:
     download = await describe(client, download_workflow_id(node_id, model_id))
     if download is not None and download.status == WorkflowExecutionStatus.RUNNING:
         users.append(download.id)
-    async for execution in client.list_workflows(list_query("serve", running_only=True, model=model_id)):
-        nodes = await placed_on(client, execution.id)
+    async for execution in client.list_workflows(list_query(Kind.SERVE, running_only=True, model=model_id)):
+        nodes = await placed_on(client, instance_of(execution.id))
         if nodes is None or node_id in nodes:
             users.append(execution.id)
     return users
-
-
-def in_use_message(node_id: str, model_id: str, users: list[str]) -> str:
-    return (
-        f"{model_id} on node {node_id} is in use by {', '.join(users)}: stop or cancel that first "
-        "(or delete with force)"
-    )

@@ -18,10 +18,13 @@ from temporalio.client import Client
 
 from activities.errors import application_error
 from activities.resources import CacheLedger
+from shardline import contracts
+from shardline.contracts import implements
 from shardline.engine.spec import RunnerSpec
 from shardline.model_files import model_path
 from shardline.settings import Settings
 from shardline.types import RunnerReady, ShardSpec
+from workflows.serve import ServingWorkflow
 
 log = structlog.get_logger(__name__)
 TICK = 1.0  # seconds between heartbeats; cancellation reaches us only through one
@@ -102,7 +105,7 @@ class ShardActivities:
         self._node_id = node_id
         self._ledger = ledger or CacheLedger()
 
-    @activity.defn(name="run_shard")
+    @implements(contracts.run_shard)
     async def run_shard(self, spec: ShardSpec) -> None:
         info = activity.info()
         logger = log.bind(workflow_id=info.workflow_id, rank=spec.rank, generation=spec.generation)
@@ -130,7 +133,7 @@ class ShardActivities:
             workflow = self._client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
             report = RunnerReady(spec.instance_id, spec.rank, self._node_id, ready.get("endpoint"), spec.generation,
                                  int(ready.get("memory_bytes") or 0))  # fmt: skip
-            await workflow.signal("runner_ready", report)
+            await workflow.signal(ServingWorkflow.runner_ready, report)
             logger.info("runner.ready", endpoint=report.endpoint)
             events = asyncio.create_task(self._follow_events(proc, key))
             while proc.returncode is None:
