@@ -251,8 +251,15 @@ class ServingWorkflow:
         await asyncio.gather(*(self._download_one(inp, s.node_id, s.layers) for s in placement.shards))
 
     async def _download_one(self, inp: ServeInput, node_id: str, layers: LayerRange) -> None:
-        child = DownloadInput(node_id, inp.model_id, inp.revision, layers, inp.node_wait_s, inp.heartbeat_timeout_s,
-                              inp.download_attempts)  # fmt: skip
+        child = DownloadInput(
+            node_id=node_id,
+            model_id=inp.model_id,
+            revision=inp.revision,
+            layers=layers,
+            node_wait_s=inp.node_wait_s,
+            heartbeat_timeout_s=inp.heartbeat_timeout_s,
+            attempts=inp.download_attempts,
+        )
         start = download_start(node_id, inp.model_id, for_instance=inp.instance_id)
         workflow_id = start["id"]
         waits = 0

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
+from shardline.ids import download_workflow_id, serve_workflow_id
 from shardline.model_files import COMPLETE_MARKER
 from shardline.types import DownloadResult, LayerRange
 from tests.conftest import CHUNKY, TINY, Cluster
@@ -135,7 +136,7 @@ async def test_serve_waits_for_a_running_download_of_the_same_model(
         instance = await serve(api, CHUNKY, nodes=[node_id])
         ready = await wait_state(api, instance, {"ready", "failed"}, timeout=180)
     assert ready["state"] == "ready", ready
-    assert "wait_workflow_end" in await scheduled_activities(client, f"serve:{instance}")
+    assert "wait_workflow_end" in await scheduled_activities(client, serve_workflow_id(instance))
     ours = await client.get_workflow_handle(download_id, result_type=DownloadResult).result()  # the serve's own run
     assert ours.bytes_fetched == 0, ours
     await stop(api, instance, [home])
@@ -151,6 +152,6 @@ async def test_serve_uses_complete_files_when_the_hub_is_unreachable(
     instance = await serve(api, TINY, nodes=[node_id])
     ready = await wait_state(api, instance, {"ready", "failed"}, timeout=120)
     assert ready["state"] == "ready", ready
-    offline = await wait_download(api, f"download:{node_id}:{TINY}")
+    offline = await wait_download(api, download_workflow_id(node_id, TINY))
     assert offline["state"] == "completed" and offline["result"]["bytes_fetched"] == 0, offline
     await stop(api, instance, [home])

@@ -5,6 +5,7 @@ import json
 import httpx
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from shardline.ids import delete_workflow_id
 from shardline.types import LayerRange
 from tests.conftest import CHUNKY, TINY, Cluster
 from tests.support.cluster import fetch_processes
@@ -136,5 +137,5 @@ async def test_delete_twice_and_odd_directory(
     assert (outside / "keep.txt").exists()
     assert cluster.procs[f"node-{node_id}"].poll() is None
     assert await node_state(api, node_id) == "online"
-    status = (await client.get_workflow_handle(f"delete:{node_id}:odd/model").describe()).status
+    status = (await client.get_workflow_handle(delete_workflow_id(node_id, "odd/model")).describe()).status
     assert status == WorkflowExecutionStatus.FAILED

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from shardline.ids import delete_workflow_id, download_workflow_id, node_workflow_id, serve_workflow_id
 from shardline.settings import Settings
 from shardline.temporal import connect, devserver_command
 from tests.support.cluster import REPO, Cluster
@@ -88,7 +89,7 @@ async def node_lifecycle(cluster: Cluster, api: httpx.AsyncClient) -> list[Recor
     await asyncio.sleep(5)  # a few presence reports while online
     cluster.signal(f"node-{node}", signal.SIGKILL)
     await wait_node(api, node, "departed", timeout=90)
-    return [Recorded("node_long_lived", f"node:{node}", "online, killed and back twice, killed: departed")]
+    return [Recorded("node_long_lived", node_workflow_id(node), "online, killed and back twice, killed: departed")]
 
 
 async def downloads(cluster: Cluster, client: Client, api: httpx.AsyncClient, slow: Relay) -> list[Recorded]:
@@ -125,13 +126,15 @@ async def downloads(cluster: Cluster, client: Client, api: httpx.AsyncClient, sl
     assert completed["state"] == "completed", completed
     await wait_node(api, retried, "online", timeout=60)
     return [
-        Recorded("download_completed", f"download:{plain}:{TINY}", "a whole model onto an online node"),
-        Recorded("delete_completed", f"delete:{plain}:{TINY}", "the model just downloaded, deleted"),
-        Recorded("download_failed", f"download:rec-ghost:{TINY}", "a node that never picks it up: unavailable"),
-        Recorded("download_canceled", f"download:{throttled}:{CHUNKY}", "canceled mid-transfer"),
-        Recorded("download_retried", f"download:{retried}:{CHUNKY}", "node killed mid-transfer, back: retried"),
-        Recorded("node_restarted", f"node:{retried}", "killed and back at once; still running"),
-        Recorded("node_running", f"node:{plain}", "online the whole time; still running"),
+        Recorded("download_completed", download_workflow_id(plain, TINY), "a whole model onto an online node"),
+        Recorded("delete_completed", delete_workflow_id(plain, TINY), "the model just downloaded, deleted"),
+        Recorded(
+            "download_failed", download_workflow_id("rec-ghost", TINY), "a node that never picks it up: unavailable"
+        ),
+        Recorded("download_canceled", download_workflow_id(throttled, CHUNKY), "canceled mid-transfer"),
+        Recorded("download_retried", download_workflow_id(retried, CHUNKY), "node killed mid-transfer, back: retried"),
+        Recorded("node_restarted", node_workflow_id(retried), "killed and back at once; still running"),
+        Recorded("node_running", node_workflow_id(plain), "online the whole time; still running"),
     ]
 
 
@@ -156,8 +159,10 @@ async def serve_healed(cluster: Cluster, api: httpx.AsyncClient) -> list[Recorde
     stopped = (await api.delete(f"/instances/{instance}")).json()
     assert stopped["state"] == "stopped", stopped
     return [
-        Recorded("serve_healed", f"serve:{instance}", "node lost, re-placed on the other (continued as new), stopped"),
-        Recorded("serve_child_download", f"download:{nodes[0]}:{QWEN}", "the instance's child downloads"),
+        Recorded(
+            "serve_healed", serve_workflow_id(instance), "node lost, re-placed on the other (continued as new), stopped"
+        ),
+        Recorded("serve_child_download", download_workflow_id(nodes[0], QWEN), "the instance's child downloads"),
     ]
 
 

@@ -14,7 +14,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from shardline import search
-from shardline.ids import node_queue
+from shardline.ids import node_queue, node_workflow_id
 from shardline.temporal import ensure_search_attributes, temporal_cli
 from shardline.types import PresenceInput
 from workflows.node import BACKOFF_MAX_S, NodeInput, NodeWorkflow, presence_backoff
@@ -57,7 +57,7 @@ async def test_fast_failing_presence_backs_off(env: WorkflowEnvironment, tmp_pat
         handle = await client.start_workflow(
             NodeWorkflow.run,
             NodeInput(node_id),  # production settings: 30 s heartbeat timeout, 600 s grace
-            id=f"node:{node_id}",
+            id=node_workflow_id(node_id),
             task_queue=control,
             search_attributes=search.attributes("node", "starting", node=node_id),
         )
