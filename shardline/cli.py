@@ -97,10 +97,10 @@ def node(parent_pid: ParentPid = None) -> None:
 @app.command()
 def api(parent_pid: ParentPid = None) -> None:
     """Run the HTTP API."""
-    run_piece(serve_api, parent_pid)
+    run_piece(run_api, parent_pid)
 
 
-def serve_api() -> None:
+def run_api() -> None:
     import uvicorn
 
     from api.app import create_app
