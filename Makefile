@@ -30,7 +30,7 @@ test: lint
 
 bench: install
 	$(BIN)/python -m bench.download
-	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.speed
 	$(BIN)/python -m bench.batching
 	$(BIN)/python -m bench.grammar
 

@@ -1,11 +1,18 @@
-"""Anthropic Messages wire types, and their translation to the runner's one request shape (OpenAI-style chat)."""
+"""Anthropic Messages wire types, their translation to the runner's one request shape (OpenAI-style chat), and
+the messages made of the runner's events, streamed or not."""
 
 import json
+from collections.abc import Iterator
 from typing import Any, Literal
 
+from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.openai_types import MAX_TOKENS
+from api.errors import anthropic_error_type
+from api.openai_types import MAX_TOKENS, new_id
+from api.streaming import Stream, event
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
 class Strict(BaseModel):
@@ -140,3 +147,98 @@ def translate(message: Message, where: str) -> list[dict[str, Any]]:
     elif text or not results:
         out.append({"role": message.role, "content": text})
     return out
+
+
+def tool_use(call: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "tool_use", "id": new_id("toolu_"), "name": call["name"], "input": json.loads(call["arguments"])}
+
+
+def stop_of(final: dict[str, Any]) -> tuple[str, str | None]:
+    sequence = final.get("stop_sequence")
+    if sequence:
+        return "stop_sequence", str(sequence)
+    return STOP_REASONS.get(str(final.get("finish_reason", "stop")), "end_turn"), None
+
+
+def message_head(mid: str, model: str, final: dict[str, Any]) -> dict[str, Any]:
+    """A message with no content yet, its usage as far as `final` (the runner's final event) tells it."""
+    usage = {
+        "input_tokens": int(final.get("prompt_tokens", 0)),
+        "output_tokens": 0,
+        "cache_read_input_tokens": int(final.get("cached_tokens", 0)),
+        "cache_creation_input_tokens": 0,
+    }
+    return {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+
+
+class Blocks:
+    """The content blocks of a streamed message: one open at a time, each started, filled and stopped."""
+
+    def __init__(self) -> None:
+        self.index, self.kind = -1, ""
+
+    def to(self, kind: str, block: dict[str, Any]) -> str:
+        out = self.close()
+        self.index, self.kind = self.index + 1, kind
+        return out + event("content_block_start", {"index": self.index, "content_block": block})
+
+    def delta(self, kind: str, delta: dict[str, Any], block: dict[str, Any]) -> str:
+        start = self.to(kind, block) if self.kind != kind else ""
+        return start + event("content_block_delta", {"index": self.index, "delta": delta})
+
+    def close(self) -> str:
+        if not self.kind:
+            return ""
+        self.kind = ""
+        return event("content_block_stop", {"index": self.index})
+
+
+class MessageStream(Stream):
+    """Anthropic's event sequence: message_start, content blocks, message_delta, message_stop; pings meanwhile."""
+
+    keep_alive = event("ping", {})
+
+    def __init__(self, model: str) -> None:
+        self.mid, self.model, self.blocks = new_id("msg_"), model, Blocks()
+
+    def opening(self) -> Iterator[str]:
+        yield event("message_start", {"message": message_head(self.mid, self.model, {})})
+
+    def frames(self, item: dict[str, Any]) -> Iterator[str]:
+        if "token" not in item:
+            yield from self.ending(item)
+            return
+        if item.get("reasoning"):
+            thinking = {"type": "thinking_delta", "thinking": item["reasoning"]}
+            yield self.blocks.delta("thinking", thinking, {"type": "thinking", "thinking": ""})
+        if item.get("text"):
+            yield self.blocks.delta("text", {"type": "text_delta", "text": item["text"]}, {"type": "text", "text": ""})
+        for call in item.get("tool_calls", []):
+            yield self.blocks.to("tool_use", {**tool_use(call), "input": {}})
+            delta = {"type": "input_json_delta", "partial_json": call["arguments"]}
+            yield event("content_block_delta", {"index": self.blocks.index, "delta": delta})
+            yield self.blocks.close()
+
+    def ending(self, final: dict[str, Any]) -> Iterator[str]:
+        if self.blocks.index < 0:  # a message has at least one block
+            yield self.blocks.to("text", {"type": "text", "text": ""})
+        yield self.blocks.close()
+        reason, sequence = stop_of(final)
+        usage = {
+            "output_tokens": int(final.get("completion_tokens", 0)),
+            "input_tokens": int(final.get("prompt_tokens", 0)),
+        }
+        yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage})
+        yield event("message_stop", {})
+
+    def error(self, exc: HTTPException) -> str:
+        return event("error", {"error": {"type": anthropic_error_type(exc.status_code), "message": str(exc.detail)}})

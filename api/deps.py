@@ -7,6 +7,7 @@ import httpx
 from fastapi import Depends, Header, HTTPException, Request
 from temporalio.client import Client
 
+from api.inference import Inference
 from api.instances import InstanceCache
 from api.metrics import Metrics
 from api.runners import InFlight
@@ -43,12 +44,18 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+def get_inference(request: Request) -> Inference:
+    state = request.app.state
+    return Inference(state.instances, state.http, state.metrics, state.in_flight)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 InstancesDep = Annotated[InstanceCache, Depends(get_instances)]
 HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
 ClientDep = Annotated[Client, Depends(get_client)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 InFlightDep = Annotated[InFlight, Depends(get_in_flight)]
+InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 
 def require_api_key(

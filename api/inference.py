@@ -1,7 +1,6 @@
 """One generation on rank 0's runner, whatever wire format asked for it: pick the instance, stream its events,
 count them in the metrics, and gather them for a non-streamed answer."""
 
-import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,64 +8,64 @@ from typing import Any
 import httpx
 from fastapi import HTTPException
 
-from api.deps import InstancesDep
-from api.metrics import UNSERVED, ChatWatch, Metrics, outcome_of
-from api.runners import Events, InFlight, RunnerUnreachable, generate
+from api.instances import InstanceCache
+from api.metrics import Metrics
+from api.runners import InFlight, RunnerUnreachable, generate, tokenize
+from api.streaming import Events
 from workflows.serve import InstanceStatus
 
 
-async def instance_for(instances: InstancesDep, model: str, in_flight: InFlight) -> InstanceStatus:
-    """The ready instance of `model` with the fewest requests in flight from this API."""
-    candidates = await instances.for_model(model)
-    ready = [i for i in candidates if i.state == "ready" and i.endpoint]
-    if ready:
-        return in_flight.pick(ready)
-    if not candidates:
-        raise HTTPException(404, f"model {model!r} is not served: start it with POST /instances or `shardline serve`")
-    states = ", ".join(f"{i.instance_id} is {i.state}" + (f" ({i.reason})" if i.reason else "") for i in candidates)
-    raise HTTPException(503, f"model {model!r} is not ready: {states}")
+@dataclass
+class Inference:
+    """What a generation needs of the app: its instances, its HTTP client, its metrics and in-flight counts."""
 
+    instances: InstanceCache
+    http: httpx.AsyncClient
+    metrics: Metrics
+    in_flight: InFlight
 
-def failed(watch: ChatWatch, exc: Exception) -> None:
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    if status == 404:
-        watch.model = UNSERVED
-    watch.end(outcome_of(status))
-
-
-async def watched(lines: Events, watch: ChatWatch) -> Events:
-    """The events, passed on as they are and timed on the way."""
-    outcome = "cancelled"  # unless the stream is read to its end: the client went away
-    async with aclosing(lines):
+    async def start(self, model: str, body: dict[str, Any]) -> Events:
+        """The runner's events for `body`, counted in the metrics as they pass."""
+        watch = self.metrics.chat(model)
         try:
-            async for event in lines:
-                if event is not None:
-                    watch.saw(event)
-                yield event
-            outcome = "ok"
+            events = await self.runner_events(model, body)
         except Exception as exc:
-            failed(watch, exc)
+            watch.failed(exc)
             raise
-        finally:
-            watch.end(outcome)  # a no-op after failed()
+        return watch.passing(events)
 
+    async def count_tokens(self, model: str, request: dict[str, Any]) -> int:
+        """How many prompt tokens `request` makes for `model` (a count holds no place in the batch)."""
+        return await tokenize(self.http, await self.instance_for(model, hold=False), request)
 
-async def runner_events(
-    instances: InstancesDep, http: httpx.AsyncClient, model: str, body: dict[str, Any], in_flight: InFlight
-) -> Events:
-    """One generation's events, from the first on: so a runner that is gone, or a request it refuses, is an
-    error before any response starts, not a 200 cut short. A runner that moved (its instance recovered since
-    the last lookup) is looked up again, once."""
-    instance = await instance_for(instances, model, in_flight)
-    try:
-        return await first_event(generate(http, instance, body, in_flight))
-    except RunnerUnreachable:
-        await instances.refresh()
-        moved = await instance_for(instances, model, in_flight)
-        if moved.endpoint == instance.endpoint:
-            in_flight.release(str(moved.endpoint))  # picked, never sent
-            raise
-        return await first_event(generate(http, moved, body, in_flight))
+    async def instance_for(self, model: str, hold: bool = True) -> InstanceStatus:
+        """The ready instance of `model` with the fewest requests in flight from this API; with `hold`, counted
+        in flight from now on (the generation releases it)."""
+        candidates = await self.instances.for_model(model)
+        ready = [i for i in candidates if i.state == "ready" and i.endpoint]
+        if ready:
+            return self.in_flight.pick(ready) if hold else self.in_flight.least_busy(ready)
+        if not candidates:
+            raise HTTPException(
+                404, f"model {model!r} is not served: start it with POST /instances or `shardline serve`"
+            )
+        states = ", ".join(f"{i.instance_id} is {i.state}" + (f" ({i.reason})" if i.reason else "") for i in candidates)
+        raise HTTPException(503, f"model {model!r} is not ready: {states}")
+
+    async def runner_events(self, model: str, body: dict[str, Any]) -> Events:
+        """One generation's events, from the first on: so a runner that is gone, or a request it refuses, is an
+        error before any response starts, not a 200 cut short. A runner that moved (its instance recovered since
+        the last lookup) is looked up again, once."""
+        instance = await self.instance_for(model)
+        try:
+            return await first_event(generate(self.http, instance, body, self.in_flight))
+        except RunnerUnreachable:
+            await self.instances.refresh()
+            moved = await self.instance_for(model)
+            if moved.endpoint == instance.endpoint:
+                self.in_flight.release(str(moved.endpoint))  # picked, never sent
+                raise
+            return await first_event(generate(self.http, moved, body, self.in_flight))
 
 
 async def first_event(lines: Events) -> Events:
@@ -86,20 +85,6 @@ async def first_event(lines: Events) -> Events:
                 yield event
 
     return from_first()
-
-
-async def start(
-    instances: InstancesDep, http: httpx.AsyncClient, metrics: Metrics, in_flight: InFlight, model: str,
-    body: dict[str, Any],
-) -> Events:  # fmt: skip
-    """The runner's events for `body`, counted in the metrics as they pass."""
-    watch = metrics.chat(model)
-    try:
-        events = await runner_events(instances, http, model, body, in_flight)
-    except Exception as exc:
-        failed(watch, exc)
-        raise
-    return watched(events, watch)
 
 
 @dataclass
@@ -131,7 +116,3 @@ async def gather(lines: Events) -> Gathered:
         else:
             out.final = event
     return out
-
-
-def call_id(prefix: str = "call_") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"

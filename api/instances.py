@@ -10,7 +10,7 @@ from fastapi import HTTPException
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from api.cluster import outcome
+from api.views import outcome
 from shardline import search
 from shardline.ids import instance_of
 from shardline.states import InstanceState, Kind

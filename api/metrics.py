@@ -2,15 +2,18 @@
 
 import asyncio
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from fastapi import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from temporalio.client import Client
 from temporalio.service import RPCError
 
 from api.runners import InFlight
+from api.streaming import Events
 from shardline.states import Kind
 from workflows.serve import InstanceStatus
 from workflows.state import count_states
@@ -136,6 +139,28 @@ class ChatWatch:
         rate = decode_rate(done, self.first, now)
         if rate is not None:
             self.metrics.decode.labels(self.model).observe(rate)
+
+    async def passing(self, lines: Events) -> Events:
+        """The events, passed on as they are and recorded on the way."""
+        outcome = "cancelled"  # unless the stream is read to its end: the client went away
+        async with aclosing(lines):
+            try:
+                async for event in lines:
+                    if event is not None:
+                        self.saw(event)
+                    yield event
+                outcome = "ok"
+            except Exception as exc:
+                self.failed(exc)
+                raise
+            finally:
+                self.end(outcome)  # a no-op after failed()
+
+    def failed(self, exc: Exception) -> None:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        if status == 404:
+            self.model = UNSERVED
+        self.end(outcome_of(status))
 
     def end(self, outcome: str) -> None:
         if self.ended:

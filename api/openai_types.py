@@ -1,4 +1,4 @@
-"""OpenAI wire types: what /v1/chat/completions, /v1/completions and /v1/models take and give.
+"""OpenAI wire types: what /v1/chat/completions, /v1/completions and /v1/models take and give, streamed or not.
 
 A field OpenAI defines that shardline cannot honour is refused (400 naming it), never ignored:
 requests forbid unknown fields, and those that are known but limited say so in their validators.
@@ -6,9 +6,15 @@ requests forbid unknown fields, and those that are known but limited say so in t
 
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, Literal
 
+from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from api.errors import openai_error_type
+from api.streaming import DONE, Stream, data
+from workflows.serve import InstanceStatus
 
 MAX_TOKENS = 32768
 
@@ -236,6 +242,14 @@ class Placement(BaseModel):
     strategy: str
     shards: list[dict[str, Any]]  # node_id, rank, layer_start, layer_end
 
+    @classmethod
+    def of(cls, instance: InstanceStatus) -> "Placement":
+        shards = [
+            {"node_id": s.node_id, "rank": s.rank, "layer_start": s.layer_start, "layer_end": s.layer_end}
+            for s in instance.shards
+        ]
+        return cls(instance_id=instance.instance_id, strategy=instance.strategy, shards=shards)
+
 
 class ModelCard(BaseModel):
     id: str
@@ -251,7 +265,8 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def completion_id(prefix: str = "chatcmpl-") -> str:
+def new_id(prefix: str) -> str:
+    """An id of a response, a message or a tool call: `prefix` says which."""
     return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
@@ -313,3 +328,85 @@ def text_logprobs(events: list[dict[str, Any]]) -> dict[str, Any]:
         "top_logprobs": [{t["text"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in events],
         "text_offset": offsets,
     }
+
+
+def usage_of(final: dict[str, Any]) -> Usage:
+    prompt, done = int(final.get("prompt_tokens", 0)), int(final.get("completion_tokens", 0))
+    cached = PromptTokensDetails(cached_tokens=int(final.get("cached_tokens", 0)))
+    return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done, prompt_tokens_details=cached)
+
+
+def tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = {"name": call["name"], "arguments": call["arguments"]}
+    return {"id": new_id("call_"), "type": "function", "function": function}
+
+
+def text_completion(cid: str, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": cid, "object": "text_completion", "created": now(), "model": model, "choices": choices}
+
+
+class OpenAIStream(Stream):
+    """What OpenAI's chat and completions streams share: an error as a data event, `[DONE]` last."""
+
+    def error(self, exc: HTTPException) -> str:
+        kind = openai_error_type(exc.status_code)
+        return data({"error": {"message": str(exc.detail), "type": kind, "code": exc.status_code}})
+
+    def closing(self) -> Iterator[str]:
+        yield DONE
+
+
+class ChatStream(OpenAIStream):
+    """`chat.completion.chunk`s: the role first, then reasoning, text and tool calls as they come."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.cid, self.model, self.include_usage, self.calls = new_id("chatcmpl-"), model, include_usage, 0
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+        return data(chunk(self.cid, self.model, delta, finish, logprobs))
+
+    def opening(self) -> Iterator[str]:
+        yield self.chunk({"role": "assistant", "content": ""})
+
+    def frames(self, event: dict[str, Any]) -> Iterator[str]:
+        if "token" not in event:  # the final event
+            yield self.chunk({}, event.get("finish_reason", "stop"))
+            if self.include_usage:
+                yield data({**chunk(self.cid, self.model, {}), "choices": [], "usage": usage_of(event).model_dump()})
+            return
+        logprobs = chat_logprobs([event]) if "logprob" in event else None
+        if event.get("reasoning"):
+            yield self.chunk({"reasoning_content": event["reasoning"]})
+        if event.get("text") or logprobs:
+            yield self.chunk({"content": event.get("text", "")}, logprobs=logprobs)
+        for call in event.get("tool_calls", []):
+            yield from self.tool_call(call)
+
+    def tool_call(self, call: dict[str, Any]) -> Iterator[str]:
+        """A tool call as OpenAI streams one: its id and name first, then its arguments."""
+        index, self.calls = self.calls, self.calls + 1
+        head = {"index": index, "id": new_id("call_"), "type": "function",
+                "function": {"name": call["name"], "arguments": ""}}  # fmt: skip
+        yield self.chunk({"tool_calls": [head]})
+        yield self.chunk({"tool_calls": [{"index": index, "function": {"arguments": call["arguments"]}}]})
+
+
+class TextStream(OpenAIStream):
+    """`text_completion` chunks of the legacy completions endpoint."""
+
+    def __init__(self, model: str, logprobs: bool, include_usage: bool) -> None:
+        self.cid, self.model, self.logprobs, self.include_usage = new_id("cmpl-"), model, logprobs, include_usage
+
+    def choice(self, text: str, logprobs: Any = None, finish: str | None = None) -> str:
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return data(text_completion(self.cid, self.model, [choice]))
+
+    def frames(self, event: dict[str, Any]) -> Iterator[str]:
+        if "token" not in event:  # the final event
+            yield self.choice("", finish=event.get("finish_reason", "stop"))
+            if self.include_usage:
+                yield data(text_completion(self.cid, self.model, []) | {"usage": usage_of(event).model_dump()})
+            return
+        logprobs = text_logprobs([event]) if self.logprobs else None
+        if event.get("text") or logprobs:
+            yield self.choice(event.get("text", ""), logprobs)

@@ -1,10 +1,14 @@
-"""OpenAI Responses wire types (`POST /v1/responses`), translated to the runner's one request shape."""
+"""OpenAI Responses wire types (`POST /v1/responses`), translated to the runner's one request shape, and the
+response made of the runner's events, streamed or not."""
 
+from collections.abc import Generator, Iterator
 from typing import Any
 
+from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.openai_types import MAX_TOKENS, check_tool_choice, part_text
+from api.openai_types import MAX_TOKENS, check_tool_choice, new_id, now, part_text
+from api.streaming import Stream, event
 
 
 class FunctionTool(BaseModel):
@@ -112,3 +116,134 @@ def translate(item: dict[str, Any], where: str, so_far: list[dict[str, Any]]) ->
     if kind == "reasoning":
         return {}  # earlier reasoning: chat templates drop it too
     raise ValueError(f"{where}: item type {kind!r} is not supported")
+
+
+def message_item(text: str, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": new_id("msg_"),
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+
+
+def call_item(call: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": new_id("fc_"),
+        "call_id": new_id("call_"),
+        "name": call["name"],
+        "arguments": call["arguments"],
+        "status": "completed",
+    }
+
+
+def reasoning_item(text: str) -> dict[str, Any]:
+    return {
+        "type": "reasoning",
+        "id": new_id("rs_"),
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
+
+
+def response(rid: str, body: ResponsesRequest, output: list[dict[str, Any]], final: dict[str, Any]) -> dict[str, Any]:
+    """The response object; `final` is the runner's final event ({} while it is in progress)."""
+    prompt, made = int(final.get("prompt_tokens", 0)), int(final.get("completion_tokens", 0))
+    incomplete = final.get("finish_reason") == "length"
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": now(),
+        "model": body.model,
+        "status": "incomplete" if incomplete else ("completed" if final else "in_progress"),
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "error": None,
+        "instructions": body.instructions,
+        "output": output,
+        "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+        "tool_choice": body.tool_choice or "auto",
+        "parallel_tool_calls": True,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "max_output_tokens": body.max_output_tokens,
+        "metadata": body.metadata or {},
+        "text": body.text or {"format": {"type": "text"}},
+        "usage": {
+            "input_tokens": prompt,
+            "output_tokens": made,
+            "total_tokens": prompt + made,
+            "input_tokens_details": {"cached_tokens": int(final.get("cached_tokens", 0))},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+
+
+class ResponseStream(Stream):
+    """The Responses API's events, numbered: created, in progress, output items as they come, completed."""
+
+    def __init__(self, body: ResponsesRequest) -> None:
+        self.rid, self.body, self.number = new_id("resp_"), body, 0
+        self.output: list[dict[str, Any]] = []
+        self.text: dict[str, Any] | None = None  # the message item being streamed
+
+    def emit(self, name: str, payload: dict[str, Any]) -> str:
+        self.number += 1
+        return event(name, {"sequence_number": self.number, **payload})
+
+    def opening(self) -> Iterator[str]:
+        yield self.emit("response.created", {"response": response(self.rid, self.body, [], {})})
+        yield self.emit("response.in_progress", {"response": response(self.rid, self.body, [], {})})
+
+    def frames(self, item: dict[str, Any]) -> Iterator[str]:
+        if "token" not in item:  # the final event
+            yield from self.close_text()
+            yield self.emit("response.completed", {"response": response(self.rid, self.body, self.output, item)})
+            return
+        if item.get("text"):
+            text = yield from self.open_text()
+            text["content"][0]["text"] += item["text"]
+            where = {"output_index": len(self.output) - 1, "item_id": text["id"], "content_index": 0}
+            yield self.emit("response.output_text.delta", {**where, "delta": item["text"]})
+        for call in item.get("tool_calls", []):
+            yield from self.close_text()
+            yield from self.call(call)
+
+    def open_text(self) -> Generator[str, None, dict[str, Any]]:
+        """The message item being streamed, added (and announced) if there is none yet."""
+        if self.text is not None:
+            return self.text
+        self.text = message_item("", "in_progress")
+        self.output.append(self.text)
+        at = len(self.output) - 1
+        yield self.emit("response.output_item.added", {"output_index": at, "item": self.text})
+        part = {"type": "output_text", "text": "", "annotations": []}
+        yield self.emit("response.content_part.added",
+                        {"output_index": at, "item_id": self.text["id"], "content_index": 0, "part": part})  # fmt: skip
+        return self.text
+
+    def close_text(self) -> Iterator[str]:
+        if self.text is None:
+            return
+        text, self.text = self.text, None
+        text["status"] = "completed"
+        part, at = text["content"][0], self.output.index(text)
+        where = {"output_index": at, "item_id": text["id"], "content_index": 0}
+        yield self.emit("response.output_text.done", {**where, "text": part["text"]})
+        yield self.emit("response.content_part.done", {**where, "part": part})
+        yield self.emit("response.output_item.done", {"output_index": at, "item": text})
+
+    def call(self, call: dict[str, Any]) -> Iterator[str]:
+        done = call_item(call)
+        self.output.append(done)
+        at = len(self.output) - 1
+        yield self.emit("response.output_item.added",
+                        {"output_index": at, "item": {**done, "arguments": "", "status": "in_progress"}})  # fmt: skip
+        where = {"output_index": at, "item_id": done["id"]}
+        yield self.emit("response.function_call_arguments.delta", {**where, "delta": call["arguments"]})
+        yield self.emit("response.function_call_arguments.done", {**where, "arguments": call["arguments"]})
+        yield self.emit("response.output_item.done", {"output_index": at, "item": done})
+
+    def error(self, exc: HTTPException) -> str:
+        return self.emit("error", {"code": str(exc.status_code), "message": str(exc.detail), "param": None})

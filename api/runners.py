@@ -1,21 +1,20 @@
-"""Talking to rank 0's runner: which one gets a request (fewest in flight), its NDJSON stream, its /stats."""
+"""Talking to rank 0's runner: which one gets a request (fewest in flight), its NDJSON stream, its /stats,
+its tokenizer."""
 
-import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import httpx
 from fastapi import HTTPException
 
+from api.streaming import Events, with_keepalives
 from workflows.serve import InstanceStatus
 
-KEEPALIVE_S = 5.0  # an SSE comment this often while the prompt is still being processed
 # a runner's host that is gone (partitioned, powered off) is a 503 within seconds, not after the OS gives up
 RUNNER_TIMEOUT = httpx.Timeout(None, connect=10.0)
 STATS_TIMEOUT = 2.0
-Events = AsyncGenerator[dict[str, Any] | None, None]  # the runner's NDJSON events; None: nothing came for a while
 
 
 class RunnerUnreachable(HTTPException):
@@ -29,9 +28,12 @@ class InFlight:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
+    def least_busy(self, ready: list[InstanceStatus]) -> InstanceStatus:
+        return min(ready, key=lambda i: self.counts[str(i.endpoint)])
+
     def pick(self, ready: list[InstanceStatus]) -> InstanceStatus:
         """The instance with the fewest in flight, counted from now on: `generate` releases it."""
-        chosen = min(ready, key=lambda i: self.counts[str(i.endpoint)])
+        chosen = self.least_busy(ready)
         self.counts[str(chosen.endpoint)] += 1
         return chosen
 
@@ -61,8 +63,8 @@ def auth(instance: InstanceStatus) -> dict[str, str]:
 async def generate(
     http: httpx.AsyncClient, instance: InstanceStatus, body: dict[str, Any], in_flight: InFlight
 ) -> Events:
-    """The runner's NDJSON events; None while nothing came for KEEPALIVE_S. An error event ends the stream
-    with an HTTPException. Closing this generator closes the connection, and the runner drops the request."""
+    """The runner's NDJSON events; None while nothing came for a while. An error event ends the stream with an
+    HTTPException. Closing this generator closes the connection, and the runner drops the request."""
     endpoint = str(instance.endpoint)
     try:  # started at once by its caller, right after `pick`, so the release always runs
         try:
@@ -71,32 +73,25 @@ async def generate(
             ) as response:
                 if response.status_code != 200:
                     raise refusal(response, await response.aread())
-                lines = response.aiter_lines()
-                pending = asyncio.ensure_future(anext(lines))
-                try:
-                    while True:
-                        done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
-                        if not done:
+                async with aclosing(with_keepalives(response.aiter_lines())) as lines:
+                    async for line in lines:
+                        if line is None:
                             yield None
-                            continue
-                        try:
-                            line = pending.result()
-                        except StopAsyncIteration:
-                            return
-                        if line.strip():
-                            event = json.loads(line)
-                            if "error" in event:
-                                raise HTTPException(int(event.get("status", 500)), str(event["error"]))
-                            yield event
-                        pending = asyncio.ensure_future(anext(lines))
-                finally:
-                    pending.cancel()
+                        elif line.strip():
+                            yield runner_event(line)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise RunnerUnreachable(f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
         except httpx.TransportError as exc:
             raise HTTPException(503, f"the model's runner went away ({exc}); the instance is recovering") from exc
     finally:
         in_flight.release(endpoint)
+
+
+def runner_event(line: str) -> dict[str, Any]:
+    event = json.loads(line)
+    if "error" in event:
+        raise HTTPException(int(event.get("status", 500)), str(event["error"]))
+    return dict(event)
 
 
 async def runner_stats(http: httpx.AsyncClient, instance: InstanceStatus) -> dict[str, Any] | None:
@@ -106,6 +101,12 @@ async def runner_stats(http: httpx.AsyncClient, instance: InstanceStatus) -> dic
         return dict(response.json()) if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
+
+
+async def context_length(http: httpx.AsyncClient, instance: InstanceStatus) -> int | None:
+    """The longest prompt and answer the runner takes, in tokens; None if it does not say quickly."""
+    context = (await runner_stats(http, instance) or {}).get("context")
+    return int(context) if isinstance(context, int) else None
 
 
 async def tokenize(http: httpx.AsyncClient, instance: InstanceStatus, body: dict[str, Any]) -> int:

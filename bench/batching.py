@@ -45,11 +45,10 @@ from tokenizers import Tokenizer
 
 from activities.runner import optimized_blas, runner_env
 from bench.common import machine, save, start_cluster, start_node
-from bench.serve import REPO_ID, SIZES, busy, foreign, log_tails, make_model, model_figures, serve, settle
-from tests.support.cluster import REPO, Cluster
+from bench.speed import REPO_ID, SIZES, busy, foreign, log_tails, make_model, model_figures, settle, start_instance
 from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import CORPUS
-from tests.support.relay import free_port
+from tests.support.processes import REPO, Cluster, free_port
 
 OUT = Path(__file__).resolve().parent / "out" / "batching.json"
 CACHE_BYTES = 1 << 30  # mlx_lm.server's --prompt-cache-bytes: shardline's default SHARDLINE_PROMPT_CACHE_BYTES
@@ -357,7 +356,7 @@ def bench_mlx_server(root: Path, model_dir: Path, ranks: int, launcher: str, pla
 
 
 def bench_shardline(cluster: Cluster, nodes: list[str], plan: Plan, tok: Tokenizer) -> dict[str, Run]:
-    instance = serve(cluster.api, nodes)
+    instance = start_instance(cluster.api, nodes)
     n = len(nodes)
     try:
         # (a runner answers only its API, with the instance's secret: time the API, which users reach)

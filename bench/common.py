@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.support.cluster import Cluster
+from tests.support.processes import Cluster
 
 # the product's defaults, not the tests' short TIMEOUTS
 DEFAULTS = {"SHARDLINE_HEARTBEAT_TIMEOUT": "30", "SHARDLINE_NODE_WAIT": "300", "SHARDLINE_NODE_GRACE": "600"}

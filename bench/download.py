@@ -29,9 +29,9 @@ from temporalio.client import Client
 from bench.common import machine, save, start_cluster, start_node
 from shardline.settings import Settings
 from shardline.temporal import connect
-from tests.support.cluster import Cluster
 from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import make_bench_model
+from tests.support.processes import Cluster
 
 REPO_ID = "bench-org/bench-model"
 OUT = Path(__file__).resolve().parent / "out" / "download.json"

@@ -23,6 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from shardline.ids import InvalidId, parse_workflow_id
 from shardline.lifeline import hold
 from shardline.logs import configure_logging
 from shardline.settings import Settings
@@ -34,6 +35,7 @@ app = typer.Typer(
 )
 console = Console()
 FINAL = {"completed", "failed", "canceled", "terminated"}
+STOP_TIMEOUT_S = 120  # DELETE /instances waits up to a minute for every runner to stop
 API_STOP_S = 1.5  # requests still open (a long stream) are cut this long after SIGTERM: `up` stops within 3 s
 
 
@@ -97,10 +99,10 @@ def node(parent_pid: ParentPid = None) -> None:
 @app.command()
 def api(parent_pid: ParentPid = None) -> None:
     """Run the HTTP API."""
-    run_piece(serve_api, parent_pid)
+    run_piece(run_api, parent_pid)
 
 
-def serve_api() -> None:
+def run_api() -> None:
     import uvicorn
 
     from api.app import create_app
@@ -129,11 +131,11 @@ def up() -> None:
 # --- client commands (through the HTTP API) ----------------------------------------------------
 
 
-def call(method: str, path: str, **kwargs: Any) -> Any:
+def call(method: str, path: str, timeout: float = 60, **kwargs: Any) -> Any:
     settings = Settings()
     headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
     try:
-        response = httpx.request(method, settings.api_base + path, headers=headers, timeout=60, **kwargs)
+        response = httpx.request(method, settings.api_base + path, headers=headers, timeout=timeout, **kwargs)
     except httpx.TransportError as exc:
         console.print(
             f"[red]cannot reach the shardline API at {settings.api_base}: {exc}[/red] (is `shardline up` running?)"
@@ -245,15 +247,23 @@ def delete(
 
 @app.command()
 def cancel(workflow_id: str) -> None:
-    """Cancel any shardline workflow (a download, a serving instance) by its id."""
-    from shardline.temporal import connect
-
-    async def run() -> None:
-        client = await connect(Settings())
-        await client.get_workflow_handle(workflow_id).cancel()
-
-    asyncio.run(run())
-    console.print(f"cancel requested: {workflow_id}")
+    """Cancel a download (download:NODE:MODEL) or stop a serving instance (serve:INSTANCE) by its workflow id."""
+    try:
+        kind, parts = parse_workflow_id(workflow_id)
+    except InvalidId as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from err
+    if kind == "download":
+        done = call("DELETE", f"/downloads/{workflow_id}")
+    elif kind == "serve":
+        done = call("DELETE", f"/instances/{parts[0]}", timeout=STOP_TIMEOUT_S)
+    else:
+        console.print(
+            f"[red]{workflow_id} cannot be canceled here:[/red] `shardline cancel` takes a download "
+            "(download:<node_id>:<model_id>) or a serving instance (serve:<instance_id>)"
+        )
+        raise typer.Exit(1)
+    console.print(f"{workflow_id}: {done['state']}")
 
 
 @app.command()
@@ -297,7 +307,7 @@ def instances() -> None:
 @app.command()
 def stop(instance: str) -> None:
     """Stop a served instance: every runner stops and frees its memory."""
-    done = call("DELETE", f"/instances/{instance}")
+    done = call("DELETE", f"/instances/{instance}", timeout=STOP_TIMEOUT_S)
     console.print(f"{done['instance_id']}: {done['state']}")
 
 

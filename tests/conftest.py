@@ -11,9 +11,9 @@ from temporalio.client import Client
 
 from shardline.settings import Settings
 from shardline.temporal import connect
-from tests.support.cluster import TIMEOUTS, Cluster
 from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import make_tiny_model, make_tool_model
+from tests.support.processes import TIMEOUTS, Cluster
 from tests.support.relay import Relay
 
 __all__ = ["TIMEOUTS", "Cluster"]

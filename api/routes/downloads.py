@@ -1,7 +1,7 @@
 from fastapi import APIRouter, HTTPException, Response, status
 from temporalio.client import WorkflowExecutionStatus
 
-from api import cluster
+from api import views
 from api.deps import ClientDep, SettingsDep
 from api.schemas import DownloadCreate, DownloadOut, DownloadsStarted
 from shardline.ids import InvalidId, parse_workflow_id
@@ -14,11 +14,11 @@ router = APIRouter(prefix="/downloads", tags=["downloads"])
 
 async def target_nodes(client: ClientDep, node_id: str | None) -> list[str]:
     if node_id is None:
-        online = [n.node_id for n in await cluster.list_nodes(client) if n.state == NodeState.ONLINE]
+        online = [n.node_id for n in await views.list_nodes(client) if n.state == NodeState.ONLINE]
         if not online:
             raise HTTPException(409, "no node is online: start one with `shardline node`")
         return online
-    node = await cluster.get_node(client, node_id)
+    node = await views.get_node(client, node_id)
     if node is None:
         raise HTTPException(404, f"node {node_id} is unknown: see GET /nodes")
     if node.state == NodeState.DEPARTED:
@@ -53,7 +53,7 @@ async def list_downloads(
     model: str | None = None,
     state: str | None = None,
 ) -> list[DownloadOut]:
-    return await cluster.list_downloads(client, node, model, state)
+    return await views.list_downloads(client, node, model, state)
 
 
 def checked_download_id(workflow_id: str) -> str:
@@ -71,7 +71,7 @@ def checked_download_id(workflow_id: str) -> str:
 
 @router.get("/{workflow_id:path}", response_model=DownloadOut)
 async def get_download(workflow_id: str, client: ClientDep) -> DownloadOut:
-    found = await cluster.download_detail(client, checked_download_id(workflow_id))
+    found = await views.download_detail(client, checked_download_id(workflow_id))
     if found is None:
         raise HTTPException(404, f"no download {workflow_id}: see GET /downloads")
     return found
@@ -83,7 +83,7 @@ async def get_download(workflow_id: str, client: ClientDep) -> DownloadOut:
     response_model=DownloadOut,
 )
 async def cancel_download(workflow_id: str, client: ClientDep, response: Response) -> DownloadOut:
-    found = await cluster.download_detail(client, checked_download_id(workflow_id))
+    found = await views.download_detail(client, checked_download_id(workflow_id))
     if found is None:
         raise HTTPException(404, f"no download {workflow_id}: see GET /downloads")
     if found.status != WorkflowExecutionStatus.RUNNING.name:

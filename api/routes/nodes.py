@@ -3,7 +3,7 @@ import asyncio
 from fastapi import APIRouter, HTTPException
 from temporalio.client import WorkflowFailureError
 
-from api import cluster
+from api import views
 from api.deps import ClientDep, SettingsDep
 from api.schemas import Accepted, NodeOut
 from shardline.ids import InvalidId, check_model_id, check_node_id
@@ -19,7 +19,7 @@ DELETE_WAIT = 20.0  # seconds the request waits for the delete before answering 
 
 @router.get("", response_model=list[NodeOut])
 async def list_nodes(client: ClientDep, departed: bool = False) -> list[NodeOut]:
-    return await cluster.list_nodes(client, include_departed=departed)
+    return await views.list_nodes(client, include_departed=departed)
 
 
 @router.delete("/{node_id}/models/{model_id:path}", response_model=Accepted)
@@ -33,7 +33,7 @@ async def delete_model(
         check_model_id(model_id)
     except InvalidId as exc:
         raise HTTPException(422, str(exc)) from exc
-    node = await cluster.get_node(client, node_id)
+    node = await views.get_node(client, node_id)
     if node is None:
         raise HTTPException(404, f"node {node_id} is unknown: see GET /nodes")
     if not force and (users := await state.model_users(client, node_id, model_id)):

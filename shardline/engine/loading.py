@@ -84,7 +84,7 @@ def load_shard(spec: RunnerSpec, group: mx.distributed.Group | None) -> tuple[nn
         staged = stage(model_dir, needed_weight_files(model_dir, layers), staging)
         model, config = load_model(staged, lazy=True, strict=layers is None)
         check_fits(config, spec)
-        place(model, config, spec, group)
+        split_over_ranks(model, config, spec, group)
         mx.eval(model.parameters())  # reads the local weights, while the staged links still exist
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -103,7 +103,7 @@ def check_fits(config: dict, spec: RunnerSpec) -> None:
         )
 
 
-def place(model: nn.Module, config: dict, spec: RunnerSpec, group: mx.distributed.Group | None) -> None:
+def split_over_ranks(model: nn.Module, config: dict, spec: RunnerSpec, group: mx.distributed.Group | None) -> None:
     if spec.strategy == "pipeline":
         if not hasattr(model, "model") or not hasattr(model.model, "pipeline"):
             raise ValueError(f"model type {config['model_type']!r} does not support pipeline parallelism")

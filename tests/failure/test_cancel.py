@@ -8,7 +8,7 @@ import httpx
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from tests.conftest import CHUNKY, TIMEOUTS, Cluster
-from tests.support.cluster import fetch_processes
+from tests.support.processes import fetch_processes
 from tests.support.relay import Relay
 from tests.support.waits import eventually, start_download, wait_download, wait_node, wait_progress
 

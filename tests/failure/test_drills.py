@@ -11,10 +11,10 @@ import pytest
 from temporalio.client import Client
 
 from tests.conftest import CHUNKY, QWEN
-from tests.support.cluster import Cluster
 from tests.support.hub_mirror import HubMirror
+from tests.support.processes import Cluster
 from tests.support.relay import Relay
-from tests.support.serving import MESSAGES, reference, serve, start_nodes, wait_state
+from tests.support.serving import MESSAGES, reference, start_instance, start_nodes, wait_state
 from tests.support.waits import scheduled_activities, start_download, wait_download, wait_progress
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -48,7 +48,7 @@ async def test_temporal_down_20s_loses_nothing(
     drill_cluster: Cluster, drill_api: httpx.AsyncClient, slow_link: Relay, model_dirs: dict[str, Path]
 ) -> None:
     await start_nodes(drill_cluster, drill_api, ["drill-serve"])
-    instance = await serve(drill_api, QWEN, nodes=["drill-serve"])
+    instance = await start_instance(drill_api, QWEN, nodes=["drill-serve"])
     assert (await wait_state(drill_api, instance, {"ready", "failed"}))["state"] == "ready"
     expected = reference(model_dirs[QWEN])
     assert await chat(drill_api) == expected

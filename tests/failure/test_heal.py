@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.conftest import TIMEOUTS, TINY, Cluster
-from tests.support.serving import greedy, running_nodes, serve, wait_state
+from tests.support.serving import greedy, running_nodes, start_instance, wait_state
 from tests.support.waits import wait_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -21,7 +21,7 @@ async def test_a_pinned_instance_waits_for_its_node_and_comes_back_ready(cluster
         httpx.AsyncClient(base_url=cluster.api, timeout=60) as api,
         running_nodes(cluster, api, [pinned, other]),
     ):
-        instance_id = await serve(api, TINY, nodes=[pinned])
+        instance_id = await start_instance(api, TINY, nodes=[pinned])
         ready = await wait_state(api, instance_id, {"ready", "failed"})
         assert ready["state"] == "ready", ready["reason"]
         cluster.signal(f"node-{pinned}", signal.SIGKILL)  # its runner dies with it

@@ -16,7 +16,7 @@ from tests.conftest import CHUNKY, QWEN, TIMEOUTS, Cluster
 from tests.support.hub_mirror import HubMirror
 from tests.support.netns import Link, can_make_namespaces, separate_network
 from tests.support.relay import Relay
-from tests.support.serving import greedy, reference, runners, serve, start_nodes, stop, wait_state
+from tests.support.serving import greedy, reference, runners, start_instance, start_nodes, stop, wait_state
 from tests.support.waits import download, eventually, start_download, wait_download, wait_node, wait_progress
 
 WHY_NOT = can_make_namespaces()
@@ -114,7 +114,7 @@ async def test_cut_off_while_serving(
     try:
         await wait_node(api, away, "online")
         expected = reference(model_dirs[QWEN])
-        instance = await serve(api, QWEN, nodes=[*here, away])
+        instance = await start_instance(api, QWEN, nodes=[*here, away])
         ready = await wait_state(api, instance, {"ready", "failed"})
         assert ready["state"] == "ready" and len(ready["shards"]) == 3, ready
 
@@ -140,7 +140,7 @@ async def test_cut_off_while_serving(
         await eventually(runner_stopped, 60, "the stranded runner stops")
         await stop(api, instance, homes)
 
-        again = await serve(api, QWEN, nodes=[away])  # back, it is used again
+        again = await start_instance(api, QWEN, nodes=[away])  # back, it is used again
         alone = await wait_state(api, again, {"ready", "failed"})
         assert alone["state"] == "ready" and [s["node_id"] for s in alone["shards"]] == [away], alone
         assert await greedy(cluster, QWEN, stream=True) == expected

@@ -14,7 +14,7 @@ from openai import AsyncOpenAI
 
 from tests.conftest import QWEN, TOOLS, Cluster
 from tests.support.model_factory import TOOL_ANSWER
-from tests.support.serving import running_nodes, serve, wait_state
+from tests.support.serving import running_nodes, start_instance, wait_state
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 PROMPT = "The quick brown fox"
@@ -42,7 +42,10 @@ async def instances(cluster: Cluster) -> AsyncIterator[dict[str, str]]:
         httpx.AsyncClient(base_url=cluster.api, timeout=60) as api,
         running_nodes(cluster, api, ["ag-q", "ag-t"]),
     ):
-        ids = {QWEN: await serve(api, QWEN, nodes=["ag-q"]), TOOLS: await serve(api, TOOLS, nodes=["ag-t"])}
+        ids = {
+            QWEN: await start_instance(api, QWEN, nodes=["ag-q"]),
+            TOOLS: await start_instance(api, TOOLS, nodes=["ag-t"]),
+        }
         for instance_id in ids.values():
             ready = await wait_state(api, instance_id, {"ready", "failed"})
             assert ready["state"] == "ready", ready["reason"]

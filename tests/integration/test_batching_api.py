@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TINY, Cluster
-from tests.support.serving import MESSAGES, running_nodes, serve, wait_state
+from tests.support.serving import MESSAGES, running_nodes, start_instance, wait_state
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -28,7 +28,7 @@ async def pair(cluster: Cluster) -> AsyncIterator[list[dict[str, Any]]]:
         httpx.AsyncClient(base_url=cluster.api, timeout=60) as api,
         running_nodes(cluster, api, [NODE], SHARDLINE_MAX_BATCH="1", SHARDLINE_MAX_QUEUE="2"),
     ):
-        ids = [await serve(api, TINY, nodes=[NODE]) for _ in range(2)]
+        ids = [await start_instance(api, TINY, nodes=[NODE]) for _ in range(2)]
         ready = [await wait_state(api, i, {"ready", "failed"}) for i in ids]
         assert all(r["state"] == "ready" for r in ready), ready
         yield ready

@@ -5,8 +5,10 @@ import sys
 
 import httpx
 
+from shardline.ids import download_workflow_id, node_workflow_id, serve_workflow_id
 from tests.conftest import CHUNKY, TINY, Cluster
 from tests.support.relay import Relay
+from tests.support.serving import runners, running_nodes, start_instance, wait_state
 from tests.support.waits import start_download, wait_download, wait_node, wait_progress
 
 
@@ -44,8 +46,33 @@ async def test_cli_cancel(cluster: Cluster, api: httpx.AsyncClient, slow_link: R
         workflow_id = await start_download(api, CHUNKY, node_id)
         await wait_progress(api, workflow_id)
         canceled = shardline(cluster, "cancel", workflow_id)
-        assert canceled.returncode == 0, canceled.stderr
+        assert canceled.returncode == 0, canceled.stdout + canceled.stderr
+        assert f"{workflow_id}: canceling" in canceled.stdout
         assert (await wait_download(api, workflow_id, timeout=20))["state"] == "canceled"
+    again = shardline(cluster, "cancel", workflow_id)  # over already: nothing to cancel, and it says how it ended
+    assert again.returncode == 0 and f"{workflow_id}: canceled" in again.stdout
+
+
+async def test_cli_cancel_stops_an_instance(cluster: Cluster, api: httpx.AsyncClient, node_id: str) -> None:
+    async with running_nodes(cluster, api, [node_id]) as homes:
+        instance_id = await start_instance(api, TINY, nodes=[node_id])
+        assert (await wait_state(api, instance_id, {"ready", "failed"}))["state"] == "ready"
+        canceled = shardline(cluster, "cancel", serve_workflow_id(instance_id))
+        assert canceled.returncode == 0, canceled.stdout + canceled.stderr
+        assert f"{serve_workflow_id(instance_id)}: stopped" in canceled.stdout
+        assert runners(homes) == []  # every runner gone, its memory freed
+        assert (await api.get(f"/instances/{instance_id}")).json()["state"] == "stopped"
+
+
+def test_cli_cancel_of_an_unknown_id_says_so(cluster: Cluster) -> None:
+    nowhere = shardline(cluster, "cancel", download_workflow_id("nowhere", TINY))
+    assert nowhere.returncode == 1 and "no download" in nowhere.stdout, nowhere.stdout
+    ghost = shardline(cluster, "cancel", serve_workflow_id("ghost"))
+    assert ghost.returncode == 1 and "no instance ghost" in ghost.stdout, ghost.stdout
+    nonsense = shardline(cluster, "cancel", "nonsense")
+    assert nonsense.returncode == 1 and "invalid workflow id 'nonsense'" in nonsense.stdout, nonsense.stdout
+    node = shardline(cluster, "cancel", node_workflow_id("n1"))
+    assert node.returncode == 1 and "cannot be canceled" in node.stdout, node.stdout
 
 
 def test_cli_without_api_says_so(cluster: Cluster) -> None:

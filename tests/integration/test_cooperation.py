@@ -15,7 +15,7 @@ from shardline.types import DownloadResult, LayerRange
 from tests.conftest import CHUNKY, TINY, Cluster
 from tests.support.hub_mirror import HubMirror
 from tests.support.relay import Relay
-from tests.support.serving import serve, stop, wait_state
+from tests.support.serving import start_instance, stop, wait_state
 from tests.support.waits import (
     eventually,
     scheduled_activities,
@@ -133,7 +133,7 @@ async def test_serve_waits_for_a_running_download_of_the_same_model(
     with link.capped(2**20):  # ~25 s of transfer
         download_id = await start_download(api, CHUNKY, node_id)
         await wait_progress(api, download_id)
-        instance = await serve(api, CHUNKY, nodes=[node_id])
+        instance = await start_instance(api, CHUNKY, nodes=[node_id])
         ready = await wait_state(api, instance, {"ready", "failed"}, timeout=180)
     assert ready["state"] == "ready", ready
     assert "wait_workflow_end" in await scheduled_activities(client, serve_workflow_id(instance))
@@ -149,7 +149,7 @@ async def test_serve_uses_complete_files_when_the_hub_is_unreachable(
     await wait_node(api, node_id, "online")
     assert (await wait_download(api, await start_download(api, TINY, node_id)))["state"] == "completed"
     link.stop()  # the node's way to the hub is gone: connections refused
-    instance = await serve(api, TINY, nodes=[node_id])
+    instance = await start_instance(api, TINY, nodes=[node_id])
     ready = await wait_state(api, instance, {"ready", "failed"}, timeout=120)
     assert ready["state"] == "ready", ready
     offline = await wait_download(api, download_workflow_id(node_id, TINY))

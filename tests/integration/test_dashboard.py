@@ -13,9 +13,8 @@ import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from tests.conftest import QWEN, TINY, Cluster
-from tests.support.cluster import wait_http
-from tests.support.relay import free_port
-from tests.support.serving import MAX_TOKENS, MESSAGES, reference, serve, start_nodes, wait_state
+from tests.support.processes import free_port, wait_http
+from tests.support.serving import MAX_TOKENS, MESSAGES, reference, start_instance, start_nodes, wait_state
 from tests.support.waits import start_download, wait_download
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -55,7 +54,7 @@ async def served(cluster: Cluster, node: str) -> tuple[str, str, dict[str, Any]]
         await start_nodes(cluster, api, [node])
         workflow_id = await start_download(api, TINY, node)
         assert (await wait_download(api, workflow_id))["state"] == "completed"
-        instance_id = await serve(api, QWEN, nodes=[node])
+        instance_id = await start_instance(api, QWEN, nodes=[node])
         instance = await wait_state(api, instance_id, {"ready", "failed"})
         assert instance["state"] == "ready", instance
         return workflow_id, instance_id, instance

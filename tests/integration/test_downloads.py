@@ -8,7 +8,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from shardline.ids import delete_workflow_id
 from shardline.types import LayerRange
 from tests.conftest import CHUNKY, TINY, Cluster
-from tests.support.cluster import fetch_processes
+from tests.support.processes import fetch_processes
 from tests.support.relay import Relay
 from tests.support.waits import (
     eventually,

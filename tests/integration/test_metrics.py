@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import QWEN, Cluster
-from tests.support.relay import free_port
+from tests.support.processes import free_port
 from tests.support.serving import MESSAGES, served
 from tests.support.waits import eventually, wait_node
 

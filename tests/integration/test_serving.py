@@ -16,7 +16,7 @@ from tests.support.serving import (
     reference,
     runners,
     running_nodes,
-    serve,
+    start_instance,
     start_nodes,
     stop,
     wait_state,
@@ -30,7 +30,7 @@ async def test_pipeline_matches_mlx_lm(
 ) -> None:
     node_ids = [f"p{size}-{i}-{id(api) % 10000}" for i in range(size)]
     async with running_nodes(cluster, api, node_ids) as homes:
-        instance = await serve(api, QWEN, strategy="pipeline", nodes=node_ids)
+        instance = await start_instance(api, QWEN, strategy="pipeline", nodes=node_ids)
         ready = await wait_state(api, instance, {"ready", "failed"})
         assert ready["state"] == "ready", ready["reason"]
         assert sorted(s["node_id"] for s in ready["shards"]) == sorted(node_ids)
@@ -49,7 +49,7 @@ async def test_tensor_parallel_matches_mlx_lm(
 ) -> None:
     node_ids = [f"t2-{i}-{id(api) % 10000}" for i in range(2)]
     async with running_nodes(cluster, api, node_ids) as homes:
-        instance = await serve(api, TINY, strategy="tensor", nodes=node_ids)
+        instance = await start_instance(api, TINY, strategy="tensor", nodes=node_ids)
         ready = await wait_state(api, instance, {"ready", "failed"})
         assert ready["state"] == "ready" and ready["strategy"] == "tensor", ready
         assert await greedy(cluster, TINY, stream=True) == reference(model_dirs[TINY])
@@ -61,7 +61,7 @@ async def test_node_killed_instance_heals_on_the_rest(
 ) -> None:
     node_ids = [f"k3-{i}-{id(api) % 10000}" for i in range(3)]
     async with running_nodes(cluster, api, node_ids) as homes:
-        instance = await serve(api, QWEN, nodes=node_ids)  # on recovery: those of them still online
+        instance = await start_instance(api, QWEN, nodes=node_ids)  # on recovery: those of them still online
         assert (await wait_state(api, instance, {"ready", "failed"}))["state"] == "ready"
         victim = node_ids[1]
         cluster.signal(f"node-{victim}", signal.SIGKILL)
@@ -83,7 +83,7 @@ async def test_node_killed_instance_heals_on_the_rest(
 async def test_refusals(cluster: Cluster, api: httpx.AsyncClient) -> None:
     node_id = f"small-{id(api) % 10000}"
     async with running_nodes(cluster, api, [node_id], SHARDLINE_NODE_MEMORY=str(64 * 1024)):
-        instance = await serve(api, QWEN, nodes=[node_id])
+        instance = await start_instance(api, QWEN, nodes=[node_id])
         failed = await wait_state(api, instance, {"failed", "ready"}, timeout=60)
         assert failed["state"] == "failed" and "does not fit" in failed["reason"], failed
     missing = await api.post("/v1/chat/completions", json={"model": "org/not-served", "messages": MESSAGES})
@@ -107,7 +107,7 @@ async def test_runner_crash_is_a_503_then_heals_on_the_same_node(
     cluster: Cluster, api: httpx.AsyncClient, model_dirs: dict[str, Path], node_id: str
 ) -> None:
     (home,) = await start_nodes(cluster, api, [node_id])
-    instance = await serve(api, TINY, nodes=[node_id])
+    instance = await start_instance(api, TINY, nodes=[node_id])
     ready = await wait_state(api, instance, {"ready", "failed"})
     assert ready["state"] == "ready", ready["reason"]
     (runner,) = runners([home])

@@ -17,10 +17,9 @@ from shardline.settings import Settings
 from shardline.supervisor import port_free
 from shardline.temporal import devserver_command
 from tests.conftest import TINY
-from tests.support.cluster import REPO, wait_http
 from tests.support.hub_mirror import HubMirror
-from tests.support.relay import free_port
-from tests.support.serving import MESSAGES, serve, wait_state
+from tests.support.processes import REPO, free_port, wait_http
+from tests.support.serving import MESSAGES, start_instance, wait_state
 from tests.support.waits import eventually, start_download, wait_download
 
 
@@ -93,7 +92,7 @@ async def test_a_killed_up_brings_its_instance_back_ready_by_itself(tmp_path: Pa
         wait_http(f"http://127.0.0.1:{ports['api']}/healthz", timeout=90)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['api']}", timeout=60) as http:
             await eventually(lambda: online_node(http), 60, "the local node is online")
-            instance_id = await serve(http, TINY)
+            instance_id = await start_instance(http, TINY)
             first = await wait_state(http, instance_id, {"ready", "failed"}, timeout=120)
             assert first["state"] == "ready", first
         up.kill()

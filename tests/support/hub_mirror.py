@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+
+from tests.support.processes import free_port
 
 GIT_IDENTITY = ("-c", "user.name=shardline-tests", "-c", "user.email=tests@shardline.invalid")
 # A fixed date makes the commit hash depend only on the files.
@@ -74,12 +75,6 @@ def git_env() -> dict[str, str]:
         GIT_COMMITTER_DATE=GIT_DATE,
     )
     return env
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def toml_string(value: str | Path) -> str:

@@ -35,11 +35,11 @@ from temporalio.client import Client
 from shardline.ids import delete_workflow_id, download_workflow_id, node_workflow_id, serve_workflow_id
 from shardline.settings import Settings
 from shardline.temporal import connect, devserver_command
-from tests.support.cluster import REPO, Cluster
 from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import make_tiny_model
-from tests.support.relay import Relay, free_port
-from tests.support.serving import serve, wait_state
+from tests.support.processes import REPO, Cluster, free_port
+from tests.support.relay import Relay
+from tests.support.serving import start_instance, wait_state
 from tests.support.waits import (
     eventually,
     start_download,
@@ -145,7 +145,7 @@ async def serve_healed(cluster: Cluster, api: httpx.AsyncClient) -> list[Recorde
         cluster.start_node(node)
     for node in nodes:
         await wait_node(api, node, "online", timeout=60)
-    instance = await serve(api, QWEN, nodes=nodes)
+    instance = await start_instance(api, QWEN, nodes=nodes)
     ready = await wait_state(api, instance, {"ready", "failed"}, timeout=180)
     assert ready["state"] == "ready", ready
     cluster.signal(f"node-{nodes[1]}", signal.SIGKILL)

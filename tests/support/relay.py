@@ -3,17 +3,12 @@ on another network (namespace) reaches a service on loopback; or a TLS front for
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.processes import free_port
 
 
 def quiet_refusals(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

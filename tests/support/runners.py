@@ -3,7 +3,6 @@
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import httpx
 
 from shardline.engine.spec import RunnerSpec, pipeline_layers
 from shardline.model_files import INDEX_FILE, files_to_fetch
+from tests.support.processes import free_port
 
 START_TIMEOUT_S = 60
 PROMPT = "The quick brown fox"
@@ -36,12 +36,6 @@ class Runner:
     def done_requests(self) -> list[dict]:
         lines = (json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{"))
         return [line for line in lines if line.get("event") == "request.done"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def spawn(spec: RunnerSpec, workdir: Path, name: str) -> Runner:

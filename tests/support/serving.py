@@ -9,7 +9,7 @@ import httpx
 import psutil
 from openai import AsyncOpenAI
 
-from tests.support.cluster import Cluster
+from tests.support.processes import Cluster
 from tests.support.waits import eventually, wait_node
 
 MESSAGES = [{"role": "user", "content": "Tell me about the quiet river"}]
@@ -53,7 +53,7 @@ async def running_nodes(
             cluster.stop(f"node-{n}")
 
 
-async def serve(api: httpx.AsyncClient, model: str, **body: Any) -> str:
+async def start_instance(api: httpx.AsyncClient, model: str, **body: Any) -> str:
     response = await api.post("/instances", json={"model": model, **body})
     assert response.status_code == 202, response.text
     return str(response.json()["instance_id"])
@@ -99,7 +99,7 @@ async def stop(api: httpx.AsyncClient, instance_id: str, homes: list[Path]) -> N
 async def served(cluster: Cluster, model: str, node_ids: list[str]) -> AsyncIterator[str]:
     """`model` served on freshly started `node_ids` while the block runs; then stopped, and the nodes too."""
     async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as api, running_nodes(cluster, api, node_ids):
-        instance_id = await serve(api, model, nodes=node_ids)
+        instance_id = await start_instance(api, model, nodes=node_ids)
         ready = await wait_state(api, instance_id, {"ready", "failed"})
         assert ready["state"] == "ready", ready["reason"]
         yield instance_id

@@ -18,7 +18,7 @@ from shardline.states import closed_state
 from shardline.supervisor import piece_env
 from shardline.temporal import metrics_runtime
 from tests.support.offline_app import offline_app
-from tests.support.relay import free_port
+from tests.support.processes import free_port
 
 MODEL = "org/m"
 

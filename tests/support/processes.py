@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,6 @@ import psutil
 
 from shardline.settings import Settings
 from shardline.temporal import devserver_command
-from tests.support.relay import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 # short timeouts so that failure tests finish quickly; the defaults are 30 / 300 / 600 s
@@ -97,6 +97,13 @@ class Cluster:
     def stop_all(self) -> None:
         for name in sorted(self.procs, key=lambda n: n == "temporal"):  # the server last: workers exit at once
             self.stop(name)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now (another process may still take it before it is bound)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 15) -> None:

@@ -1,6 +1,6 @@
 """Serving speed: shardline (1 node, 2-node pipeline) vs plain mlx_lm and the bare 2-rank pipeline, same run.
 
-    .venv/bin/python -m bench.serve [--size 100m] [--dtype bfloat16] [--max-tokens 64] [--runs 2]
+    .venv/bin/python -m bench.speed [--size 100m] [--dtype bfloat16] [--max-tokens 64] [--runs 2]
 
 Rows (each: a warm-up request, then --runs timed ones, greedy, the same chat prompt):
   mlx_lm            stream_generate in one process (a child, so it can also run with OpenBLAS preloaded)
@@ -11,7 +11,7 @@ Rows (each: a warm-up request, then --runs timed ones, greedy, the same chat pro
   runner-2          two `python -m shardline.engine.runner` processes with shardline's splits, no cluster
   mlx_lm-2          mlx_lm's own pipeline (sharded_load, even split, stream_generate) in two processes
 TTFT = request sent -> first token; decode tok/s = (tokens - 1) / (last token - first token), wall clock.
-Prints a table, ratios and the machine's figures, and writes bench/out/serve.json.
+Prints a table, ratios and the machine's figures, and writes bench/out/speed.json.
 """
 
 import argparse
@@ -39,14 +39,13 @@ from temporalio.client import Client
 from activities.runner import blas_works, optimized_blas, runner_env
 from bench.common import machine, save, start_cluster, start_node, wait_for
 from shardline.engine.spec import RunnerSpec, pipeline_layers
-from tests.support.cluster import REPO, Cluster, stop_process
 from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import make_tiny_model
-from tests.support.relay import free_port
+from tests.support.processes import REPO, Cluster, free_port, stop_process
 from workflows.client import instance_status
 
 REPO_ID = "bench-org/serve-model"
-OUT = Path(__file__).resolve().parent / "out" / "serve.json"
+OUT = Path(__file__).resolve().parent / "out" / "speed.json"
 MESSAGES = [{"role": "user", "content": "Tell me about the quiet river that runs past the old mill at night."}]
 SIZES: dict[str, dict[str, int]] = {  # qwen2, vocab 4096, untied head
     "8m": {"num_layers": 4, "hidden_size": 256, "intermediate_size": 704, "num_heads": 4, "num_kv_heads": 2},
@@ -145,7 +144,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def time_mlx_lm(model_dir: Path, max_tokens: int, runs: int, preload: str | None, cast: str = "-") -> dict[str, Any]:
     env = child_env(LD_PRELOAD=preload) if preload else child_env()
-    command = [sys.executable, "-m", "bench.serve", "child-mlx-lm", str(model_dir), str(max_tokens), str(runs), cast]
+    command = [sys.executable, "-m", "bench.speed", "child-mlx-lm", str(model_dir), str(max_tokens), str(runs), cast]
     settle(SETTLE_S)
     snap = busy()
     results, code, err = collect(command, env, timeout=1800)
@@ -160,7 +159,7 @@ def time_pipeline(root: Path, model_dir: Path, max_tokens: int, runs: int) -> di
     root.mkdir(parents=True, exist_ok=True)
     hostfile = root / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
-    command = [sys.executable, "-m", "bench.serve", "child-pipeline", str(model_dir), str(max_tokens), str(runs), "-"]
+    command = [sys.executable, "-m", "bench.speed", "child-pipeline", str(model_dir), str(max_tokens), str(runs), "-"]
     env = child_env(MLX_HOSTFILE=str(hostfile))
     settle(SETTLE_S)
     snap = busy()
@@ -295,7 +294,7 @@ def measure(request: Callable[[], Run], runs: int, watch: dict[str, psutil.Proce
 # --- shardline ---------------------------------------------------------------------------------
 
 
-def serve(api: str, nodes: list[str]) -> dict[str, Any]:
+def start_instance(api: str, nodes: list[str]) -> dict[str, Any]:
     """POST /instances pinned to `nodes`; the instance once ready, with `ready_s` since the POST."""
     started = time.perf_counter()
     response = httpx.post(f"{api}/instances", json={"model": REPO_ID, "strategy": "pipeline", "nodes": nodes},
@@ -333,7 +332,7 @@ def runner_procs(cluster: Cluster) -> dict[str, psutil.Process]:
 
 
 def time_shardline(cluster: Cluster, nodes: list[str], max_tokens: int, runs: int) -> dict[str, Any]:
-    instance = serve(cluster.api, nodes)
+    instance = start_instance(cluster.api, nodes)
     watch = runner_procs(cluster)
     try:
         warmup_errors = warm_up(lambda: time_chat(cluster.api, max_tokens))

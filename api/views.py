@@ -1,4 +1,5 @@
-"""Cluster state shaped for the API."""
+"""Nodes and downloads as the API shows them: read from Temporal, shaped as `api.schemas` (instances as the API
+sees them: `api/instances.py`)."""
 
 from typing import Any
 

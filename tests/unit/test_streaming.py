@@ -1,0 +1,74 @@
+"""Server-sent events without a runner: what each wire format sends while the runner is quiet, and how an error
+after the response started reaches the client. Served end to end: tests/integration/test_agent_apis.py,
+test_batching_api.py (keep-alives of a queued request)."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import HTTPException
+
+from api.anthropic_types import MessageStream
+from api.openai_types import ChatStream, TextStream
+from api.responses_types import ResponsesRequest, ResponseStream
+from api.streaming import DONE, Events, Stream, sse, with_keepalives
+
+TOKEN = {"token": 7, "text": "Hi"}
+FINAL = {"finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 1}
+
+
+async def runner(*events: dict[str, Any] | None, error: HTTPException | None = None) -> Events:
+    for event in events:
+        yield event
+    if error is not None:
+        raise error
+
+
+async def sent(lines: Events, stream: Stream) -> list[str]:
+    return [text async for text in sse(lines, stream)]
+
+
+def streams() -> dict[str, Stream]:
+    return {
+        "chat": ChatStream("org/m", include_usage=False),
+        "completions": TextStream("org/m", logprobs=False, include_usage=False),
+        "messages": MessageStream("org/m"),
+        "responses": ResponseStream(ResponsesRequest(model="org/m", input="hi")),
+    }
+
+
+async def test_a_quiet_runner_gets_each_formats_keepalive() -> None:
+    keepalives = {"chat": ": keep-alive\n\n", "completions": ": keep-alive\n\n", "responses": ": keep-alive\n\n",
+                  "messages": 'event: ping\ndata: {"type": "ping"}\n\n'}  # fmt: skip
+    for name, stream in streams().items():
+        texts = await sent(runner(None, TOKEN, FINAL), stream)
+        assert keepalives[name] in texts, name
+        assert "Hi" in "".join(texts), name
+
+
+async def test_an_error_after_the_start_is_an_event_in_each_format() -> None:
+    busy = HTTPException(429, "the runner's queue is full")
+    for name, stream in streams().items():
+        texts = await sent(runner(TOKEN, error=busy), stream)
+        if name in ("chat", "completions"):
+            assert texts[-1] == DONE, name  # OpenAI's clients wait for it, error or not
+            error = json.loads(texts[-2].removeprefix("data: "))["error"]
+            assert error["type"] == "rate_limit_error" and error["code"] == 429, name
+        elif name == "messages":
+            assert texts[-1].startswith("event: error\n"), texts
+            assert json.loads(texts[-1].split("data: ", 1)[1])["error"]["type"] == "rate_limit_error"
+        else:
+            payload = json.loads(texts[-1].split("data: ", 1)[1])
+            assert payload["type"] == "error" and payload["code"] == "429", payload
+            numbers = [json.loads(t.split("data: ", 1)[1])["sequence_number"] for t in texts]
+            assert numbers == list(range(1, len(texts) + 1))  # numbered without a gap, the error too
+
+
+async def test_keepalives_come_while_nothing_does_and_stop_with_the_source() -> None:
+    async def slow() -> AsyncIterator[str]:
+        await asyncio.sleep(0.35)
+        yield "token"
+
+    items = [item async for item in with_keepalives(slow(), every=0.1)]
+    assert items[-1] == "token" and items[:-1] == [None] * (len(items) - 1) and len(items) >= 3
