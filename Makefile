@@ -25,8 +25,10 @@ lint: install
 unit: install
 	$(BIN)/pytest tests/unit -q
 
+# the tests mostly wait on processes: 4 workers, each with its own session cluster; a module whose tests share
+# module-scoped runners or clusters is one xdist_group and stays on one worker
 test: lint
-	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/pytest -q -p no:cacheprovider -n 4 --dist loadgroup --durations=20
 
 bench: install
 	$(BIN)/python -m bench.download

@@ -10,14 +10,15 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from tests.conftest import CHUNKY, QWEN
+from tests.conftest import CHUNKY, QWEN, TINY
 from tests.support.hub_mirror import HubMirror
 from tests.support.processes import Cluster
 from tests.support.relay import Relay
 from tests.support.serving import MESSAGES, reference, start_instance, start_nodes, wait_state
 from tests.support.waits import scheduled_activities, start_download, wait_download, wait_progress
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+# one worker runs the module: its tests share module-scoped fixtures
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.xdist_group("failure.test_drills")]
 OUTAGE_S = 20.0
 
 
@@ -37,6 +38,15 @@ async def drill_api(drill_cluster: Cluster) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+@pytest.fixture(scope="module")
+async def drill_instance(drill_cluster: Cluster, drill_api: httpx.AsyncClient) -> str:
+    """QWEN served on a node of the drill cluster: what every drill must keep answering."""
+    await start_nodes(drill_cluster, drill_api, ["drill-serve"])
+    instance = await start_instance(drill_api, QWEN, nodes=["drill-serve"])
+    assert (await wait_state(drill_api, instance, {"ready", "failed"}))["state"] == "ready"
+    return instance
+
+
 async def chat(api: httpx.AsyncClient) -> str:
     body = {"model": QWEN, "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
     response = await api.post("/v1/chat/completions", json=body)
@@ -45,11 +55,13 @@ async def chat(api: httpx.AsyncClient) -> str:
 
 
 async def test_temporal_down_20s_loses_nothing(
-    drill_cluster: Cluster, drill_api: httpx.AsyncClient, slow_link: Relay, model_dirs: dict[str, Path]
+    drill_cluster: Cluster,
+    drill_api: httpx.AsyncClient,
+    drill_instance: str,
+    slow_link: Relay,
+    model_dirs: dict[str, Path],
 ) -> None:
-    await start_nodes(drill_cluster, drill_api, ["drill-serve"])
-    instance = await start_instance(drill_api, QWEN, nodes=["drill-serve"])
-    assert (await wait_state(drill_api, instance, {"ready", "failed"}))["state"] == "ready"
+    instance = drill_instance
     expected = reference(model_dirs[QWEN])
     assert await chat(drill_api) == expected
     await start_nodes(drill_cluster, drill_api, ["drill-dl"], hub=slow_link.endpoint)
@@ -79,7 +91,11 @@ async def test_temporal_down_20s_loses_nothing(
     assert await chat(drill_api) == expected
 
 
-async def test_api_restart_finds_everything_again(drill_cluster: Cluster, drill_api: httpx.AsyncClient) -> None:
+async def test_api_restart_finds_everything_again(
+    drill_cluster: Cluster, drill_api: httpx.AsyncClient, drill_instance: str
+) -> None:
+    done = await wait_download(drill_api, await start_download(drill_api, TINY, "drill-serve"))
+    assert done["state"] == "completed", done
     before = (await drill_api.get("/instances")).json()
     downloads = (await drill_api.get("/downloads")).json()
     assert before and downloads

@@ -12,7 +12,9 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
+from shardline import search
 from shardline.ids import node_queue
+from shardline.states import Kind
 from shardline.types import DownloadRequest
 from tests.conftest import CHUNKY, TIMEOUTS, TINY, Cluster
 from tests.support.hub_mirror import HubMirror, publish_model
@@ -187,9 +189,17 @@ async def many_downloads(
         states = await asyncio.gather(*(ended(w) for w in ids))
         return None if any(s == WorkflowExecutionStatus.RUNNING for _, s, _ in states) else states
 
+    nodes = ", ".join(f"'{node}'" for node in [*live, doomed])
+    running = f"{search.KIND.name} = '{Kind.DOWNLOAD}' AND {search.NODE.name} IN ({nodes})"
+    running += " AND ExecutionStatus = 'Running'"
+
+    async def none_running() -> bool:  # one visibility query, not 300 describes, each poll
+        return (await client.count_workflows(running)).count == 0
+
     # 200 real transfers (a fetch process each) share 2 cores with everything else: the bound is generous
-    final = await eventually(all_ended, 400, "all 300 downloads end")
+    await eventually(none_running, 400, "all 300 downloads end")
     all_took = time.monotonic() - killed_at
+    final = await eventually(all_ended, 30, "each of the 300 downloads says it ended")  # visibility may lag
     doomed_states = {w: s for w, s, _ in final if w.startswith(f"download:{doomed}:")}
     finished_in_time = [w for w, s in doomed_states.items() if s == WorkflowExecutionStatus.COMPLETED]
     failed = [w for w, s in doomed_states.items() if s == WorkflowExecutionStatus.FAILED]

@@ -51,7 +51,7 @@ class Remote:
 
 @pytest.fixture
 def remote(cluster: Cluster, hub: HubMirror) -> Iterator[Remote]:
-    with separate_network(random.randint(1, 250)) as link:
+    with separate_network() as link:
         temporal = Relay(cluster.temporal_port, host=link.host_ip).start()
         mirror = Relay(int(hub.endpoint.rsplit(":", 1)[1]), host=link.host_ip).start()
         try:

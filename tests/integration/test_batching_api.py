@@ -17,7 +17,8 @@ from tests.conftest import TINY, Cluster
 from tests.support.serving import MESSAGES, running_nodes, start_instance, wait_state
 from tests.support.waits import eventually
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+# one worker runs the module: its tests share module-scoped fixtures
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.xdist_group("integration.test_batching_api")]
 NODE = "batch-a"
 LONG = 300  # tokens: long enough that the requests overlap
 

@@ -15,7 +15,8 @@ from openai import AsyncOpenAI, BadRequestError
 from tests.conftest import QWEN, Cluster
 from tests.support.serving import MESSAGES, reference, served
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+# one worker runs the module: its tests share module-scoped fixtures
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.xdist_group("integration.test_openai_api")]
 
 
 @pytest.fixture(scope="module")

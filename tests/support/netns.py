@@ -2,6 +2,8 @@
 cut and mended, the way a cable is pulled. Needs root (CAP_NET_ADMIN) and iproute2."""
 
 import os
+import random
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -34,7 +36,6 @@ class Link:
         self.host_ip, self.node_ip = f"10.213.{n}.1", f"10.213.{n}.2"
 
     def create(self) -> None:
-        self.remove()  # leftovers of an interrupted run
         ip("netns", "add", self.namespace)
         ip("link", "add", self.here, "type", "veth", "peer", "name", self.there)
         ip("link", "set", self.there, "netns", self.namespace)
@@ -59,10 +60,25 @@ class Link:
         return ["ip", "netns", "exec", self.namespace, *args]
 
 
+def taken_numbers() -> set[int]:
+    """The link numbers in use on this machine (by any test run: xdist workers, other checkouts)."""
+    names = subprocess.run(["ip", "-o", "link"], check=True, capture_output=True, text=True, timeout=10).stdout
+    names += "\n".join(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else ""
+    return {int(n) for n in re.findall(r"\bsl[hn]?-?(\d+)\b", names)}
+
+
 @contextmanager
-def separate_network(n: int) -> Iterator[Link]:
-    link = Link(n)
-    link.create()
+def separate_network() -> Iterator[Link]:
+    """A link of a number nobody else uses now; another run may pick the same one at the same moment: try again."""
+    for attempt in range(5):
+        link = Link(random.choice(sorted(set(range(1, 251)) - taken_numbers())))
+        try:
+            link.create()
+            break
+        except subprocess.CalledProcessError:
+            link.remove()
+            if attempt == 4:
+                raise
     try:
         yield link
     finally:

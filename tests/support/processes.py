@@ -36,6 +36,7 @@ class Cluster:
         return {
             **os.environ,
             "SHARDLINE_TEMPORAL_ADDRESS": self.address,
+            "SHARDLINE_HOME": str(self.root / "home"),  # the control worker's cache: its own, not ~/.shardline
             "SHARDLINE_API_PORT": str(self.api_port),
             "SHARDLINE_LOG_JSON": "true",
             "HF_ENDPOINT": self.hub,
