@@ -25,10 +25,10 @@ lint: install
 unit: install
 	$(BIN)/pytest tests/unit -q
 
-# the tests mostly wait on processes: 4 workers, each with its own session cluster; a module whose tests share
-# module-scoped runners or clusters is one xdist_group and stays on one worker
+# the tests mostly wait on processes: 4 workers, each with its own session cluster, each running whole files (a
+# file's tests share module-scoped runners and clusters), the longest files first (tests/conftest.py)
 test: lint
-	$(BIN)/pytest -q -p no:cacheprovider -n 4 --dist loadgroup --durations=20
+	$(BIN)/pytest -q -p no:cacheprovider -n 4 --dist loadfile --no-loadscope-reorder --durations=25
 
 bench: install
 	$(BIN)/python -m bench.download

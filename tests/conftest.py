@@ -23,6 +23,17 @@ TOOLS = "test-org/tool-chain"  # calls a tool, deterministically (model_factory.
 CHUNKY = "test-org/chunky"  # ~26 MB in 4 weight files: slow enough, behind the throttle, to act mid-download
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first (`pytest.mark.slow(<seconds alone>)`), the rest as collected: `make test` hands
+    whole files to its workers in this order, so the long drills start at once instead of ending last."""
+
+    def expected_s(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return float(mark.args[0]) if mark and mark.args else 0.0
+
+    items.sort(key=expected_s, reverse=True)  # stable: the order within a file, and of the rest, stays
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The source of each model the mirror serves (tests compare against plain mlx_lm on these)."""

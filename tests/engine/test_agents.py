@@ -13,9 +13,6 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from tests.support.model_factory import TOOL_ANSWER, TOOL_CALL, make_tool_model
 from tests.support.runners import PROMPT, Served, body, generate, rank_specs, serving
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = pytest.mark.xdist_group("engine.test_agents")
-
 SCHEMA = {
     "type": "object",
     "properties": {

@@ -23,9 +23,6 @@ from tests.support.runners import (
     spawn,
 )  # fmt: skip
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = pytest.mark.xdist_group("engine.test_batching")
-
 PROMPTS: list[str | list[dict]] = [
     PROMPT,
     CHAT,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 
 from tests.support.runners import (
     CHAT,
@@ -24,9 +23,6 @@ from tests.support.runners import (
     rank_specs,
     spawn,
 )  # fmt: skip
-
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = pytest.mark.xdist_group("engine.test_runner")
 
 
 async def test_single_llama_matches_mlx_lm(single_llama: Served, llama_dir: Path, references) -> None:

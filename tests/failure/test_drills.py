@@ -17,8 +17,7 @@ from tests.support.relay import Relay
 from tests.support.serving import MESSAGES, reference, start_instance, start_nodes, wait_state
 from tests.support.waits import scheduled_activities, start_download, wait_download, wait_progress
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.xdist_group("failure.test_drills")]
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(80)]  # slow: s alone
 OUTAGE_S = 20.0
 
 

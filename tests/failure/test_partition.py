@@ -20,7 +20,7 @@ from tests.support.serving import greedy, reference, runners, start_instance, st
 from tests.support.waits import download, eventually, start_download, wait_download, wait_node, wait_progress
 
 WHY_NOT = can_make_namespaces()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.slow(75)]  # slow: s alone
 
 HEARTBEAT = float(TIMEOUTS["SHARDLINE_HEARTBEAT_TIMEOUT"])
 NODE_WAIT = float(TIMEOUTS["SHARDLINE_NODE_WAIT"])

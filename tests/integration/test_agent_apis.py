@@ -16,8 +16,7 @@ from tests.conftest import QWEN, TOOLS, Cluster
 from tests.support.model_factory import TOOL_ANSWER
 from tests.support.serving import running_nodes, start_instance, wait_state
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.xdist_group("integration.test_agent_apis")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 PROMPT = "The quick brown fox"
 WEATHER = {
     "type": "function",

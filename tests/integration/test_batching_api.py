@@ -17,8 +17,7 @@ from tests.conftest import TINY, Cluster
 from tests.support.serving import MESSAGES, running_nodes, start_instance, wait_state
 from tests.support.waits import eventually
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.xdist_group("integration.test_batching_api")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 NODE = "batch-a"
 LONG = 300  # tokens: long enough that the requests overlap
 
@@ -78,9 +77,22 @@ async def test_runners_answer_only_their_api(pair: list[dict[str, Any]]) -> None
 
 
 async def test_a_full_instance_answers_429_with_retry_after(cluster: Cluster, pair: list[dict[str, Any]]) -> None:
-    async with httpx.AsyncClient(base_url=cluster.api, timeout=120) as http:
-        replies = await asyncio.gather(*(chat(http) for _ in range(8)))  # room for 2 x (1 running + 2 queued)
+    endless = {"model": TINY, "messages": MESSAGES, "max_tokens": 32768, "temperature": 0, "stream": True}
+    async with httpx.AsyncClient(base_url=cluster.api, timeout=120) as http, contextlib.AsyncExitStack() as stack:
+        readers = []
+        for _ in pair:  # one endless request fills each instance's batch, for as long as the test needs
+            blocker = await stack.enter_async_context(http.stream("POST", "/v1/chat/completions", json=endless))
+            busy = asyncio.Event()
+            readers.append((asyncio.create_task(read_on(blocker, busy)), blocker))
+            await asyncio.wait_for(busy.wait(), 60)
+        burst = [asyncio.create_task(chat(http, 4)) for _ in range(8)]  # room for 2 x 2 queued
+        first, _ = await asyncio.wait(burst, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        for reader, blocker in readers:  # hang up on the endless ones: the queued ones run
+            reader.cancel()
+            await blocker.aclose()
+        replies = await asyncio.gather(*burst)
         refused = [r for r in replies if r.status_code == 429]
+        assert first and all(r.result().status_code == 429 for r in first), "refused at once, while the rest wait"
         assert refused, [r.status_code for r in replies]
         assert all(r.status_code in (200, 429) for r in replies), [r.text for r in replies]
         assert refused[0].headers["Retry-After"] == "1"

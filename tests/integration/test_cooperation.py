@@ -29,6 +29,8 @@ from workflows.download import DownloadInput
 
 HUB_TIMEOUT = 2
 
+pytestmark = pytest.mark.slow(140)  # seconds, alone: tests/conftest.py starts the longest files first
+
 
 @pytest.fixture
 def link(hub: HubMirror) -> Iterator[Relay]:

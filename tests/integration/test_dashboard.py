@@ -17,8 +17,7 @@ from tests.support.processes import free_port, wait_http
 from tests.support.serving import MAX_TOKENS, MESSAGES, reference, start_instance, start_nodes, wait_state
 from tests.support.waits import start_download, wait_download
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.xdist_group("integration.test_dashboard")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 FLAGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]  # fmt: skip
 SCREENSHOT = Path("/tmp/dashboard.png")

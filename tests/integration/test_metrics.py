@@ -12,8 +12,7 @@ from tests.support.processes import free_port
 from tests.support.serving import MESSAGES, served
 from tests.support.waits import eventually, wait_node
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.xdist_group("integration.test_metrics")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 

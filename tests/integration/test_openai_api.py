@@ -15,8 +15,7 @@ from openai import AsyncOpenAI, BadRequestError
 from tests.conftest import QWEN, Cluster
 from tests.support.serving import MESSAGES, reference, served
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.xdist_group("integration.test_openai_api")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.fixture(scope="module")

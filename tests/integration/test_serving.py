@@ -23,6 +23,8 @@ from tests.support.serving import (
 )
 from tests.support.waits import eventually
 
+pytestmark = pytest.mark.slow(70)  # seconds, alone: tests/conftest.py starts the longest files first
+
 
 @pytest.mark.parametrize("size", [2, 3])
 async def test_pipeline_matches_mlx_lm(

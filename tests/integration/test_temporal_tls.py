@@ -19,9 +19,6 @@ from tests.conftest import Cluster
 from tests.support.relay import Relay
 from tests.support.waits import wait_node
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = pytest.mark.xdist_group("integration.test_temporal_tls")
-
 SERVER_NAME = "temporal.test"
 EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 

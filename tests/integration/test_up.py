@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 
 from shardline.settings import Settings
 from shardline.supervisor import port_free
@@ -21,6 +22,8 @@ from tests.support.hub_mirror import HubMirror
 from tests.support.processes import REPO, free_port, wait_http
 from tests.support.serving import MESSAGES, start_instance, wait_state
 from tests.support.waits import eventually, start_download, wait_download
+
+pytestmark = pytest.mark.slow(70)  # seconds, alone: tests/conftest.py starts the longest files first
 
 
 def start_up(home: Path, ports: dict[str, int], hub: str, **settings: str) -> subprocess.Popen[bytes]:

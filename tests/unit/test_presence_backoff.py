@@ -19,9 +19,6 @@ from shardline.temporal import ensure_search_attributes, temporal_cli
 from shardline.types import PresenceInput
 from workflows.node import BACKOFF_MAX_S, NodeInput, NodeWorkflow, presence_backoff
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = pytest.mark.xdist_group("unit.test_presence_backoff")
-
 
 def test_backoff_doubles_to_a_cap_and_resets_after_a_healthy_run() -> None:
     delays, delay = [], 0.0

@@ -21,9 +21,6 @@ from shardline.types import DownloadRequest, DownloadResult, InspectRequest
 from tests.support.offline_app import offline_app
 from workers.control import WORKFLOWS
 
-# one worker runs the module: its tests share module-scoped fixtures
-pytestmark = pytest.mark.xdist_group("unit.test_serve_download_attempts")
-
 MODEL = "org/tiny"
 
 
