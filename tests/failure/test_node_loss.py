@@ -79,11 +79,14 @@ async def test_lost_node_ends_its_download(
 
 
 async def test_restarted_node_resumes_without_refetching(
-    cluster: Cluster, api: httpx.AsyncClient, slow_link: Relay, node_id: str
+    cluster: Cluster, client: Client, api: httpx.AsyncClient, slow_link: Relay, node_id: str
 ) -> None:
     home = cluster.start_node(node_id, hub=slow_link.endpoint)
     await wait_node(api, node_id, "online")
-    workflow_id = await start_download(api, CHUNKY, node_id)
+    # the attempt after the kill waits for the restarted node: on a loaded machine its start can take longer than
+    # the tests' 6 s node wait (it failed so under `make test`'s workers), which is not what this test is about
+    inp = DownloadInput(node_id, CHUNKY, node_wait_s=60, heartbeat_timeout_s=HEARTBEAT)
+    workflow_id = (await start_download_workflow(client, inp)).id
     model_dir = home / "models" / "test-org" / "chunky"
 
     async def a_weight_file_is_complete() -> bool:
