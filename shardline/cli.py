@@ -247,7 +247,8 @@ def delete(
 
 @app.command()
 def cancel(workflow_id: str) -> None:
-    """Cancel a download (download:NODE:MODEL) or stop a serving instance (serve:INSTANCE) by its workflow id."""
+    """Cancel a workflow by its id: a download (download:NODE:MODEL), a delete (delete:NODE:MODEL), a node's
+    presence (node:NODE), or stop a serving instance (serve:INSTANCE)."""
     try:
         kind, parts = parse_workflow_id(workflow_id)
     except InvalidId as err:
@@ -258,11 +259,7 @@ def cancel(workflow_id: str) -> None:
     elif kind == "serve":
         done = call("DELETE", f"/instances/{parts[0]}", timeout=STOP_TIMEOUT_S)
     else:
-        console.print(
-            f"[red]{workflow_id} cannot be canceled here:[/red] `shardline cancel` takes a download "
-            "(download:<node_id>:<model_id>) or a serving instance (serve:<instance_id>)"
-        )
-        raise typer.Exit(1)
+        done = call("DELETE", f"/workflows/{workflow_id}")
     console.print(f"{workflow_id}: {done['state']}")
 
 
