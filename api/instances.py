@@ -39,7 +39,8 @@ async def instance_status(
     if ended.state == "canceled":
         ended.state = "stopped"
     elif ended.state == "failed":
-        _, ended.reason = await outcome(client, workflow_id)
+        _, ended.reason, kind = await outcome(client, workflow_id)
+        ended.error_type = kind and kind.value
     return ended
 
 

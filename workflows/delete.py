@@ -4,9 +4,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from shardline.errors import ErrorType, error
     from shardline.state import in_use_message
     from shardline.types import DeleteRequest, DeleteResult
     from workflows.common import CONTROL_ACTIVITY, run_on_node, set_state
@@ -35,7 +35,7 @@ class DeleteModelWorkflow:
             if users:
                 reason = in_use_message(inp.node_id, inp.model_id, users)
                 set_state("failed", reason)
-                raise ApplicationError(reason, type="in_use", non_retryable=True)
+                raise error(ErrorType.IN_USE, reason)
         result: DeleteResult = await run_on_node(
             "delete_model",
             DeleteRequest(inp.node_id, inp.model_id),

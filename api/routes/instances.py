@@ -2,13 +2,14 @@ import asyncio
 import contextlib
 import uuid
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, status
 from temporalio.client import WorkflowFailureError
 
 from api.deps import ClientDep, InstancesDep, SettingsDep
 from api.instances import instance_status, list_instances
 from api.schemas import InstanceCreate, InstanceOut
 from shardline import search
+from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import CONTROL_QUEUE, serve_workflow_id
 from workflows.serve import ServeInput, ServingWorkflow
 
@@ -54,7 +55,7 @@ async def get_instances(client: ClientDep, all: bool = False) -> list[InstanceOu
 async def found(client: ClientDep, instance_id: str) -> InstanceOut:
     current = await instance_status(client, serve_workflow_id(instance_id))
     if current is None:
-        raise HTTPException(404, f"no instance {instance_id}: see GET /instances")
+        raise ShardlineError(ErrorType.NOT_FOUND, f"no instance {instance_id}: see GET /instances")
     return InstanceOut.from_status(current)
 
 
