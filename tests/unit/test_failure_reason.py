@@ -74,7 +74,7 @@ def test_the_type_survives_a_workflow_and_its_parent() -> None:
     gated = activity_error(error(ErrorType.GATED, "repo o/m is gated: set HF_TOKEN"))
     workflow_failure = error(failure_type(gated), "repo o/m is gated: set HF_TOKEN", gated, non_retryable=True)
     child = ChildWorkflowError(
-        "child failed", namespace="default", workflow_id="download:n1:o/m", run_id="r", workflow_type="DownloadWorkflow",
+        "child failed", namespace="default", workflow_id="download:n1:o/m", run_id="r", workflow_type="Download",
         initiated_event_id=1, started_event_id=2, retry_state=RetryState.NON_RETRYABLE_FAILURE,
     )  # fmt: skip
     child.__cause__ = workflow_failure
