@@ -1,11 +1,12 @@
 """Any shardline workflow by its id: what `shardline cancel WORKFLOW_ID` calls (downloads and instances also have
 their own DELETE routes, which say more about them)."""
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, Response, status
 from temporalio.client import WorkflowExecutionStatus
 
 from api.deps import ClientDep
 from api.schemas import Accepted
+from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, parse_workflow_id
 from shardline.states import Kind, WorkState
 from workflows import client as workflows
@@ -20,13 +21,13 @@ async def cancel_workflow(workflow_id: str, client: ClientDep, response: Respons
     try:
         kind, _ = parse_workflow_id(workflow_id)
     except InvalidId as exc:
-        raise HTTPException(422, str(exc)) from exc
+        raise ShardlineError(ErrorType.BAD_INPUT, str(exc)) from exc
     if kind not in set(Kind):
-        raise HTTPException(422, f"{workflow_id} is not a shardline workflow: ids start with node:, download:, "
-                                 "delete: or serve:")  # fmt: skip
+        message = f"{workflow_id} is not a shardline workflow: ids start with node:, download:, delete: or serve:"
+        raise ShardlineError(ErrorType.BAD_INPUT, message)
     found = await describe(client, workflow_id)
     if found is None:
-        raise HTTPException(404, f"no workflow {workflow_id}")
+        raise ShardlineError(ErrorType.NOT_FOUND, f"no workflow {workflow_id}")
     if found.status != WorkflowExecutionStatus.RUNNING:
         response.status_code = status.HTTP_200_OK  # already over: nothing to cancel
         return Accepted(workflow_id=workflow_id, state=state_of(found))
