@@ -10,7 +10,6 @@ from shardline import search
 from shardline.temporal import temporal_cli
 from tests.support.fake_nodes import FakeCluster
 
-
 # the timer queue may fire a timer up to a second late, which costs every skip a second of real time
 FAST_TIMERS = 'history.timerProcessorMaxTimeShift="10ms"'
 
