@@ -10,6 +10,7 @@ what the test chose. FakeCluster runs every workflow on the control queue, and e
 """
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -246,21 +247,27 @@ class FakeNode:
         """Here a FailingNode fails an attempt."""
 
     async def _beat(self, life: _Life, *details: Any) -> None:
-        """One heartbeat; a silent node hangs here instead, as a dead machine would, until the server gives up
-        on the work (the SDK then cancels it here) or the test ends."""
-        if life.silent.is_set():
-            await self._closed.wait()
-        if self._closed.is_set():
-            raise ApplicationError("the test ended", non_retryable=True)
+        """One heartbeat; a silent node hangs here instead, as a dead machine would."""
+        if life.silent.is_set() or self._closed.is_set():
+            await self._hang()
         activity.heartbeat(*details)
 
     async def _sleep(self, life: _Life, name: str, seconds: float) -> None:
         try:
             await asyncio.sleep(seconds)
         except asyncio.CancelledError:
-            if not life.silent.is_set():
-                self.canceled.append(name)
+            if life.silent.is_set():
+                await self._hang()
+            self.canceled.append(name)
             raise
+
+    async def _hang(self) -> None:
+        """Hear nothing, not even a cancel (the SDK delivers one a heartbeat sent just before brought back, and
+        cancels the work itself once the server gave up on it), until the test ends."""
+        while not self._closed.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._closed.wait()
+        raise ApplicationError("the test ended", non_retryable=True)
 
     async def _heartbeat_for(self, life: _Life, name: str, seconds: float) -> None:
         loop = asyncio.get_running_loop()
