@@ -21,6 +21,7 @@ from temporalio import activity
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
+from temporalio.converter import decode_typed_search_attributes
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -429,3 +430,15 @@ async def workflow_clock(handle: WorkflowHandle[Any, Any]) -> timedelta:
     desc = await handle.describe()
     assert desc.close_time is not None, f"{handle.id} still runs"
     return desc.close_time - desc.start_time
+
+
+async def states_seen(handle: WorkflowHandle[Any, Any]) -> list[str]:
+    """Every ShardlineState the workflow run set, in order (repeats dropped): what a user watching it saw."""
+    seen: list[str] = []
+    async for event in handle.fetch_history_events():
+        if event.HasField("upsert_workflow_search_attributes_event_attributes"):
+            fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
+            state = decode_typed_search_attributes(fields).get(search.STATE)
+            if state and seen[-1:] != [state]:
+                seen.append(state)
+    return seen
