@@ -62,7 +62,7 @@ GIB = 2**30
 # a workflow's clock only while nothing of it is in flight (a 30 s heartbeat timeout takes 30 s). Tests that
 # wait for one of those pass these; every timer (backoffs, heal waits, deadlines, windows) keeps its
 # production value and runs on the skipped clock.
-HEARTBEAT_S = 2.0
+HEARTBEAT_S = 3.0
 NODE_WAIT_S = 3.0
 TICK = 0.1  # seconds between a stand-in's heartbeats (the SDK sends at most one per throttle interval)
 # production sends a heartbeat at most every 2 s (workers/node.py); a cancel reaches a node at its next one
