@@ -23,7 +23,7 @@ lint: install
 	$(BIN)/lint-imports
 
 unit: install
-	$(BIN)/pytest tests/unit -q
+	$(BIN)/pytest tests/unit tests/workflows -q
 
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider --durations=15
