@@ -23,7 +23,7 @@ lint: install
 	$(BIN)/lint-imports
 
 unit: install
-	$(BIN)/pytest tests/unit -q
+	$(BIN)/pytest tests/unit tests/workflows -q
 
 # the tests mostly wait on processes: 4 workers, each with its own session cluster, each running whole files (a
 # file's tests share module-scoped runners and clusters), the longest files first (tests/conftest.py)

@@ -11,11 +11,12 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.errors import application_error, classify
+from activities.errors import classify
 from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls
 from shardline import contracts
 from shardline.contracts import implements
 from shardline.engine.capabilities import sharding_support
+from shardline.errors import RETRYABLE, ErrorType, error
 from shardline.model_files import INDEX_FILE, layer_sizes
 from shardline.placement import ModelProfile, NodeCapacity
 from shardline.states import NodeState
@@ -35,13 +36,13 @@ def profile_model(req: InspectRequest, cache: Path, timeout_s: float = DEFAULT_T
                                   etag_timeout=timeout_s)  # fmt: skip
     config = json.loads(Path(config_path).read_text())
     if INDEX_FILE not in sizes and "model.safetensors" not in sizes:
-        raise application_error("bad_input", f"{req.model_id} has no safetensors weights: mlx-lm cannot load it")
+        raise error(ErrorType.BAD_INPUT, f"{req.model_id} has no safetensors weights: mlx-lm cannot load it")
     weight_bytes = sum(size for name, size in sizes.items() if name.endswith(".safetensors"))
     layers, layer_bytes, outer = layer_sizes(config, weight_bytes)
     try:
         pipeline, tensor = sharding_support(config)
     except (ValueError, ImportError) as exc:
-        raise application_error("bad_input", f"{req.model_id}: mlx-lm does not support it: {exc}") from exc
+        raise error(ErrorType.BAD_INPUT, f"{req.model_id}: mlx-lm does not support it: {exc}") from exc
     heads = int(config.get("num_attention_heads", 1))
     return ModelProfile(req.model_id, layers, layer_bytes, outer, pipeline, tensor, heads,
                         int(config.get("num_key_value_heads", heads)))  # fmt: skip
@@ -101,9 +102,9 @@ class ClusterActivities:
             raise
         except Exception as exc:
             kind, message = classify(exc, req.model_id)
-            known = await asyncio.to_thread(remembered_profile, cache, req) if kind == "transient" else None
+            known = await asyncio.to_thread(remembered_profile, cache, req) if kind in RETRYABLE else None
             if known is None:
-                raise application_error(kind, message) from exc
+                raise error(kind, message) from exc
             activity.logger.warning("hub unreachable (%s): using the profile of %s seen before", message, req.model_id)
             return known
         await asyncio.to_thread(remember_profile, cache, req, profile)

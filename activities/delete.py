@@ -8,9 +8,9 @@ from pathlib import Path
 import structlog
 from temporalio import activity
 
-from activities.errors import application_error
 from shardline import contracts
 from shardline.contracts import implements
+from shardline.errors import ErrorType, error
 from shardline.ids import InvalidId, check_model_id
 from shardline.model_files import model_path
 from shardline.types import DeleteRequest, DeleteResult
@@ -51,14 +51,14 @@ def checked_model_dir(models_dir: Path, model_id: str) -> Path:
     try:
         check_model_id(model_id)
     except InvalidId as exc:
-        raise application_error("bad_input", str(exc)) from exc
+        raise error(ErrorType.BAD_INPUT, str(exc)) from exc
     path = model_path(models_dir, model_id)
     if path.parent.is_symlink() or path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise application_error("bad_input", f"refusing to delete {path}: not a directory shardline made")
+        raise error(ErrorType.CONFLICT, f"refusing to delete {path}: not a directory shardline made")
     alias = case_alias(models_dir, model_id)
     if alias is not None:
         why = f"this node holds {alias}, which differs only by case; use {alias}"
-        raise application_error("bad_input", f"refusing to touch {model_id}: {why}")
+        raise error(ErrorType.CONFLICT, f"refusing to touch {model_id}: {why}")
     return path
 
 
@@ -72,8 +72,8 @@ def remove_model(models_dir: Path, model_id: str) -> DeleteResult:
     except FileNotFoundError:
         pass  # removed under us: the goal is reached
     except OSError as exc:
-        kind = "transient" if exc.errno in _TRANSIENT else "bad_input"
-        raise application_error(kind, f"cannot delete {model_id}: {exc.strerror or exc}: {exc.filename}") from exc
+        kind = ErrorType.TRANSIENT if exc.errno in _TRANSIENT else ErrorType.CONFLICT
+        raise error(kind, f"cannot delete {model_id}: {exc.strerror or exc}: {exc.filename}") from exc
     if not any(path.parent.iterdir()):
         path.parent.rmdir()  # the org directory, now empty
     return DeleteResult(removed=True, bytes_freed=size)

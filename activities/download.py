@@ -15,10 +15,11 @@ from temporalio import activity
 
 from activities.completion import intact, local_weight_map, read_completion, write_completion
 from activities.delete import case_alias
-from activities.errors import application_error, classify
+from activities.errors import classify
 from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls, hub_env
 from shardline import contracts
 from shardline.contracts import implements
+from shardline.errors import RETRYABLE, ErrorType, error
 from shardline.ids import InvalidId, check_model_id
 from shardline.model_files import INDEX_FILE, files_to_fetch, model_path, record_completion
 from shardline.types import DownloadProgress, DownloadRequest, DownloadResult
@@ -94,7 +95,7 @@ class DownloadActivities:
         try:
             check_model_id(req.model_id)
         except InvalidId as exc:
-            raise application_error("bad_input", str(exc)) from exc
+            raise error(ErrorType.BAD_INPUT, str(exc)) from exc
         info = activity.info()
         log.info(  # each attempt is its own activity (the workflow retries), so this marks each one
             "download.accepted",
@@ -126,7 +127,7 @@ class DownloadActivities:
         alias = await asyncio.to_thread(case_alias, self._models_dir, req.model_id)
         if alias is not None:  # on a case-insensitive disk the two would share (and mix) one directory
             why = f"this node already holds {alias}, which differs only by case; use {alias}"
-            raise application_error("bad_input", f"refusing to download {req.model_id}: {why}")
+            raise error(ErrorType.CONFLICT, f"refusing to download {req.model_id}: {why}")
         logger = log.bind(model_id=req.model_id, workflow_id=activity.info().workflow_id)
         activity.heartbeat(DownloadProgress(phase="listing"))
         dest.mkdir(parents=True, exist_ok=True)
@@ -134,9 +135,9 @@ class DownloadActivities:
             plan = await asyncio.to_thread(plan_download, req, dest, self._hub_timeout_s)
         except Exception as exc:
             kind, message = classify(exc, req.model_id)
-            offline = await asyncio.to_thread(plan_from_disk, req, dest) if kind == "transient" else None
+            offline = await asyncio.to_thread(plan_from_disk, req, dest) if kind in RETRYABLE else None
             if offline is None:
-                raise application_error(kind, message) from exc
+                raise error(kind, message) from exc
             logger.warning("download.hub_unreachable", reason=message, files=len(offline.files))
             return self._result(req, dest, offline, 0, 0.0)
         total = sum(plan.files.values())
@@ -146,8 +147,8 @@ class DownloadActivities:
         start_bytes, _ = bytes_on_disk(dest, plan.files)
         free = shutil.disk_usage(dest).free
         if total - start_bytes + DISK_MARGIN > free:
-            raise application_error(
-                "disk_full",
+            raise error(
+                ErrorType.DISK_FULL,
                 f"disk full: {req.model_id} needs {total - start_bytes} more bytes, {free} free",
             )
         logger.info(
@@ -197,7 +198,7 @@ class DownloadActivities:
                 proc.kill()
                 await proc.wait()
         if proc.returncode != 0:
-            raise application_error(*child_failure(await stderr, req.model_id))
+            raise error(*child_failure(await stderr, req.model_id))
 
     def _report(self, dest: Path, plan: Plan, start_bytes: int, started: float) -> None:
         done, complete = bytes_on_disk(dest, plan.files)
@@ -207,13 +208,13 @@ class DownloadActivities:
         activity.heartbeat(DownloadProgress("downloading", done, total, complete, len(plan.files), rate, eta))
 
 
-def child_failure(stderr: bytes, model_id: str) -> tuple[str, str]:
+def child_failure(stderr: bytes, model_id: str) -> tuple[ErrorType, str]:
     """The (kind, sentence) the fetch child printed last, or a transient failure if it died silently."""
     for line in reversed(stderr.decode(errors="replace").splitlines()):
         with contextlib.suppress(ValueError, KeyError):
             report = json.loads(line)
-            return report["kind"], report["message"]
+            return ErrorType(report["kind"]), report["message"]
     return (
-        "transient",
+        ErrorType.TRANSIENT,
         f"fetching {model_id} stopped unexpectedly: {stderr.decode(errors='replace')[-300:]}",
     )

@@ -16,11 +16,11 @@ import structlog
 from temporalio import activity
 from temporalio.client import Client
 
-from activities.errors import application_error
 from activities.resources import CacheLedger
 from shardline import contracts
 from shardline.contracts import implements
 from shardline.engine.spec import RunnerSpec
+from shardline.errors import ErrorType, error
 from shardline.model_files import model_path
 from shardline.settings import Settings
 from shardline.types import RunnerReady, ShardSpec
@@ -117,7 +117,7 @@ class ShardActivities:
             spec_path.touch(mode=0o600)  # it holds the instance's secret
             spec_path.write_text(runner_spec(spec, model_dir, self._settings).to_json())
         except ValueError as exc:
-            raise application_error("bad_input", f"cannot run shard {spec.rank}: {exc}") from exc
+            raise error(ErrorType.BAD_INPUT, f"cannot run shard {spec.rank}: {exc}") from exc
         log_path = spec_path.with_suffix(".log")
         env = await asyncio.to_thread(runner_env, self._settings.runner_blas)
         with open(log_path, "ab") as runner_log:  # noqa: ASYNC230 - a local append, instant
@@ -140,8 +140,9 @@ class ShardActivities:
                 activity.heartbeat("serving")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(proc.wait(), TICK)
-            raise application_error(
-                "transient", f"runner {spec.rank} on {self._node_id} exited ({proc.returncode}): {log_tail(log_path)}"
+            raise error(
+                ErrorType.RUNNER_FAILED,
+                f"runner {spec.rank} on {self._node_id} exited ({proc.returncode}): {log_tail(log_path)}",
             )
         finally:
             if events is not None:
@@ -167,8 +168,9 @@ class ShardActivities:
             activity.heartbeat("loading")
             if time.monotonic() > deadline:  # e.g. a peer rank that never joins the ring
                 line_task.cancel()
-                raise application_error(
-                    "transient", f"runner on {self._node_id} not ready within {self._settings.load_timeout:g} s"
+                raise error(
+                    ErrorType.RUNNER_FAILED,
+                    f"runner on {self._node_id} not ready within {self._settings.load_timeout:g} s",
                 )
             done, _ = await asyncio.wait({line_task}, timeout=TICK)
             if not done:
@@ -176,16 +178,16 @@ class ShardActivities:
             line = line_task.result()
             if not line:  # the runner died before saying anything
                 await proc.wait()
-                raise application_error(
-                    "bad_input", f"runner exited ({proc.returncode}) while loading: {log_tail(log_path)}"
+                raise error(
+                    ErrorType.RUNNER_FAILED, f"runner exited ({proc.returncode}) while loading: {log_tail(log_path)}"
                 )
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
                 if event.get("event") == "ready":
                     return dict(event)
                 if event.get("event") == "error":
-                    raise application_error(
-                        "bad_input", f"runner on {self._node_id} cannot load: {event.get('message')}"
+                    raise error(
+                        ErrorType.RUNNER_FAILED, f"runner on {self._node_id} cannot load: {event.get('message')}"
                     )
             line_task = asyncio.ensure_future(proc.stdout.readline())
 

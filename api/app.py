@@ -10,7 +10,18 @@ from api.deps import require_api_key
 from api.errors import install_error_handlers
 from api.instances import InstanceCache
 from api.metrics import Metrics
-from api.routes import anthropic, dashboard, downloads, health, instances, metrics, nodes, openai, responses
+from api.routes import (
+    anthropic,
+    dashboard,
+    downloads,
+    health,
+    instances,
+    metrics,
+    nodes,
+    openai,
+    responses,
+    workflows,
+)
 from api.runners import InFlight
 from shardline.settings import Settings
 from shardline.temporal import connect
@@ -36,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(dashboard.page)  # the page is public; it asks for the key the data wants
     protected = (nodes.router, downloads.router, instances.router, openai.router, anthropic.router, responses.router,
-                 dashboard.router, metrics.router)  # fmt: skip
+                 dashboard.router, metrics.router, workflows.router)  # fmt: skip
     for router in protected:
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app

@@ -1,9 +1,40 @@
-"""Every error leaves the API as JSON a person can act on: {"error": {"message", "type", "code"}}."""
+"""Every error leaves the API as JSON a person can act on: {"error": {"message", "type", "code"}}. The admin
+endpoints' `type` is shardline's ErrorType, which also picks the status (here, and only here); the inference
+endpoints under /v1 speak OpenAI's (or Anthropic's) error types, as their clients expect."""
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
+
+from shardline.errors import ErrorType, ShardlineError, error_type
+
+STATUS = {
+    # 422, as FastAPI answers a request it validates; the inference endpoints answer 400, as OpenAI does
+    ErrorType.BAD_INPUT: 422,
+    ErrorType.NOT_FOUND: 404,
+    ErrorType.GATED: 403,  # the hub refuses: the node needs a token with access
+    ErrorType.DISK_FULL: 507,
+    ErrorType.CONFLICT: 409,
+    ErrorType.IN_USE: 409,
+    # 409, not 503: the cluster as it is cannot take it, and the same request fails again until a person adds a
+    # node or frees memory; a 503 would invite clients to retry it blindly
+    ErrorType.PLACEMENT: 409,
+    ErrorType.DEPARTED: 409,  # the node will not come back by itself: restart it first
+    ErrorType.CANCELED: 409,  # someone canceled the work
+    ErrorType.NODE_UNAVAILABLE: 503,  # it may be back: try again later
+    ErrorType.RUNNER_FAILED: 502,
+    ErrorType.HUB_UNREACHABLE: 502,
+    ErrorType.GAVE_UP: 503,
+    ErrorType.TRANSIENT: 503,
+    ErrorType.UNAVAILABLE: 503,
+    ErrorType.INTERNAL: 500,
+}
+
+
+def status_for(kind: ErrorType) -> int:
+    return STATUS[kind]
 
 
 def error_response(
@@ -47,6 +78,24 @@ def is_anthropic(request: Request) -> bool:
     return request.url.path.startswith("/v1/messages")
 
 
+def is_inference(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def typed_error(request: Request, kind: ErrorType, message: str, status: int | None = None) -> JSONResponse:
+    """The one answer to a failure of a known type, in the wire format of the endpoint that failed."""
+    status = status or status_for(kind)
+    if is_anthropic(request):
+        return anthropic_error(status, message)
+    if is_inference(request):
+        return error_response(status, message, openai_error_type(status))
+    return error_response(status, message, kind.value)
+
+
+def failure_message(err: WorkflowFailureError) -> str:
+    return getattr(err.cause, "message", None) or str(err.cause or err)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -54,16 +103,24 @@ def install_error_handlers(app: FastAPI) -> None:
             return anthropic_error(exc.status_code, str(exc.detail), exc.headers)
         return error_response(exc.status_code, str(exc.detail), openai_error_type(exc.status_code), exc.headers)
 
+    @app.exception_handler(ShardlineError)
+    async def _typed(request: Request, exc: ShardlineError) -> JSONResponse:
+        return typed_error(request, exc.type, exc.message)
+
+    @app.exception_handler(WorkflowFailureError)
+    async def _failed(request: Request, exc: WorkflowFailureError) -> JSONResponse:
+        # a workflow the request waited for failed: its type was set where it failed and kept by the workflow
+        return typed_error(request, error_type(exc) or ErrorType.INTERNAL, failure_message(exc))
+
     @app.exception_handler(RPCError)
-    async def _temporal(_: Request, exc: RPCError) -> JSONResponse:
-        return error_response(
-            503, f"the cluster's Temporal server did not answer ({exc}): try again shortly", "unavailable"
-        )
+    async def _temporal(request: Request, exc: RPCError) -> JSONResponse:
+        message = f"the cluster's Temporal server did not answer ({exc}): try again shortly"
+        return typed_error(request, ErrorType.UNAVAILABLE, message)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # the inference endpoints answer a request they cannot honour as OpenAI and Anthropic do: 400
         if is_anthropic(request):
             return anthropic_error(400, _validation_message(exc))
-        status = 400 if request.url.path.startswith("/v1/") else 422
-        return error_response(status, _validation_message(exc))
+        status = 400 if is_inference(request) else None
+        return typed_error(request, ErrorType.BAD_INPUT, _validation_message(exc), status)

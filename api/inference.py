@@ -12,6 +12,7 @@ from api.instances import InstanceCache
 from api.metrics import Metrics
 from api.runners import InFlight, RunnerUnreachable, generate, tokenize
 from api.streaming import Events
+from shardline.states import InstanceState
 from workflows.serve import InstanceStatus
 
 
@@ -42,7 +43,7 @@ class Inference:
         """The ready instance of `model` with the fewest requests in flight from this API; with `hold`, counted
         in flight from now on (the generation releases it)."""
         candidates = await self.instances.for_model(model)
-        ready = [i for i in candidates if i.state == "ready" and i.endpoint]
+        ready = [i for i in candidates if i.state == InstanceState.READY and i.endpoint]
         if ready:
             return self.in_flight.pick(ready) if hold else self.in_flight.least_busy(ready)
         if not candidates:

@@ -40,7 +40,8 @@ async def instance_status(
             return known or InstanceStatus(instance_id, model, InstanceState.STARTING, "")
     ended = InstanceStatus(instance_id, model, state_of(desc), "")  # a canceled one reads "stopped"
     if ended.state == InstanceState.FAILED:
-        _, ended.reason = await outcome(client, workflow_id)
+        _, ended.reason, kind = await outcome(client, workflow_id)
+        ended.error_type = kind and kind.value
     return ended
 
 

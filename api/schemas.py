@@ -4,6 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from shardline.errors import ErrorType
 from shardline.ids import check_model_id, check_node_id, serve_workflow_id
 
 
@@ -74,6 +75,7 @@ class DownloadOut(BaseModel):
     progress: Progress | None = None
     last_failure: str | None = None
     reason: str | None = None
+    error_type: ErrorType | None = None  # why it failed (or canceled), as a program reads it
     result: dict[str, Any] | None = None
 
 
@@ -117,6 +119,7 @@ class InstanceOut(BaseModel):
     endpoint: str | None = None
     recoveries: int = 0
     reason: str | None = None
+    error_type: ErrorType | None = None  # why it failed, as a program reads it
     incidents: list[str] = Field(default_factory=list, description="why it recovered, newest last")
 
     @classmethod
@@ -129,5 +132,7 @@ class InstanceOut(BaseModel):
         shards = [ShardOut(node_id=x.node_id, rank=x.rank, layers=(x.layer_start, x.layer_end), ready=x.ready)
                   for x in s.shards]  # fmt: skip
         out = cls.of(s.instance_id, s.model_id, s.state, s.strategy)
+        kind = ErrorType(s.error_type) if s.error_type else None
         return out.model_copy(update={"shards": shards, "endpoint": s.endpoint, "recoveries": s.recoveries,
-                                      "reason": s.reason, "incidents": list(s.incidents)})  # fmt: skip
+                                      "reason": s.reason, "error_type": kind,
+                                      "incidents": list(s.incidents)})  # fmt: skip

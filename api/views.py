@@ -8,6 +8,7 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
 from api.schemas import DownloadOut, NodeOut, Progress
 from shardline import search
+from shardline.errors import ErrorType, error_type
 from shardline.states import Kind, WorkState
 from shardline.types import DownloadProgress
 from workflows import state
@@ -71,18 +72,20 @@ async def download_detail(client: Client, workflow_id: str) -> DownloadOut | Non
         WorkflowExecutionStatus.COMPLETED,
         WorkflowExecutionStatus.FAILED,
     ):
-        out.result, out.reason = await outcome(client, workflow_id)
+        out.result, out.reason, out.error_type = await outcome(client, workflow_id)
     elif desc.status == WorkflowExecutionStatus.CANCELED:
         # what the node did about the cancel (confirmed, went silent, had finished), as the workflow wrote it
         out.reason = (await desc.memo()).get("reason") or WorkState.CANCELED
+        out.error_type = ErrorType.CANCELED
     return out
 
 
-async def outcome(client: Client, workflow_id: str) -> tuple[dict[str, Any] | None, str | None]:
-    """(result, failure reason) of a closed workflow."""
+async def outcome(client: Client, workflow_id: str) -> tuple[dict[str, Any] | None, str | None, ErrorType | None]:
+    """(result, failure reason, failure type) of a closed workflow; the type is None for a failure recorded
+    before failures had types."""
     try:
         result = await client.get_workflow_handle(workflow_id).result()
     except WorkflowFailureError as err:
         cause = err.cause
-        return None, getattr(cause, "message", None) or str(cause or err)
-    return (vars(result) if hasattr(result, "__dict__") else result), None
+        return None, getattr(cause, "message", None) or str(cause or err), error_type(err)
+    return (vars(result) if hasattr(result, "__dict__") else result), None, None

@@ -44,9 +44,9 @@ import httpx
 from tokenizers import Tokenizer
 
 from activities.runner import optimized_blas, runner_env
-from bench.common import machine, save, start_cluster, start_node
+from bench.common import cluster_logs, cluster_on_mirror, machine, save, start_node
 from bench.speed import REPO_ID, SIZES, busy, foreign, log_tails, make_model, model_figures, settle, start_instance
-from tests.support.hub_mirror import HubMirror, publish_model
+from tests.support.hub_mirror import publish_model
 from tests.support.model_factory import CORPUS
 from tests.support.processes import REPO, Cluster, free_port
 
@@ -455,11 +455,7 @@ def bench(root: Path, size: str, dtype: str, plan: Plan, launcher: str, pipeline
             print(f"{name}: skipped: {problems[name][:500]}", flush=True)
 
     attempt("mlx_lm.server-1", lambda: bench_mlx_server(root / "mlx1", model_dir, 1, launcher, plan, tok))
-    mirror = HubMirror(root / "mirrors", root / "olah")
-    cluster: Cluster | None = None
-    try:
-        mirror.start()
-        cluster = start_cluster(root / "cluster", mirror.endpoint)
+    with cluster_on_mirror(root) as cluster:
         nodes = [f"n{uuid.uuid4().hex[:6]}" for _ in range(2)]
         start_node(cluster, nodes[0])
         for n in (1, 2) if pipeline else (1,):
@@ -471,14 +467,7 @@ def bench(root: Path, size: str, dtype: str, plan: Plan, launcher: str, pipeline
                 problems.update({name: row["error"] for name, row in found.items() if "error" in row})
             except (RuntimeError, TimeoutError, httpx.HTTPError) as error:
                 problems[f"shardline-{n}"] = f"{type(error).__name__}: {error}"
-                log_tails(
-                    [*(root / "cluster" / "logs").glob("*.log"), *(root / "cluster").glob("nodes/*/runs/*/*.log")]
-                )
-    finally:
-        if cluster is not None:
-            for name in reversed(list(cluster.procs)):  # nodes first: a worker without Temporal waits to stop
-                cluster.stop(name)
-        mirror.stop()
+                log_tails(cluster_logs(root))
     if pipeline:
         attempt("mlx_lm.server-2", lambda: bench_mlx_server(root / "mlx2", model_dir, 2, launcher, plan, tok))
     order = ["shardline-1", "shardline-1-direct", "mlx_lm.server-1", "shardline-2", "shardline-2-direct",

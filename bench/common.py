@@ -6,13 +6,15 @@ import os
 import platform
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
+from tests.support.hub_mirror import HubMirror
 from tests.support.processes import Cluster
 
 # the product's defaults, not the tests' short TIMEOUTS
@@ -46,6 +48,27 @@ def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
 def start_cluster(root: Path, hub_endpoint: str) -> Cluster:
     """Temporal, the control worker and the API, with the product's default timeouts."""
     return Cluster(root, hub_endpoint, **DEFAULTS).start_all()
+
+
+@contextmanager
+def cluster_on_mirror(root: Path) -> Iterator[Cluster]:
+    """olah serving root/mirrors and a cluster fetching from it; every process stopped on the way out."""
+    mirror = HubMirror(root / "mirrors", root / "olah")
+    cluster: Cluster | None = None
+    try:
+        mirror.start()
+        cluster = start_cluster(root / "cluster", mirror.endpoint)
+        yield cluster
+    finally:
+        if cluster is not None:
+            for name in reversed(list(cluster.procs)):  # nodes first: a worker without Temporal waits to stop
+                cluster.stop(name)
+        mirror.stop()
+
+
+def cluster_logs(root: Path) -> list[Path]:
+    """The logs of cluster_on_mirror(root)'s processes and of its runners."""
+    return [*(root / "cluster" / "logs").glob("*.log"), *(root / "cluster").glob("nodes/*/runs/*/*.log")]
 
 
 def start_node(cluster: Cluster, node_id: str) -> Path:

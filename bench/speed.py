@@ -37,9 +37,9 @@ import psutil
 from temporalio.client import Client
 
 from activities.runner import blas_works, optimized_blas, runner_env
-from bench.common import machine, save, start_cluster, start_node, wait_for
+from bench.common import cluster_logs, cluster_on_mirror, machine, save, start_node, wait_for
 from shardline.engine.spec import RunnerSpec, pipeline_layers
-from tests.support.hub_mirror import HubMirror, publish_model
+from tests.support.hub_mirror import publish_model
 from tests.support.model_factory import make_tiny_model
 from tests.support.processes import REPO, Cluster, free_port, stop_process
 from workflows.client import instance_status
@@ -508,30 +508,22 @@ def bench(root: Path, size: str, dtype: str, max_tokens: int, runs: int) -> dict
         child_row("mlx_lm+openblas", time_mlx_lm(model_dir, max_tokens, runs, str(OPENBLAS)))
         child_row("mlx_lm-f32", time_mlx_lm(model_dir, max_tokens, runs, None, "float32"))
         child_row("mlx_lm-f32+openblas", time_mlx_lm(model_dir, max_tokens, runs, str(OPENBLAS), "float32"))
-    mirror = HubMirror(root / "mirrors", root / "olah")
-    cluster: Cluster | None = None
     try:
-        mirror.start()
-        cluster = start_cluster(root / "cluster", mirror.endpoint)
-        nodes = [f"n{uuid.uuid4().hex[:6]}" for _ in range(2)]
-        start_node(cluster, nodes[0])
-        for n in (1, 2):
-            if n == 2:
-                start_node(cluster, nodes[1])
-            result = time_shardline(cluster, nodes[:n], max_tokens, runs)
-            rows[f"shardline-{n}"], rows[f"shardline-{n}-direct"] = result["api"], result["direct"]
-            ready[f"shardline-{n} POST->ready"], splits = result["ready_s"], result["splits"]
-            if result["warmup_errors"]:
-                problems[f"shardline-{n} warm-up"] = "; ".join(result["warmup_errors"])
-            print(f"shardline-{n}: ready in {result['ready_s']:.1f} s, splits {splits}", flush=True)
+        with cluster_on_mirror(root) as cluster:
+            nodes = [f"n{uuid.uuid4().hex[:6]}" for _ in range(2)]
+            start_node(cluster, nodes[0])
+            for n in (1, 2):
+                if n == 2:
+                    start_node(cluster, nodes[1])
+                result = time_shardline(cluster, nodes[:n], max_tokens, runs)
+                rows[f"shardline-{n}"], rows[f"shardline-{n}-direct"] = result["api"], result["direct"]
+                ready[f"shardline-{n} POST->ready"], splits = result["ready_s"], result["splits"]
+                if result["warmup_errors"]:
+                    problems[f"shardline-{n} warm-up"] = "; ".join(result["warmup_errors"])
+                print(f"shardline-{n}: ready in {result['ready_s']:.1f} s, splits {splits}", flush=True)
     except Exception:
-        log_tails([*(root / "cluster" / "logs").glob("*.log"), *(root / "cluster").glob("nodes/*/runs/*/*.log")])
+        log_tails(cluster_logs(root))
         raise
-    finally:
-        if cluster is not None:
-            for name in reversed(list(cluster.procs)):  # nodes first: a worker without Temporal waits to stop
-                cluster.stop(name)
-        mirror.stop()
     runner = time_runners(root / "runners", model_dir, splits, max_tokens, runs)
     rows["runner-2"], ready["runner-2 start->ready"] = runner["runs"], runner["ready_s"]
     print(f"runner-2: ready in {runner['ready_s']:.1f} s", flush=True)

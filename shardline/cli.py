@@ -27,6 +27,7 @@ from shardline.ids import InvalidId, parse_workflow_id
 from shardline.lifeline import hold
 from shardline.logs import configure_logging
 from shardline.settings import Settings
+from shardline.states import InstanceState, Kind, WorkState
 from shardline.temporal import TemporalConfigError
 
 app = typer.Typer(
@@ -34,7 +35,7 @@ app = typer.Typer(
     help="One LLM across several machines; cluster state in Temporal.",
 )
 console = Console()
-FINAL = {"completed", "failed", "canceled", "terminated"}
+FINAL = {WorkState.COMPLETED, WorkState.FAILED, WorkState.CANCELED, WorkState.TERMINATED}
 STOP_TIMEOUT_S = 120  # DELETE /instances waits up to a minute for every runner to stop
 API_STOP_S = 1.5  # requests still open (a long stream) are cut this long after SIGTERM: `up` stops within 3 s
 
@@ -188,7 +189,7 @@ def download(
     for workflow_id in started["workflow_ids"]:
         console.print(f"started {workflow_id}")
     if wait:
-        failed = [wid for wid in started["workflow_ids"] if watch_download(wid) != "completed"]
+        failed = [wid for wid in started["workflow_ids"] if watch_download(wid) != WorkState.COMPLETED]
         if failed:
             raise typer.Exit(1)
 
@@ -247,22 +248,19 @@ def delete(
 
 @app.command()
 def cancel(workflow_id: str) -> None:
-    """Cancel a download (download:NODE:MODEL) or stop a serving instance (serve:INSTANCE) by its workflow id."""
+    """Cancel a workflow by its id: a download (download:NODE:MODEL), a delete (delete:NODE:MODEL), a node's
+    presence (node:NODE), or stop a serving instance (serve:INSTANCE)."""
     try:
         kind, parts = parse_workflow_id(workflow_id)
     except InvalidId as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from err
-    if kind == "download":
+    if kind == Kind.DOWNLOAD:
         done = call("DELETE", f"/downloads/{workflow_id}")
-    elif kind == "serve":
+    elif kind == Kind.SERVE:
         done = call("DELETE", f"/instances/{parts[0]}", timeout=STOP_TIMEOUT_S)
     else:
-        console.print(
-            f"[red]{workflow_id} cannot be canceled here:[/red] `shardline cancel` takes a download "
-            "(download:<node_id>:<model_id>) or a serving instance (serve:<instance_id>)"
-        )
-        raise typer.Exit(1)
+        done = call("DELETE", f"/workflows/{workflow_id}")
     console.print(f"{workflow_id}: {done['state']}")
 
 
@@ -284,13 +282,13 @@ def serve(
             while True:
                 current = call("GET", f"/instances/{started['instance_id']}")
                 spinner.update(f"{current['instance_id']}: {current['state']}")
-                if current["state"] in ("ready", "failed", "stopped"):
+                if current["state"] in (InstanceState.READY, InstanceState.FAILED, InstanceState.STOPPED):
                     break
                 time.sleep(1)
         console.print(
             f"{current['instance_id']}: {current['state']}" + (f" - {current['reason']}" if current["reason"] else "")
         )
-        if current["state"] != "ready":
+        if current["state"] != InstanceState.READY:
             raise typer.Exit(1)
 
 

@@ -18,6 +18,7 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from shardline import contracts, search
+    from shardline.errors import NON_RETRYABLE, ErrorType, error, error_type
     from shardline.ids import CONTROL_QUEUE, node_queue
     from shardline.states import NodeState, WorkState
 
@@ -29,7 +30,7 @@ CANCEL_WINS = "cancel-always-ends-canceled"
 CONTROL_ACTIVITY: dict[str, Any] = {
     "task_queue": CONTROL_QUEUE,
     "start_to_close_timeout": timedelta(minutes=2),
-    "retry_policy": RetryPolicy(maximum_attempts=3, non_retryable_error_types=["bad_input", "not_found", "gated"]),
+    "retry_policy": RetryPolicy(maximum_attempts=3, non_retryable_error_types=NON_RETRYABLE),
 }
 
 
@@ -59,6 +60,14 @@ def failure_reason(err: ActivityError, node_id: str, *, wait_s: float, heartbeat
     if isinstance(cause, ApplicationError):
         return cause.message
     return str(cause or err)
+
+
+def failure_type(err: ActivityError) -> ErrorType:
+    """The type of a failed node-bound activity: a node that never took the work or went silent is unavailable;
+    otherwise what the activity named, or internal (an exception no one typed: a bug)."""
+    if isinstance(err.cause, TimeoutError):
+        return ErrorType.NODE_UNAVAILABLE
+    return error_type(err) or ErrorType.INTERNAL
 
 
 def is_cancel(err: BaseException) -> bool:
@@ -142,7 +151,7 @@ async def run_on_node(
     """Run one node-bound activity, retrying here rather than in the server so that a node that is gone
     ends the work within heartbeat + wait; a failure ends the workflow with a readable reason."""
     options = node_activity_options(node_id, wait_s=wait_s, heartbeat_s=heartbeat_s, run_for=run_for)
-    reason = "no attempt made"
+    reason, last = "no attempt made", None
     for attempt in range(1, attempts + 1):
         try:
             result = await workflow.execute_activity(activity, request, **options)
@@ -159,7 +168,7 @@ async def run_on_node(
             if is_cancel(err):
                 set_state(WorkState.CANCELED)
                 raise
-            reason = failure_reason(err, node_id, wait_s=wait_s, heartbeat_s=heartbeat_s)
+            reason, last = failure_reason(err, node_id, wait_s=wait_s, heartbeat_s=heartbeat_s), err
             if attempt == attempts:
                 break
             # an overloaded server can hand a task to a poll the worker no longer waits on: the attempt is
@@ -175,4 +184,5 @@ async def run_on_node(
                 end_canceled(canceled_reason(None, node_id, heartbeat_s=heartbeat_s))
             return result
     set_state(WorkState.FAILED, reason)
-    raise ApplicationError(reason, non_retryable=True)
+    kind = failure_type(last) if last is not None else ErrorType.BAD_INPUT
+    raise error(kind, reason, last, non_retryable=True)

@@ -4,10 +4,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from shardline import contracts
+    from shardline.errors import ErrorType, error
     from shardline.states import WorkState
     from shardline.types import DeleteRequest, DeleteResult
     from workflows.common import CONTROL_ACTIVITY, run_on_node, set_state
@@ -36,7 +36,7 @@ class DeleteModelWorkflow:
             if users:
                 reason = in_use_message(inp.node_id, inp.model_id, users)
                 set_state(WorkState.FAILED, reason)
-                raise ApplicationError(reason, type="in_use", non_retryable=True)
+                raise error(ErrorType.IN_USE, reason)
         result = await run_on_node(
             contracts.delete_model,
             DeleteRequest(inp.node_id, inp.model_id),

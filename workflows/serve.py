@@ -19,6 +19,7 @@ from temporalio.exceptions import (
 
 with workflow.unsafe.imports_passed_through():
     from shardline import contracts
+    from shardline.errors import ErrorType, error, error_type
     from shardline.placement import (
         ModelProfile,
         NodeCapacity,
@@ -89,6 +90,7 @@ class InstanceStatus:
     endpoint: str | None = None
     recoveries: int = 0
     reason: str | None = None
+    error_type: str | None = None  # an ErrorType, once it failed
     incidents: list[str] = field(default_factory=list)  # why each recovery happened, the last few
     secret: str = ""  # what the API sends rank 0's runner (never shown by the API)
 
@@ -155,8 +157,7 @@ class ServingWorkflow:
                 over, window = self._status.recoveries > inp.max_recoveries, ""
             if over:
                 reason = f"gave up after {inp.max_recoveries} recoveries{window}; last: {lost.reason}"
-                self._set(InstanceState.FAILED, reason)
-                raise ApplicationError(reason, non_retryable=True)
+                raise self._failed(ErrorType.GAVE_UP, reason)
             self._set(InstanceState.RECOVERING, lost.reason)
             excluded = lost.gone
             if workflow.info().is_continue_as_new_suggested():  # every runner is drained: nothing is orphaned
@@ -175,8 +176,7 @@ class ServingWorkflow:
             return await workflow.execute_activity(activity, args=list(args), **CONTROL_ACTIVITY)
         except ActivityError as err:
             reason = getattr(err.cause, "message", None) or str(err.cause or err)
-            self._set(InstanceState.FAILED, reason)
-            raise ApplicationError(reason, non_retryable=True) from err
+            raise self._failed(error_type(err) or ErrorType.TRANSIENT, reason, err) from err
 
     async def _place(self, inp: ServeInput, profile: ModelProfile, excluded: list[str]) -> Placement:
         self._set(
@@ -196,8 +196,7 @@ class ServingWorkflow:
         try:
             placement = place(profile, nodes, inp.strategy, pinned)
         except PlacementError as err:
-            self._set(InstanceState.FAILED, str(err))
-            raise ApplicationError(str(err), type="placement", non_retryable=True) from err
+            raise self._failed(ErrorType.PLACEMENT, str(err)) from err
         self._status.shards = [ShardStatus(s.node_id, s.rank, s.layers.start, s.layers.end) for s in placement.shards]
         return placement
 
@@ -210,8 +209,7 @@ class ServingWorkflow:
         try:
             return place(profile, await self._nodes(inp), inp.strategy, inp.nodes)
         except PlacementError as err:
-            self._set(InstanceState.FAILED, str(err))
-            raise ApplicationError(str(err), type="placement", non_retryable=True) from err
+            raise self._failed(ErrorType.PLACEMENT, str(err)) from err
 
     async def _place_again(self, inp: ServeInput, profile: ModelProfile, lost: list[str]) -> Placement:
         """Healing waits for room (a restarted node, memory being freed, a stale memory reading)."""
@@ -228,9 +226,14 @@ class ServingWorkflow:
             await self._download(inp, placement)
             return True
         except ChildWorkflowError as err:
+            reason = f"a download failed: {getattr(err.cause, 'message', None) or err}"
             if not self._status.recoveries or not workflow.patched("heal-waits"):
-                raise
-            await self._wait_to_heal(inp, f"a download failed: {getattr(err.cause, 'message', None) or err}")
+                # the download's own type (not found, gated, disk full, node unavailable); no new command
+                # (a state upsert) here, so that histories recorded before replay alike
+                kind = error_type(err) or ErrorType.TRANSIENT
+                self._status.reason, self._status.error_type = reason, kind.value
+                raise error(kind, reason, err, non_retryable=True) from err
+            await self._wait_to_heal(inp, reason)
             return False
 
     async def _wait_to_heal(self, inp: ServeInput, reason: str) -> None:
@@ -239,8 +242,7 @@ class ServingWorkflow:
             self._heal_until = workflow.now() + timedelta(seconds=inp.recovery_deadline_s)
         if workflow.now() + timedelta(seconds=self._heal_delay) > self._heal_until:
             reason = f"could not heal {inp.model_id} within {inp.recovery_deadline_s:g} s: {reason}"
-            self._set(InstanceState.FAILED, reason)
-            raise ApplicationError(reason, type="placement", non_retryable=True)
+            raise self._failed(ErrorType.PLACEMENT, reason)
         self._set(InstanceState.RECOVERING, f"waiting for room: {reason} (next try in {self._heal_delay:g} s)")
         await workflow.sleep(self._heal_delay)
         self._heal_delay = min(self._heal_delay * 2, MAX_PLACE_DELAY_S)
@@ -276,7 +278,8 @@ class ServingWorkflow:
                 waits += 1
                 if waits == 60:
                     break
-        raise ApplicationError(f"a download of {inp.model_id} onto {node_id} never finished", non_retryable=True)
+        reason = f"a download of {inp.model_id} onto {node_id} never finished"
+        raise error(ErrorType.TRANSIENT, reason, non_retryable=True)
 
     async def _run(self, inp: ServeInput, placement: Placement) -> None:
         """Start every rank; return when the first one ends."""
@@ -346,6 +349,12 @@ class ServingWorkflow:
     @workflow.query
     def status(self) -> InstanceStatus:
         return self._status
+
+    def _failed(self, kind: ErrorType, reason: str, cause: BaseException | None = None) -> ApplicationError:
+        """The instance failed: say so, and return the error that ends the workflow."""
+        self._set(InstanceState.FAILED, reason)
+        self._status.error_type = kind.value
+        return error(kind, reason, cause, non_retryable=True)
 
     def _set(self, state: InstanceState, details: str) -> None:
         self._status.state = state

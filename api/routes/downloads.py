@@ -1,9 +1,10 @@
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, Response, status
 from temporalio.client import WorkflowExecutionStatus
 
 from api import views
 from api.deps import ClientDep, SettingsDep
 from api.schemas import DownloadCreate, DownloadOut, DownloadsStarted
+from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, parse_workflow_id
 from shardline.states import Kind, NodeState, WorkState
 from workflows import client as workflows
@@ -16,13 +17,14 @@ async def target_nodes(client: ClientDep, node_id: str | None) -> list[str]:
     if node_id is None:
         online = [n.node_id for n in await views.list_nodes(client) if n.state == NodeState.ONLINE]
         if not online:
-            raise HTTPException(409, "no node is online: start one with `shardline node`")
+            raise ShardlineError(ErrorType.PLACEMENT, "no node is online: start one with `shardline node`")
         return online
     node = await views.get_node(client, node_id)
     if node is None:
-        raise HTTPException(404, f"node {node_id} is unknown: see GET /nodes")
+        raise ShardlineError(ErrorType.NOT_FOUND, f"node {node_id} is unknown: see GET /nodes")
     if node.state == NodeState.DEPARTED:
-        raise HTTPException(409, f"node {node_id} has departed: restart it with `shardline node` first")
+        message = f"node {node_id} has departed: restart it with `shardline node` first"
+        raise ShardlineError(ErrorType.DEPARTED, message)
     return [node_id]
 
 
@@ -60,12 +62,10 @@ def checked_download_id(workflow_id: str) -> str:
     try:
         kind, _ = parse_workflow_id(workflow_id)
     except InvalidId as exc:
-        raise HTTPException(422, str(exc)) from exc
+        raise ShardlineError(ErrorType.BAD_INPUT, str(exc)) from exc
     if kind != Kind.DOWNLOAD:
-        raise HTTPException(
-            422,
-            f"{workflow_id!r} is not a download: ids look like download:<node_id>:<model_id>",
-        )
+        message = f"{workflow_id!r} is not a download: ids look like download:<node_id>:<model_id>"
+        raise ShardlineError(ErrorType.BAD_INPUT, message)
     return workflow_id
 
 
@@ -73,7 +73,7 @@ def checked_download_id(workflow_id: str) -> str:
 async def get_download(workflow_id: str, client: ClientDep) -> DownloadOut:
     found = await views.download_detail(client, checked_download_id(workflow_id))
     if found is None:
-        raise HTTPException(404, f"no download {workflow_id}: see GET /downloads")
+        raise ShardlineError(ErrorType.NOT_FOUND, f"no download {workflow_id}: see GET /downloads")
     return found
 
 
@@ -85,7 +85,7 @@ async def get_download(workflow_id: str, client: ClientDep) -> DownloadOut:
 async def cancel_download(workflow_id: str, client: ClientDep, response: Response) -> DownloadOut:
     found = await views.download_detail(client, checked_download_id(workflow_id))
     if found is None:
-        raise HTTPException(404, f"no download {workflow_id}: see GET /downloads")
+        raise ShardlineError(ErrorType.NOT_FOUND, f"no download {workflow_id}: see GET /downloads")
     if found.status != WorkflowExecutionStatus.RUNNING.name:
         response.status_code = status.HTTP_200_OK  # already over: nothing to cancel
         return found

@@ -1,8 +1,9 @@
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, status
 
 from api.deps import ClientDep, InstancesDep, SettingsDep
 from api.instances import instance_status, list_instances
 from api.schemas import InstanceCreate, InstanceOut
+from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import new_instance_id, serve_workflow_id
 from shardline.states import InstanceState, WorkState
 from workflows import client as workflows
@@ -41,7 +42,7 @@ async def get_instances(client: ClientDep, all: bool = False) -> list[InstanceOu
 async def found(client: ClientDep, instance_id: str) -> InstanceOut:
     current = await instance_status(client, serve_workflow_id(instance_id))
     if current is None:
-        raise HTTPException(404, f"no instance {instance_id}: see GET /instances")
+        raise ShardlineError(ErrorType.NOT_FOUND, f"no instance {instance_id}: see GET /instances")
     return InstanceOut.from_status(current)
 
 

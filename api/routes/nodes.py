@@ -1,11 +1,11 @@
 import asyncio
 
-from fastapi import APIRouter, HTTPException
-from temporalio.client import WorkflowFailureError
+from fastapi import APIRouter
 
 from api import views
 from api.deps import ClientDep, SettingsDep
 from api.schemas import Accepted, NodeOut
+from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, check_model_id, check_node_id
 from shardline.states import WorkState
 from workflows import client as workflows
@@ -26,18 +26,18 @@ async def list_nodes(client: ClientDep, departed: bool = False) -> list[NodeOut]
 async def delete_model(
     node_id: str, model_id: str, client: ClientDep, settings: SettingsDep, force: bool = False
 ) -> Accepted:
-    """Delete a model's files from a node; refused (409, naming the workflow) while a running download or
-    instance uses them there, unless `force=true`."""
+    """Delete a model's files from a node; refused (in_use, naming the workflow) while a running download or
+    instance uses them there, unless `force=true`. A failed delete answers with its type (api/errors.py)."""
     try:
         check_node_id(node_id)
         check_model_id(model_id)
     except InvalidId as exc:
-        raise HTTPException(422, str(exc)) from exc
+        raise ShardlineError(ErrorType.BAD_INPUT, str(exc)) from exc
     node = await views.get_node(client, node_id)
     if node is None:
-        raise HTTPException(404, f"node {node_id} is unknown: see GET /nodes")
+        raise ShardlineError(ErrorType.NOT_FOUND, f"node {node_id} is unknown: see GET /nodes")
     if not force and (users := await state.model_users(client, node_id, model_id)):
-        raise HTTPException(409, in_use_message(node_id, model_id, users))
+        raise ShardlineError(ErrorType.IN_USE, in_use_message(node_id, model_id, users))
     inp = DeleteInput(
         node_id=node_id,
         model_id=model_id,
@@ -47,10 +47,8 @@ async def delete_model(
     )
     handle = await workflows.start_delete(client, inp)
     workflow_id = handle.id
-    try:
+    try:  # a failure (WorkflowFailureError) reaches the client with its type
         result = await asyncio.wait_for(handle.result(), DELETE_WAIT)
-    except WorkflowFailureError as err:
-        raise HTTPException(409, getattr(err.cause, "message", None) or str(err)) from err
     except TimeoutError:  # still waiting for its node: the workflow carries on
         return Accepted(workflow_id=workflow_id, state=WorkState.RUNNING)
     return Accepted(workflow_id=workflow_id, state=WorkState.COMPLETED, result=vars(result))

@@ -27,13 +27,14 @@ from api.openai_types import (
 )
 from api.runners import context_length
 from api.streaming import sse_response
+from shardline.states import InstanceState
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(instances: InstancesDep, http: HttpDep) -> ModelList:
-    ready = [i for i in await instances.all() if i.state == "ready"]
+    ready = [i for i in await instances.all() if i.state == InstanceState.READY]
     contexts = await asyncio.gather(*(context_length(http, i) for i in ready))
     cards: dict[str, ModelCard] = {}
     for instance, context in sorted(zip(ready, contexts, strict=True), key=lambda p: p[0].model_id):

@@ -28,7 +28,8 @@ async def test_download_larger_than_the_free_disk_fails_at_once(
         async with running_nodes(cluster, api, [node_id]):
             workflow_id = await start_download(api, TINY, node_id)
             d = await wait_download(api, workflow_id, timeout=30)
-            assert d["state"] == "failed" and d["reason"].startswith(f"disk full: {TINY} needs"), d
+            assert d["state"] == "failed" and d["error_type"] == "disk_full", d
+            assert d["reason"].startswith(f"disk full: {TINY} needs"), d
             assert await scheduled_activities(client, workflow_id) == ["download_model"]
             await wait_node(api, node_id, "online")  # the node worker lives on
 
@@ -44,7 +45,8 @@ async def test_disk_filled_mid_download_fails_at_once_and_a_new_download_resumes
                 filler = disk / "filler"
                 fill(filler)  # another program takes the rest of the disk
                 d = await wait_download(api, workflow_id, timeout=30)
-            assert d["state"] == "failed" and d["reason"] == f"disk full while fetching {CHUNKY}", d
+            assert d["state"] == "failed" and d["error_type"] == "disk_full", d
+            assert d["reason"] == f"disk full while fetching {CHUNKY}", d
             assert await scheduled_activities(client, workflow_id) == ["download_model"]
             await wait_node(api, node_id, "online")
 

@@ -56,7 +56,8 @@ async def test_lost_node_ends_its_download(
     lost_at = time.monotonic()
     d = await wait_download(api, workflow_id, timeout=HEARTBEAT + NODE_WAIT + SLACK + 10)
     took = time.monotonic() - lost_at
-    assert d["state"] == "failed" and f"node {node_id} unavailable" in d["reason"], d
+    assert d["state"] == "failed" and d["error_type"] == "node_unavailable", d
+    assert f"node {node_id} unavailable" in d["reason"], d
     assert took <= HEARTBEAT + NODE_WAIT + SLACK, f"took {took:.1f} s"
 
     events = await event_count(client, workflow_id)
@@ -68,13 +69,14 @@ async def test_lost_node_ends_its_download(
     assert node_id not in [n["node_id"] for n in (await api.get("/nodes")).json()]
 
     refused = await api.post("/downloads", json={"model": TINY, "node_id": node_id})
-    assert refused.status_code == 409 and "departed" in refused.json()["error"]["message"]
+    assert refused.status_code == 409 and refused.json()["error"]["type"] == "departed", refused.text
+    assert "departed" in refused.json()["error"]["message"]
     # started behind the API's back, it ends the same way: within the node wait
     started = time.monotonic()
     inp = DownloadInput(node_id, TINY, node_wait_s=NODE_WAIT, heartbeat_timeout_s=HEARTBEAT)
     direct = (await start_download_workflow(client, inp)).id
     ghost = await wait_download(api, direct, timeout=NODE_WAIT + SLACK + 10)
-    assert ghost["state"] == "failed" and "unavailable" in ghost["reason"]
+    assert ghost["state"] == "failed" and ghost["error_type"] == "node_unavailable" and "unavailable" in ghost["reason"]
     assert time.monotonic() - started <= NODE_WAIT + SLACK
 
 

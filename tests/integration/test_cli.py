@@ -4,12 +4,15 @@ import subprocess
 import sys
 
 import httpx
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 from shardline.ids import download_workflow_id, node_workflow_id, serve_workflow_id
 from tests.conftest import CHUNKY, TINY, Cluster
 from tests.support.relay import Relay
 from tests.support.serving import runners, running_nodes, start_instance, wait_state
-from tests.support.waits import start_download, wait_download, wait_node, wait_progress
+from tests.support.waits import eventually, start_download, wait_download, wait_node, wait_progress
+from workflows.client import start_delete
+from workflows.delete import DeleteInput
 
 
 def shardline(cluster: Cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -71,8 +74,25 @@ def test_cli_cancel_of_an_unknown_id_says_so(cluster: Cluster) -> None:
     assert ghost.returncode == 1 and "no instance ghost" in ghost.stdout, ghost.stdout
     nonsense = shardline(cluster, "cancel", "nonsense")
     assert nonsense.returncode == 1 and "invalid workflow id 'nonsense'" in nonsense.stdout, nonsense.stdout
-    node = shardline(cluster, "cancel", node_workflow_id("n1"))
-    assert node.returncode == 1 and "cannot be canceled" in node.stdout, node.stdout
+    node = shardline(cluster, "cancel", node_workflow_id("never-joined"))
+    assert node.returncode == 1 and "no workflow node:never-joined" in node.stdout, node.stdout
+    other = shardline(cluster, "cancel", "build:42")
+    assert other.returncode == 1 and "not a shardline workflow" in other.stdout, other.stdout
+
+
+async def test_cli_cancels_a_delete_waiting_for_its_node(cluster: Cluster, client: Client, node_id: str) -> None:
+    """Any workflow by its id, through the API: a delete for a node that never picks it up ends CANCELED."""
+    handle = await start_delete(client, DeleteInput(node_id, TINY, node_wait_s=120, force=True))
+    canceled = shardline(cluster, "cancel", handle.id)
+    assert canceled.returncode == 0, canceled.stdout + canceled.stderr
+    assert f"{handle.id}: canceling" in canceled.stdout
+    await eventually(lambda: _canceled(handle), 30, "the delete ends canceled")
+    again = shardline(cluster, "cancel", handle.id)  # over already: it says how it ended
+    assert again.returncode == 0 and f"{handle.id}: canceled" in again.stdout, again.stdout
+
+
+async def _canceled(handle: WorkflowHandle) -> bool:
+    return (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
 
 
 def test_cli_without_api_says_so(cluster: Cluster) -> None:

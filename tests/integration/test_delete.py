@@ -5,6 +5,7 @@ import uuid
 import httpx
 from temporalio.client import Client, WorkflowFailureError
 
+from shardline.errors import ErrorType, error_type
 from shardline.ids import CONTROL_QUEUE
 from tests.conftest import CHUNKY, TINY, Cluster
 from tests.support.relay import Relay
@@ -22,9 +23,11 @@ async def test_one_part_or_other_case_id_deletes_nothing(
     model_dir = home / "models" / "test-org" / "tiny"
 
     org = await api.delete(f"/nodes/{node_id}/models/test-org")  # the org's directory, holding every model of it
-    assert org.status_code == 422 and "expected 'org/name'" in org.json()["error"]["message"], org.text
+    assert org.status_code == 422 and org.json()["error"]["type"] == "bad_input", org.text
+    assert "expected 'org/name'" in org.json()["error"]["message"]
     upper = await api.delete(f"/nodes/{node_id}/models/{TINY.upper()}")  # one directory on a case-insensitive disk
-    assert upper.status_code == 409 and f"use {TINY}" in upper.json()["error"]["message"], upper.text
+    assert upper.status_code == 409 and upper.json()["error"]["type"] == "conflict", upper.text
+    assert f"use {TINY}" in upper.json()["error"]["message"]
     assert (model_dir / "config.json").exists()
     assert (await api.delete(f"/nodes/{node_id}/models/{TINY}")).json()["result"]["removed"]
 
@@ -39,7 +42,7 @@ async def test_delete_during_a_download_is_refused_unless_forced(
         await wait_progress(api, download_id)
 
         refused = await api.delete(f"/nodes/{node_id}/models/{CHUNKY}")
-        assert refused.status_code == 409, refused.text
+        assert refused.status_code == 409 and refused.json()["error"]["type"] == "in_use", refused.text
         assert f"in use by {download_id}" in refused.json()["error"]["message"]
         assert (await api.get(f"/downloads/{download_id}")).json()["state"] == "running"
 
@@ -54,6 +57,7 @@ async def test_delete_during_a_download_is_refused_unless_forced(
             await direct.result()
             raise AssertionError("a delete during a download succeeded")
         except WorkflowFailureError as err:
+            assert error_type(err) == ErrorType.IN_USE
             assert f"in use by {download_id}" in str(getattr(err.cause, "message", err.cause))
 
         forced = await api.delete(f"/nodes/{node_id}/models/{CHUNKY}", params={"force": "true"})
@@ -67,6 +71,6 @@ async def test_delete_of_a_served_model_is_refused(cluster: Cluster, api: httpx.
     node_id = f"d{uuid.uuid4().hex[:8]}"
     async with served(cluster, TINY, [node_id]) as instance_id:
         refused = await api.delete(f"/nodes/{node_id}/models/{TINY}")
-        assert refused.status_code == 409, refused.text
+        assert refused.status_code == 409 and refused.json()["error"]["type"] == "in_use", refused.text
         assert f"in use by serve:{instance_id}" in refused.json()["error"]["message"]
         assert (await api.get(f"/instances/{instance_id}")).json()["state"] == "ready"

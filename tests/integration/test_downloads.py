@@ -73,7 +73,7 @@ async def test_missing_repo_fails_at_once(
     await wait_node(api, node_id, "online")
     workflow_id = await start_download(api, "test-org/no-such-model", node_id)
     d = await wait_download(api, workflow_id, timeout=30)
-    assert d["state"] == "failed" and "not found" in d["reason"], d
+    assert d["state"] == "failed" and d["error_type"] == "not_found" and "not found" in d["reason"], d
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     started = [e for e in history.events if e.HasField("activity_task_started_event_attributes")]
     assert len(started) == 1 and started[0].activity_task_started_event_attributes.attempt == 1
@@ -84,14 +84,16 @@ async def test_bad_input_is_refused_and_starts_nothing(cluster: Cluster, api: ht
     await wait_node(api, node_id, "online")
     for bad in ["..", "org/..", "a//b", "has space/x", "a/b/c", "", "org/-x", "../etc"]:
         response = await api.post("/downloads", json={"model": bad, "node_id": node_id})
-        assert response.status_code == 422, (bad, response.text)
+        assert response.status_code == 422 and response.json()["error"]["type"] == "bad_input", (bad, response.text)
         assert "invalid model id" in response.json()["error"]["message"]
     unknown = await api.post("/downloads", json={"model": TINY, "node_id": "ghost-node"})
-    assert unknown.status_code == 404 and "unknown" in unknown.json()["error"]["message"]
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found", unknown.text
+    assert "unknown" in unknown.json()["error"]["message"]
     assert (await api.post("/downloads", json={"node_id": node_id})).status_code == 422
     assert (await api.get("/downloads", params={"node": node_id})).json() == []
     assert (await api.get("/downloads/not-a-download")).status_code == 422
-    assert (await api.get(f"/downloads/download:{node_id}:org/none")).status_code == 404
+    none = await api.get(f"/downloads/download:{node_id}:org/none")
+    assert none.status_code == 404 and none.json()["error"]["type"] == "not_found"
 
 
 async def test_cancel_stops_transfer(cluster: Cluster, api: httpx.AsyncClient, slow_link: Relay, node_id: str) -> None:
@@ -107,7 +109,7 @@ async def test_cancel_stops_transfer(cluster: Cluster, api: httpx.AsyncClient, s
         response = await api.delete(f"/downloads/{workflow_id}")
         assert response.status_code == 202
         d = await wait_download(api, workflow_id, timeout=20)
-    assert d["state"] == "canceled" and d["status"] == "CANCELED"
+    assert d["state"] == "canceled" and d["status"] == "CANCELED" and d["error_type"] == "canceled"
     assert fetch_processes(str(home)) == []
     assert await node_state(api, node_id) == "online"
     again = await api.delete(f"/downloads/{workflow_id}")
@@ -133,7 +135,8 @@ async def test_delete_twice_and_odd_directory(
     (home / "models" / "odd").mkdir(parents=True)
     (home / "models" / "odd" / "model").symlink_to(outside)
     odd = await api.delete(f"/nodes/{node_id}/models/odd/model")
-    assert odd.status_code == 409 and "refusing to delete" in odd.json()["error"]["message"]
+    assert odd.status_code == 409 and odd.json()["error"]["type"] == "conflict", odd.text
+    assert "refusing to delete" in odd.json()["error"]["message"]
     assert (outside / "keep.txt").exists()
     assert cluster.procs[f"node-{node_id}"].poll() is None
     assert await node_state(api, node_id) == "online"

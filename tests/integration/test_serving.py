@@ -87,7 +87,8 @@ async def test_refusals(cluster: Cluster, api: httpx.AsyncClient) -> None:
     async with running_nodes(cluster, api, [node_id], SHARDLINE_NODE_MEMORY=str(64 * 1024)):
         instance = await start_instance(api, QWEN, nodes=[node_id])
         failed = await wait_state(api, instance, {"failed", "ready"}, timeout=60)
-        assert failed["state"] == "failed" and "does not fit" in failed["reason"], failed
+        assert failed["state"] == "failed" and failed["error_type"] == "placement", failed
+        assert "does not fit" in failed["reason"], failed
     missing = await api.post("/v1/chat/completions", json={"model": "org/not-served", "messages": MESSAGES})
     assert missing.status_code == 404 and "not served" in missing.json()["error"]["message"]
     malformed: list[dict[str, Any]] = [

@@ -3,13 +3,15 @@
 import errno
 from pathlib import Path
 
+import httpx
 import pytest
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from temporalio.exceptions import ApplicationError
 
 from activities.delete import case_alias, remove_model
 from activities.download import bytes_on_disk, child_failure
-from activities.errors import application_error, classify
+from activities.errors import classify
+from shardline.errors import ErrorType, error
 
 
 def hub_error(cls: type[Exception]) -> Exception:
@@ -17,18 +19,22 @@ def hub_error(cls: type[Exception]) -> Exception:
 
 
 def test_classify_sorts_what_a_retry_cannot_fix() -> None:
-    assert classify(hub_error(RepositoryNotFoundError), "o/m")[0] == "not_found"
-    assert classify(hub_error(GatedRepoError), "o/m")[0] == "gated"
-    assert classify(OSError(errno.ENOSPC, "No space left"), "o/m")[0] == "disk_full"
-    assert classify(ConnectionResetError("peer reset"), "o/m")[0] == "transient"
-    assert application_error("not_found", "x").non_retryable
-    assert not application_error("transient", "x").non_retryable
+    assert classify(hub_error(RepositoryNotFoundError), "o/m")[0] == ErrorType.NOT_FOUND
+    assert classify(hub_error(GatedRepoError), "o/m")[0] == ErrorType.GATED
+    assert classify(OSError(errno.ENOSPC, "No space left"), "o/m")[0] == ErrorType.DISK_FULL
+    assert classify(ConnectionResetError("peer reset"), "o/m")[0] == ErrorType.HUB_UNREACHABLE
+    assert classify(httpx.ConnectTimeout("timed out"), "o/m")[0] == ErrorType.HUB_UNREACHABLE
+    # no hub, and not in the local cache: the hub may be back on the next attempt
+    assert classify(LocalEntryNotFoundError("cannot reach"), "o/m")[0] == ErrorType.HUB_UNREACHABLE
+    assert classify(ValueError("odd"), "o/m")[0] == ErrorType.TRANSIENT
+    assert error(ErrorType.NOT_FOUND, "x").non_retryable and error(ErrorType.NOT_FOUND, "x").type == "not_found"
+    assert not error(ErrorType.TRANSIENT, "x").non_retryable
 
 
 def test_child_failure_reads_the_last_report() -> None:
     stderr = b'noise\n{"kind": "not_found", "message": "repo o/m not found"}\n'
-    assert child_failure(stderr, "o/m") == ("not_found", "repo o/m not found")
-    assert child_failure(b"Killed", "o/m")[0] == "transient"
+    assert child_failure(stderr, "o/m") == (ErrorType.NOT_FOUND, "repo o/m not found")
+    assert child_failure(b"Killed", "o/m")[0] == ErrorType.TRANSIENT
 
 
 def test_bytes_on_disk_counts_complete_files_and_partials(tmp_path: Path) -> None:
@@ -55,7 +61,7 @@ def test_remove_model_absent_present_and_odd(tmp_path: Path) -> None:
     (models / "org" / "link").symlink_to(elsewhere)
     with pytest.raises(ApplicationError, match="refusing to delete") as err:
         remove_model(models, "org/link")
-    assert err.value.non_retryable and elsewhere.exists()
+    assert err.value.non_retryable and err.value.type == ErrorType.CONFLICT and elsewhere.exists()
 
 
 def test_remove_model_refuses_what_is_not_exactly_one_model(tmp_path: Path) -> None:
@@ -65,7 +71,7 @@ def test_remove_model_refuses_what_is_not_exactly_one_model(tmp_path: Path) -> N
     for bad in ["org", "org/m/..", "org/../org/m", "org/m/sub"]:
         with pytest.raises(ApplicationError, match="invalid model id") as err:
             remove_model(models, bad)
-        assert err.value.non_retryable and err.value.type == "bad_input"
+        assert err.value.non_retryable and err.value.type == ErrorType.BAD_INPUT
     assert (models / "org" / "m" / "w.safetensors").exists()
 
 
@@ -78,7 +84,7 @@ def test_ids_differing_only_by_case_never_share_a_directory(tmp_path: Path) -> N
     assert case_alias(models, "other/model") is None
     with pytest.raises(ApplicationError, match="use Org/Model") as err:
         remove_model(models, "org/model")  # on a case-insensitive disk this would be Org/Model's directory
-    assert err.value.non_retryable and (models / "Org" / "Model").exists()
+    assert err.value.type == ErrorType.CONFLICT and err.value.non_retryable and (models / "Org" / "Model").exists()
     assert remove_model(models, "Org/Model").removed
 
 

@@ -3,7 +3,6 @@ the API's POST /instances (in-process, with that setting), ServingWorkflow and i
 under time skipping, and a node whose hub is unreachable."""
 
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -16,22 +15,11 @@ from shardline import contracts
 from shardline.contracts import implements
 from shardline.ids import CONTROL_QUEUE, download_workflow_id, node_queue, serve_workflow_id
 from shardline.placement import ModelProfile, NodeCapacity
-from shardline.temporal import ensure_search_attributes, temporal_cli
 from shardline.types import DownloadRequest, DownloadResult, InspectRequest
 from tests.support.offline_app import offline_app
 from workers.control import WORKFLOWS
 
 MODEL = "org/tiny"
-
-
-@pytest.fixture(scope="module")
-async def env() -> AsyncIterator[WorkflowEnvironment]:
-    async with await WorkflowEnvironment.start_time_skipping_v2(
-        dev_server_existing_path=temporal_cli(),
-        dev_server_extra_args=["--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true"],
-    ) as started:
-        await ensure_search_attributes(started.client, "default")
-        yield started
 
 
 @pytest.mark.parametrize("attempts", [2, 3])
