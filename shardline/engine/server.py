@@ -139,8 +139,7 @@ def in_thinking(tokenizer: TokenizerWrapper, tokens: list[int]) -> bool:
     return bool(tokenizer.rfind_think_start(tokens) > tokenizer.rfind_think_end(tokens))
 
 
-async def stream_lines(job: Job, lines: asyncio.Queue, jobs: "Queue[Job]") -> AsyncIterator[str]:
-    jobs.put(job)
+async def stream_lines(job: Job, lines: asyncio.Queue) -> AsyncIterator[str]:
     try:
         while True:
             item = await lines.get()
@@ -176,7 +175,10 @@ def create_app(
             )
         lines: asyncio.Queue = asyncio.Queue()
         job = make_job(tokenizer, body, lines, limits)
-        return StreamingResponse(stream_lines(job, lines, jobs), media_type="application/x-ndjson")
+        # queued here, in the same turn of the event loop as the check above: a burst of requests cannot all
+        # pass the check before any of them is queued (they would, queued when their responses start)
+        jobs.put_nowait(job)
+        return StreamingResponse(stream_lines(job, lines), media_type="application/x-ndjson")
 
     @app.post("/tokenize", dependencies=authorized)
     async def tokenize(body: GenerateBody) -> dict[str, int]:
