@@ -23,9 +23,16 @@ TOOLS = "test-org/tool-chain"  # calls a tool, deterministically (model_factory.
 CHUNKY = "test-org/chunky"  # ~26 MB in 4 weight files: slow enough, behind the throttle, to act mid-download
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reverse", action="store_true", help="run the tests in reverse order (no test may need another)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The longest files first (`pytest.mark.slow(<seconds alone>)`), the rest as collected: `make test` hands
-    whole files to its workers in this order, so the long drills start at once instead of ending last."""
+    whole files to its workers in this order, so the long drills start at once instead of ending last.
+    `--reverse` turns every file's tests, and the files, the other way round first."""
+    if config.getoption("reverse"):
+        items.reverse()
 
     def expected_s(item: pytest.Item) -> float:
         mark = item.get_closest_marker("slow")
