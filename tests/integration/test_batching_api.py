@@ -164,12 +164,15 @@ async def test_metrics_and_nodes_show_batches_and_the_prefix_cache(
 async def test_routing_survives_a_control_worker_restart(cluster: Cluster, pair: list[dict[str, Any]]) -> None:
     """Temporal is the control plane only: with no worker to answer the instances' status queries, chats
     still go to the runners last known ready."""
-    cluster.signal("control", signal.SIGKILL)
-    try:
-        async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=cluster.api, timeout=60) as http:
+        assert (await chat(http, 4)).status_code == 200  # the API has seen them ready (whatever ran before)
+        cluster.signal("control", signal.SIGKILL)
+        try:
             for _ in range(3):  # across several refreshes of the API's instance cache (1 s each)
                 reply = await chat(http, 4)
                 assert reply.status_code == 200, reply.text
                 await asyncio.sleep(1.5)
-    finally:
-        cluster.start_control()
+        finally:
+            cluster.start_control()
+            for instance in pair:  # the cluster as the next test expects it: every instance answering ready
+                assert (await wait_state(http, instance["instance_id"], {"ready", "failed"}))["state"] == "ready"
