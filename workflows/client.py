@@ -9,7 +9,7 @@ from datetime import timedelta
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 
-from shardline.ids import download_workflow_id, node_workflow_id, serve_workflow_id
+from shardline.ids import serve_workflow_id
 from shardline.types import DeleteResult, DownloadResult
 from workflows.delete import DeleteInput, DeleteModelWorkflow
 from workflows.download import DownloadInput, DownloadWorkflow
@@ -27,13 +27,6 @@ async def start_download(client: Client, inp: DownloadInput) -> WorkflowHandle[D
         **download_start(inp.node_id, inp.model_id),
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         start_signal=DownloadWorkflow.whole_model.__name__ if inp.layers is None else None,
-    )
-
-
-async def widen_download(client: Client, node_id: str, model_id: str) -> None:
-    """Ask a running download for every file of its model (it may be fetching one layer range)."""
-    await client.get_workflow_handle_for(DownloadWorkflow.run, download_workflow_id(node_id, model_id)).signal(
-        DownloadWorkflow.whole_model
     )
 
 
@@ -70,12 +63,6 @@ async def instance_status(client: Client, instance_id: str) -> InstanceStatus:
     """What a running instance says of itself (its `status` query); raises as the query does."""
     handle = client.get_workflow_handle_for(ServingWorkflow.run, serve_workflow_id(instance_id))
     return await handle.query(ServingWorkflow.status)
-
-
-async def node_status(client: Client, node_id: str) -> NodeStatus:
-    """What a node's presence workflow says of it (its `status` query); raises as the query does."""
-    handle = client.get_workflow_handle_for(NodeWorkflow.run, node_workflow_id(node_id))
-    return await handle.query(NodeWorkflow.status)
 
 
 async def cancel(client: Client, workflow_id: str, wait_s: float = 0.0) -> None:
