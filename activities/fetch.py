@@ -10,8 +10,6 @@ import sys
 import threading
 import time
 
-from activities.errors import classify
-
 
 def exit_with_parent() -> None:
     parent = os.getppid()
@@ -42,6 +40,8 @@ def main() -> int:
             max_workers=spec.get("max_workers", 8),
         )
     except Exception as exc:  # noqa: BLE001 - every failure goes to the parent as (kind, sentence)
+        from activities.errors import classify  # only now: it imports temporalio, 0.2 s a transfer need not pay
+
         kind, message = classify(exc, spec["repo_id"])
         print(json.dumps({"kind": kind, "message": message}), file=sys.stderr, flush=True)
         return 2
