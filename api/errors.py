@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
-from shardline.errors import ErrorType, ShardlineError, error_type
+from shardline.errors import ErrorType, ShardlineError, cause_message, error_type
 
 STATUS = {
     # 422, as FastAPI answers a request it validates; the inference endpoints answer 400, as OpenAI does
@@ -92,10 +92,6 @@ def typed_error(request: Request, kind: ErrorType, message: str, status: int | N
     return error_response(status, message, kind.value)
 
 
-def failure_message(err: WorkflowFailureError) -> str:
-    return getattr(err.cause, "message", None) or str(err.cause or err)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -110,7 +106,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WorkflowFailureError)
     async def _failed(request: Request, exc: WorkflowFailureError) -> JSONResponse:
         # a workflow the request waited for failed: its type was set where it failed and kept by the workflow
-        return typed_error(request, error_type(exc) or ErrorType.INTERNAL, failure_message(exc))
+        return typed_error(request, error_type(exc) or ErrorType.INTERNAL, cause_message(exc))
 
     @app.exception_handler(RPCError)
     async def _temporal(request: Request, exc: RPCError) -> JSONResponse:

@@ -8,7 +8,7 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
 from api.schemas import DownloadOut, NodeOut, Progress
 from shardline import search
-from shardline.errors import ErrorType, error_type
+from shardline.errors import ErrorType, cause_message, error_type
 from shardline.states import Kind, WorkState
 from shardline.types import DownloadProgress
 from workflows import state
@@ -86,6 +86,5 @@ async def outcome(client: Client, workflow_id: str) -> tuple[dict[str, Any] | No
     try:
         result = await client.get_workflow_handle(workflow_id).result()
     except WorkflowFailureError as err:
-        cause = err.cause
-        return None, getattr(cause, "message", None) or str(cause or err), error_type(err)
+        return None, cause_message(err), error_type(err)
     return (vars(result) if hasattr(result, "__dict__") else result), None, None

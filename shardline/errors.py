@@ -43,6 +43,13 @@ def error(
     return err
 
 
+def cause_message(err: BaseException) -> str:
+    """What a failure says: its cause's message (an activity's, a child workflow's or a workflow's
+    ApplicationError), else the cause, or the error itself, as text."""
+    cause = getattr(err, "cause", None)
+    return getattr(cause, "message", None) or str(cause or err)
+
+
 def error_type(exc: BaseException | None) -> ErrorType | None:
     """The type of the first typed error in `exc`'s chain of causes (a workflow's failure, an activity's, a
     child workflow's); None if no one named it (e.g. in a history recorded before errors had types)."""

@@ -8,6 +8,7 @@ from temporalio.exceptions import ActivityError, TimeoutError, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
     from shardline import contracts
+    from shardline.errors import cause_message
     from shardline.states import NodeState
     from shardline.types import NodeResources, PresenceInput
     from workflows.common import node_activity_options, set_state
@@ -75,7 +76,7 @@ class NodeWorkflow:
                     self._set(NodeState.OFFLINE, f"no heartbeat for {inp.heartbeat_timeout_s:g} s")
                 else:  # the node ran presence and it failed: waiting is what bounds a fast failure
                     backoff = presence_backoff(backoff, (workflow.now() - started).total_seconds())
-                    reason = getattr(err.cause, "message", None) or str(err.cause or err)
+                    reason = cause_message(err)
                     self._set(NodeState.OFFLINE, f"presence failed on the node ({reason}); again in {backoff:g} s")
                     if backoff:
                         await workflow.sleep(backoff)

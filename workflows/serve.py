@@ -19,7 +19,7 @@ from temporalio.exceptions import (
 
 with workflow.unsafe.imports_passed_through():
     from shardline import contracts
-    from shardline.errors import ErrorType, error, error_type
+    from shardline.errors import ErrorType, cause_message, error, error_type
     from shardline.placement import (
         ModelProfile,
         NodeCapacity,
@@ -175,8 +175,7 @@ class ServingWorkflow:
         try:
             return await workflow.execute_activity(activity, args=list(args), **CONTROL_ACTIVITY)
         except ActivityError as err:
-            reason = getattr(err.cause, "message", None) or str(err.cause or err)
-            raise self._failed(error_type(err) or ErrorType.TRANSIENT, reason, err) from err
+            raise self._failed(error_type(err) or ErrorType.TRANSIENT, cause_message(err), err) from err
 
     async def _place(self, inp: ServeInput, profile: ModelProfile, excluded: list[str]) -> Placement:
         self._set(
