@@ -40,11 +40,11 @@ def profile_model(req: InspectRequest, cache: Path, timeout_s: float = DEFAULT_T
     weight_bytes = sum(size for name, size in sizes.items() if name.endswith(".safetensors"))
     layers, layer_bytes, outer = layer_sizes(config, weight_bytes)
     try:
-        pipeline, tensor = sharding_support(config)
+        support = sharding_support(config)
     except (ValueError, ImportError) as exc:
         raise error(ErrorType.BAD_INPUT, f"{req.model_id}: mlx-lm does not support it: {exc}") from exc
     heads = int(config.get("num_attention_heads", 1))
-    return ModelProfile(req.model_id, layers, layer_bytes, outer, pipeline, tensor, heads,
+    return ModelProfile(req.model_id, layers, layer_bytes, outer, support.pipeline, support.tensor, heads,
                         int(config.get("num_key_value_heads", heads)))  # fmt: skip
 
 
