@@ -16,10 +16,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator, GenerationBatch
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from shardline.engine.grammar import Grammars
+from shardline.engine.pipeline import whole_model_caches
 from shardline.engine.protocol import Join, Step
 from shardline.engine.sampling import processors_for, sampler_for
 
@@ -35,6 +36,7 @@ class Kept:
     uid: int
     tokens: list[int]
     nbytes: int
+    usable: bool = True  # its caches hold exactly its tokens; rank 0 drops (on every rank) what is not
 
 
 @dataclass
@@ -45,7 +47,15 @@ class Output:
 
 
 def trimmable(model: nn.Module) -> bool:
-    return can_trim_prompt_cache(make_prompt_cache(model))
+    """Every layer's cache (on every rank) can be cut back to a shorter prefix: plain attention, no window that
+    may have rotated, no recurrent state."""
+    caches = whole_model_caches(model)
+    return can_trim_prompt_cache(caches) and not any(hasattr(c, "max_size") for c in caches)
+
+
+def covers(caches: list[Any], tokens: list[int]) -> bool:
+    """Every cache that counts its tokens has seen exactly `tokens` (recurrent state does not count them)."""
+    return all(c.offset == len(tokens) for c in caches if isinstance(getattr(c, "offset", None), int))
 
 
 class Batch:
@@ -103,8 +113,9 @@ class Batch:
         if join.entry is not None:
             stored = self.store[join.entry]  # rank 0 only names entries every rank still has
             caches = copy.deepcopy(stored)
-            if caches[0].size() > join.reuse:
-                trim_prompt_cache(caches, caches[0].size() - join.reuse)
+            extra = max((c.offset for c in caches if isinstance(getattr(c, "offset", None), int)), default=0)
+            if extra > join.reuse:  # only a trimmable model's entries are ever longer than what is reused
+                trim_prompt_cache(caches, extra - join.reuse)
         (uid,) = self.generator.insert(
             [join.tokens[join.reuse :]],
             max_tokens=[join.sampling.max_tokens],
@@ -116,12 +127,14 @@ class Batch:
         return uid
 
     def _keep(self, uid: int, caches: list[Any] | None, tokens: list[int] | None) -> list[Kept]:
-        if not caches or not tokens or caches[0].size() != len(tokens):
+        # Every rank keeps the same entries whatever its layers' caches are (a rank of recurrent layers cannot
+        # count tokens); rank 0's index decides which stay.
+        if not caches or not tokens:
             return []
         mx.eval([c.state for c in caches])
         self.store[uid] = caches
         self.sizes[uid] = sum(c.nbytes for c in caches)
-        return [Kept(uid, list(tokens), self.sizes[uid])]
+        return [Kept(uid, list(tokens), self.sizes[uid], covers(caches, tokens))]
 
     def close(self) -> None:
         self.store.clear()

@@ -1,6 +1,9 @@
-"""Which ways a model's architecture can be split over ranks, and why not where it cannot."""
+"""Which ways a model's architecture can be split over ranks, and why not where it cannot.
 
-import sys
+Read off the model mlx-lm builds from the config (its parameters are lazy: nothing is computed or
+allocated), by the same checks the runner's splitting makes.
+"""
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,21 +16,26 @@ class Support:
     why_not_tensor: str = ""
 
 
+def num_layers(config: dict[str, Any]) -> int:
+    text = config.get("text_config") or {}
+    return int(config.get("num_hidden_layers") or text.get("num_hidden_layers") or config.get("n_layer") or 0)
+
+
 def sharding_support(config: dict[str, Any]) -> Support:
     """Raises ValueError (or ImportError) when mlx-lm has no class for the config's model_type."""
-    from mlx_lm.models.pipeline import PipelineMixin
     from mlx_lm.utils import _get_classes
 
-    model_class, _ = _get_classes(config)
-    module = vars(sys.modules[model_class.__module__])
-    pipeline = any(
-        isinstance(c, type) and issubclass(c, PipelineMixin) and c is not PipelineMixin for c in module.values()
-    )
-    tensor = hasattr(model_class, "shard")
-    kind = config.get("model_type")
+    from shardline.engine.pipeline import pipeline_problem
+    from shardline.engine.tensor import tensor_problem
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    kind, layers = config.get("model_type"), num_layers(config)
+    pipeline = pipeline_problem(model, layers)
+    tensor = None if hasattr(model, "shard") else tensor_problem(model, layers)
     return Support(
-        pipeline,
-        tensor,
-        "" if pipeline else f"model type {kind!r} does not support pipeline parallelism",
-        "" if tensor else f"model type {kind!r} does not support tensor parallelism",
+        pipeline is None,
+        tensor is None,
+        f"model type {kind!r} cannot be pipelined: {pipeline}" if pipeline else "",
+        f"model type {kind!r} cannot be split by tensor: {tensor}" if tensor else "",
     )

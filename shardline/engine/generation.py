@@ -183,7 +183,7 @@ class Scheduler:
 
     def remember(self, kept: list[Kept]) -> None:
         for entry in kept:
-            if self.index is None:
+            if self.index is None or not entry.usable:
                 self.drops.append(entry.uid)
             else:
                 self.drops += self.index.add(entry.uid, entry.tokens, int(entry.nbytes * self.scale))

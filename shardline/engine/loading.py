@@ -13,7 +13,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
+from shardline.engine.capabilities import num_layers
+from shardline.engine.pipeline import split_pipeline
 from shardline.engine.spec import RunnerSpec, pipeline_layers
+from shardline.engine.tensor import shard_tensor
 from shardline.model_files import INDEX_FILE, is_weight_file, tensor_layer, weight_files_for_layers
 from shardline.types import LayerRange
 
@@ -93,7 +96,7 @@ def load_shard(spec: RunnerSpec, group: mx.distributed.Group | None) -> tuple[nn
 
 
 def check_fits(config: dict, spec: RunnerSpec) -> None:
-    total = config["num_hidden_layers"]
+    total = num_layers(config)
     if spec.strategy == "pipeline" and sum(spec.splits) != total:
         raise ValueError(f"splits {spec.splits} cover {sum(spec.splits)} layers but the model has {total}")
     heads = [config.get("num_attention_heads", 0), config.get("num_key_value_heads", 0)]
@@ -104,14 +107,13 @@ def check_fits(config: dict, spec: RunnerSpec) -> None:
 
 
 def split_over_ranks(model: nn.Module, config: dict, spec: RunnerSpec, group: mx.distributed.Group | None) -> None:
+    if group is None:
+        return
     if spec.strategy == "pipeline":
-        if not hasattr(model, "model") or not hasattr(model.model, "pipeline"):
-            raise ValueError(f"model type {config['model_type']!r} does not support pipeline parallelism")
-        model.model.pipeline(group, spec.splits)
+        split_pipeline(model, sum(spec.splits), pipeline_layers(spec.splits, spec.rank), spec.rank, spec.world_size,
+                       group)  # fmt: skip
     elif spec.strategy == "tensor":
-        if not hasattr(model, "shard"):
-            raise ValueError(f"model type {config['model_type']!r} does not support tensor parallelism")
-        model.shard(group)
+        shard_tensor(model, num_layers(config), group)
 
 
 def parameter_bytes(model: nn.Module) -> int:

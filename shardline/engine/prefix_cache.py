@@ -55,8 +55,8 @@ class PrefixIndex:
         best, best_reuse = None, 0
         for entry_id, entry in self.entries.items():
             shared = common_prefix(entry.tokens, tokens)
-            if shared < len(entry.tokens) and not self.trimmable:
-                continue
+            if not self.trimmable and (shared < len(entry.tokens) or shared == len(tokens)):
+                continue  # an entry that cannot be cut back must be a prefix with a token left to compute
             reuse = min(shared, len(tokens) - 1)
             if reuse > best_reuse:
                 best, best_reuse = entry_id, reuse
