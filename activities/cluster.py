@@ -2,9 +2,11 @@
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+import structlog
 from huggingface_hub import HfApi, RepoFile, hf_hub_download
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -12,18 +14,20 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.errors import classify
-from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls
+from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls, safetensors_sizes
 from shardline import contracts
 from shardline.contracts import implements
 from shardline.engine.capabilities import sharding_support
 from shardline.errors import RETRYABLE, ErrorType, error
-from shardline.model_files import INDEX_FILE, layer_sizes
+from shardline.model_files import INDEX_FILE, layer_sizes, sizes_from_tensors
 from shardline.placement import ModelProfile, NodeCapacity
 from shardline.states import NodeState
 from shardline.types import DeleteRequest, InspectRequest
 from workflows import state
 
+log = structlog.get_logger(__name__)
 PROFILE_FILE = "shardline-profile.json"
+HEADER_READERS = 8  # weight files whose headers are read at once
 WAIT_POLL_S = 2.0  # how soon a serve starts its own download once the one it waited for has ended
 
 
@@ -43,9 +47,45 @@ def profile_model(req: InspectRequest, cache: Path, timeout_s: float = DEFAULT_T
         support = sharding_support(config)
     except (ValueError, ImportError) as exc:
         raise error(ErrorType.BAD_INPUT, f"{req.model_id}: mlx-lm does not support it: {exc}") from exc
+    per_layer: list[int] = []  # unknown: every layer counts as the estimate's layer_bytes
+    if (exact := stored_sizes(req.model_id, revision, sizes, cache, layers, timeout_s)) is not None:
+        per_layer, outer = exact
+        layer_bytes = max(per_layer)
     heads = int(config.get("num_attention_heads", 1))
     return ModelProfile(req.model_id, layers, layer_bytes, outer, support.pipeline, support.tensor, heads,
-                        int(config.get("num_key_value_heads", heads)))  # fmt: skip
+                        int(config.get("num_key_value_heads", heads)), support.why_not_pipeline,
+                        support.why_not_tensor, per_layer)  # fmt: skip
+
+
+def stored_sizes(model_id: str, revision: str, sizes: dict[str, int], cache: Path, layers: int,
+                 timeout_s: float) -> tuple[list[int], int] | None:  # fmt: skip
+    """(bytes of each layer, bytes outside them) as the weight files' headers say; None when they cannot be read
+    (or name no tensor of some layer): then the estimate from the config places it, less closely."""
+    try:
+        files = weight_files(model_id, revision, sizes, cache, timeout_s)
+        per_layer, outer = sizes_from_tensors(read_weight_headers(model_id, revision, files, timeout_s), layers)
+    except Exception as exc:  # noqa: BLE001 - any failure here leaves the estimate
+        log.warning("profile.headers_unread", model_id=model_id, reason=f"{type(exc).__name__}: {exc}")
+        return None
+    if not per_layer or min(per_layer) == 0:
+        log.warning("profile.layers_unnamed", model_id=model_id, missing=per_layer.index(0) if per_layer else 0)
+        return None
+    return per_layer, outer
+
+
+def weight_files(model_id: str, revision: str, sizes: dict[str, int], cache: Path, timeout_s: float) -> list[str]:
+    """The safetensors files a loader reads: those the index names, else the one file."""
+    if INDEX_FILE not in sizes:
+        return ["model.safetensors"]
+    index = hf_hub_download(model_id, INDEX_FILE, revision=revision, local_dir=cache, etag_timeout=timeout_s)
+    return sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+
+
+def read_weight_headers(model_id: str, revision: str, files: list[str], timeout_s: float) -> dict[str, int]:
+    """Every tensor's stored bytes, from the headers of `files` (a few at a time: a large model has dozens)."""
+    with ThreadPoolExecutor(max_workers=HEADER_READERS) as pool:
+        read = pool.map(lambda name: safetensors_sizes(model_id, name, revision, timeout_s), files)
+        return {tensor: size for sizes in read for tensor, size in sizes.items()}
 
 
 def remember_profile(cache: Path, req: InspectRequest, profile: ModelProfile) -> None:

@@ -88,7 +88,9 @@ class Accepted(BaseModel):
 class InstanceCreate(BaseModel):
     model: str
     nodes: list[str] | None = None
-    strategy: Literal["pipeline", "tensor"] = "pipeline"
+    strategy: Literal["auto", "pipeline", "tensor"] | None = Field(
+        None, description="omitted, null or auto: placement picks what the architecture supports and fits"
+    )
     revision: str | None = None
 
     @field_validator("model")
@@ -114,7 +116,8 @@ class InstanceOut(BaseModel):
     workflow_id: str
     model: str
     state: str
-    strategy: str
+    strategy: str = Field(description="as asked until placed; then pipeline, tensor, or single (whole on one node)")
+    strategy_reason: str | None = Field(None, description="why that strategy and those nodes, once placed")
     shards: list[ShardOut] = Field(default_factory=list)
     endpoint: str | None = None
     recoveries: int = 0
@@ -134,5 +137,5 @@ class InstanceOut(BaseModel):
         out = cls.of(s.instance_id, s.model_id, s.state, s.strategy)
         kind = ErrorType(s.error_type) if s.error_type else None
         return out.model_copy(update={"shards": shards, "endpoint": s.endpoint, "recoveries": s.recoveries,
-                                      "reason": s.reason, "error_type": kind,
-                                      "incidents": list(s.incidents)})  # fmt: skip
+                                      "reason": s.reason, "error_type": kind, "incidents": list(s.incidents),
+                                      "strategy_reason": s.strategy_reason or None})  # fmt: skip

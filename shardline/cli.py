@@ -270,7 +270,9 @@ def serve(
     nodes: Annotated[
         str | None, typer.Option("--nodes", help="Comma-separated node ids (default: all with room)")
     ] = None,
-    strategy: Annotated[str, typer.Option("--strategy", help="pipeline or tensor")] = "pipeline",
+    strategy: Annotated[
+        str, typer.Option("--strategy", help="auto (what the model supports and fits), pipeline or tensor")
+    ] = "auto",
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it is ready")] = False,
 ) -> None:
     """Serve MODEL across the cluster."""
@@ -288,6 +290,8 @@ def serve(
         console.print(
             f"{current['instance_id']}: {current['state']}" + (f" - {current['reason']}" if current["reason"] else "")
         )
+        if current.get("strategy_reason"):
+            console.print(f"strategy {current['strategy']} - {current['strategy_reason']}")
         if current["state"] != InstanceState.READY:
             raise typer.Exit(1)
 
@@ -298,7 +302,9 @@ def instances() -> None:
     table = Table("instance", "model", "state", "strategy", "shards (node: layers)")
     for i in call("GET", "/instances"):
         shards = ", ".join(f"{s['node_id']}: {s['layers'][0]}-{s['layers'][1] - 1}" for s in i["shards"])
-        table.add_row(i["instance_id"], i["model"], i["state"], i["strategy"], shards)
+        why = i.get("strategy_reason")
+        table.add_row(i["instance_id"], i["model"], i["state"], i["strategy"] + (f"\n[dim]{why}[/dim]" if why else ""),
+                      shards)  # fmt: skip
     console.print(table)
 
 

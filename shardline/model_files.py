@@ -1,5 +1,6 @@
 """Which files of a model repo a node needs: pure functions over the repo's file list and index."""
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -69,6 +70,50 @@ def layer_sizes(config: dict[str, Any], weight_bytes: int) -> tuple[int, int, in
     tables = 1 if config.get("tie_word_embeddings", False) else 2  # embeddings, and a separate head
     outer = min(int(vocab * hidden * tables * param_bytes(config)), weight_bytes // 2)
     return layers, max((weight_bytes - outer) // layers, 1), outer
+
+
+HEADER_LIMIT = 100_000_000  # bytes: safetensors refuses a longer header
+
+
+def header_length(prefix: bytes) -> int:
+    """The length of a safetensors file's JSON header: its first 8 bytes, a little-endian u64."""
+    if len(prefix) < 8:
+        raise ValueError(f"a safetensors file starts with 8 bytes of header length, got {len(prefix)}")
+    length = int.from_bytes(prefix[:8], "little")
+    if not 2 <= length <= HEADER_LIMIT:
+        raise ValueError(f"a safetensors header of {length} bytes: not a safetensors file")
+    return length
+
+
+def stored_bytes(header: bytes) -> dict[str, int]:
+    """Each tensor's bytes as the file stores them (`data_offsets` end - start), from its JSON header: packed
+    quantized weights, their scales and biases, in whatever dtype each was written."""
+    tensors = json.loads(header)
+    if not isinstance(tensors, dict):
+        raise ValueError("a safetensors header is a JSON object")
+    sizes = {}
+    for name, info in tensors.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if not 0 <= int(begin) <= int(end):
+            raise ValueError(f"tensor {name}: data_offsets {info['data_offsets']} out of order")
+        sizes[name] = int(end) - int(begin)
+    return sizes
+
+
+def sizes_from_tensors(tensors: dict[str, int], num_layers: int) -> tuple[list[int], int]:
+    """(bytes of each layer, bytes outside every layer: embeddings, norms, head), exact from each tensor's stored
+    bytes. A tied head has no tensor of its own, so it costs nothing more. Tensors of a layer past the model's
+    last (multi-token prediction heads) are left out: mlx-lm drops them when it loads."""
+    layers, outer = [0] * num_layers, 0
+    for name, size in tensors.items():
+        layer = tensor_layer(name)
+        if layer is None:
+            outer += size
+        elif layer < num_layers:
+            layers[layer] += size
+    return layers, outer
 
 
 @dataclass(frozen=True)

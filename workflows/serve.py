@@ -55,7 +55,7 @@ RUNNER_LIFETIME = timedelta(days=365)  # a runner lives until stopped; its heart
 class ServeInput:
     instance_id: str
     model_id: str
-    strategy: str = "pipeline"
+    strategy: str = "auto"  # auto (chosen at placement) | pipeline | tensor
     nodes: list[str] | None = None
     revision: str | None = None
     node_wait_s: float = 300.0
@@ -85,7 +85,7 @@ class InstanceStatus:
     instance_id: str
     model_id: str
     state: str  # an InstanceState
-    strategy: str
+    strategy: str  # as asked until placed; then what runs: pipeline | tensor, or single (whole on one node)
     shards: list[ShardStatus] = field(default_factory=list)
     endpoint: str | None = None
     recoveries: int = 0
@@ -93,6 +93,7 @@ class InstanceStatus:
     error_type: str | None = None  # an ErrorType, once it failed
     incidents: list[str] = field(default_factory=list)  # why each recovery happened, the last few
     secret: str = ""  # what the API sends rank 0's runner (never shown by the API)
+    strategy_reason: str = ""  # why that strategy and those nodes, once placed
 
 
 @dataclass
@@ -188,6 +189,7 @@ class ServingWorkflow:
             sizes = planned_bytes(profile, placement)
             self._status.shards = [ShardStatus(s.node_id, s.rank, s.layers.start, s.layers.end, planned_bytes=b)
                                    for s, b in zip(placement.shards, sizes, strict=True)]  # fmt: skip
+            self._placed(placement)
             return placement
         nodes = await self._control(contracts.online_nodes)
         nodes = [n for n in nodes if n.node_id not in excluded]
@@ -197,7 +199,12 @@ class ServingWorkflow:
         except PlacementError as err:
             raise self._failed(ErrorType.PLACEMENT, str(err)) from err
         self._status.shards = [ShardStatus(s.node_id, s.rank, s.layers.start, s.layers.end) for s in placement.shards]
+        self._placed(placement)
         return placement
+
+    def _placed(self, placement: Placement) -> None:
+        """What the status says was chosen, and why (the status only: no command, so histories replay alike)."""
+        self._status.strategy, self._status.strategy_reason = placement.strategy, placement.reason
 
     async def _nodes(self, inp: ServeInput) -> list[NodeCapacity]:
         """Online nodes, less the memory other placements have reserved and not loaded yet."""

@@ -21,7 +21,7 @@ async def create_instance(
     inp = ServeInput(
         instance_id=instance_id,
         model_id=body.model,
-        strategy=body.strategy,
+        strategy=body.strategy or "auto",
         nodes=body.nodes,
         revision=body.revision,
         node_wait_s=settings.node_wait,
@@ -31,7 +31,7 @@ async def create_instance(
     )
     await workflows.start_serving(client, inp)
     cache.forget()
-    return InstanceOut.of(instance_id, body.model, InstanceState.PLACING, body.strategy)
+    return InstanceOut.of(instance_id, body.model, InstanceState.PLACING, inp.strategy)
 
 
 @router.get("", response_model=list[InstanceOut])

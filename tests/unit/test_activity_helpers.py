@@ -1,16 +1,23 @@
 """The pure parts of the node activities: error sorting, byte counting, delete rules."""
 
 import errno
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
+import numpy as np
 import pytest
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors.numpy import save
 from temporalio.exceptions import ApplicationError
 
 from activities.delete import case_alias, remove_model
 from activities.download import bytes_on_disk, child_failure
 from activities.errors import classify
+from activities.hub import safetensors_sizes
 from shardline.errors import ErrorType, error
 
 
@@ -103,3 +110,58 @@ def test_runner_blas_choice() -> None:
     assert optimized_blas("/opt/lib/libblis.so") == "/opt/lib/libblis.so"
     auto = optimized_blas("auto")
     assert auto is None or (auto.endswith("libopenblas.so.0") and blas_works(auto))
+
+
+class WeightServer(BaseHTTPRequestHandler):
+    """Serves one safetensors file at any path; honours a Range header or, like olah's local mirrors, ignores
+    it and sends the whole file. Records how many bytes each answer wrote before the client hung up."""
+
+    data = b""
+    honour_range = False
+    sent: ClassVar[list[int]] = []
+
+    def do_GET(self) -> None:
+        body, status = self.data, 200
+        ask = self.headers.get("Range", "")
+        if self.honour_range and ask.startswith("bytes="):
+            start, _, end = ask.removeprefix("bytes=").partition("-")
+            body, status = body[int(start) : int(end) + 1], 206
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        sent = 0
+        try:
+            for at in range(0, len(body), 1 << 16):
+                self.wfile.write(body[at : at + (1 << 16)])
+                sent += min(1 << 16, len(body) - at)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.sent.append(sent)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def weight_server() -> Iterator[tuple[str, type[WeightServer]]]:
+    handler = type("Handler", (WeightServer,), {"sent": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_header_sizes_read_from_the_first_bytes_alone(
+    weight_server: tuple[str, type[WeightServer]], honour_range: bool
+) -> None:
+    endpoint, handler = weight_server
+    # 3000 tensors: a header past the 100 kB huggingface_hub reads first; 32 MiB of weights after it
+    tensors = {f"model.layers.{i}.w": np.zeros(4, np.float16) for i in range(3000)}
+    tensors["model.embed_tokens.weight"] = np.zeros((1 << 24,), np.float16)
+    handler.data, handler.honour_range = save(tensors), honour_range
+    sizes = safetensors_sizes("o/m", "model.safetensors", "main", timeout_s=10, endpoint=endpoint)
+    assert sizes == {name: array.nbytes for name, array in tensors.items()}
+    assert len(handler.sent) == 1 and handler.sent[0] < len(handler.data) // 2  # it stopped once the header was in

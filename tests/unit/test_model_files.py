@@ -1,13 +1,18 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save
 
 from shardline.model_files import (
     INDEX_FILE,
     Completion,
     files_to_fetch,
+    header_length,
     model_path,
     record_completion,
+    sizes_from_tensors,
+    stored_bytes,
     tensor_layer,
     weight_files_for_layers,
 )
@@ -83,3 +88,55 @@ def test_completion_of_another_commit_or_size_does_not_count() -> None:
     moved = record_completion(old, "org/m", "c2", {"config.json": 10, "a.safetensors": 150}, {"config.json": 10})
     assert moved.complete == {"config.json": 10} and not moved.full
     assert record_completion(None, "org/m", "c1", repo, {"a.safetensors": 99}).complete == {}
+
+
+def quantized_file(hidden: int = 64, vocab: int = 256, bits: tuple[int, ...] = (4, 8)) -> tuple[bytes, dict[str, int]]:
+    """A safetensors file as mlx_lm.convert writes a 4/8-bit mixed checkpoint with tied embeddings: packed U32
+    weights with float16 scales and biases per group of 32, the embedding quantized, no lm_head; and a
+    multi-token-prediction layer past the last. Returns its bytes and what each layer and the rest take."""
+    tensors: dict[str, np.ndarray] = {}
+
+    def linear(name: str, rows: int, cols: int, b: int) -> None:
+        tensors[f"{name}.weight"] = np.zeros((rows, cols * b // 32), np.uint32)
+        tensors[f"{name}.scales"] = np.zeros((rows, cols // 32), np.float16)
+        tensors[f"{name}.biases"] = np.zeros((rows, cols // 32), np.float16)
+
+    linear("model.embed_tokens", vocab, hidden, 4)
+    tensors["model.norm.weight"] = np.zeros(hidden, np.float16)
+    for layer, b in enumerate(bits):
+        linear(f"model.layers.{layer}.self_attn.q_proj", hidden, hidden, b)
+        tensors[f"model.layers.{layer}.input_layernorm.weight"] = np.zeros(hidden, np.float16)
+    tensors[f"model.layers.{len(bits)}.eh_proj.weight"] = np.zeros((hidden, hidden), np.float16)  # MTP
+    sizes = [0] * len(bits) + [0]
+    outer = 0
+    for name, array in tensors.items():
+        layer = tensor_layer(name)
+        if layer is None:
+            outer += array.nbytes
+        else:
+            sizes[layer] += array.nbytes
+    return save(tensors, metadata={"format": "mlx"}), {"outer": outer, **{str(i): n for i, n in enumerate(sizes)}}
+
+
+def test_exact_bytes_of_a_mixed_quantized_checkpoint_with_tied_embeddings() -> None:
+    data, truth = quantized_file()
+    length = header_length(data[:8])
+    tensors = stored_bytes(data[8 : 8 + length])
+    assert "__metadata__" not in tensors and tensors["model.layers.0.self_attn.q_proj.weight"] == 64 * 8 * 4
+    layers, outer = sizes_from_tensors(tensors, num_layers=2)
+    assert layers == [truth["0"], truth["1"]] and outer == truth["outer"]
+    assert layers[1] > layers[0]  # 8-bit layer: twice the packed words
+    assert outer == 256 * 8 * 4 + 2 * 256 * 2 * 2 + 64 * 2  # the embedding as stored, counted once (tied head)
+    assert sum(layers) + outer + truth["2"] == sum(tensors.values())  # only the MTP layer is left out
+
+
+@pytest.mark.parametrize(("prefix", "message"), [(b"\x01\x00", "8 bytes"), ((2**40).to_bytes(8, "little"), "not a")])
+def test_a_header_length_that_cannot_be_is_refused(prefix: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        header_length(prefix)
+
+
+def test_a_layer_missing_from_the_headers_reads_as_zero_bytes() -> None:
+    """GPT-2 style names (`h.0.`) are not found by layer: the caller falls back to the estimate on a zero."""
+    layers, outer = sizes_from_tensors({"transformer.h.0.attn.weight": 10, "wte.weight": 5}, num_layers=1)
+    assert (layers, outer) == ([0], 15)

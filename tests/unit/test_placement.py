@@ -86,10 +86,10 @@ def test_tensor_group_respects_head_divisibility_and_memory() -> None:
 
 def test_unsupported_strategy_is_refused() -> None:
     no_pipe = ModelProfile("o/llama", 4, GiB, GiB, pipeline=False, tensor=True)
+    with pytest.raises(PlacementError, match="does not support pipeline parallelism: try tensor, or auto"):
+        place(no_pipe, nodes(100, 100), "pipeline", pinned=["n0", "n1"])  # asked to split it
     with pytest.raises(PlacementError, match="does not support pipeline"):
-        place(no_pipe, nodes(100, 100), pinned=["n0", "n1"])  # asked to split it
-    with pytest.raises(PlacementError, match="does not support pipeline"):
-        place(no_pipe, nodes(4, 4))  # it would have to be split
+        place(no_pipe, nodes(4, 4), "pipeline")  # it would have to be split
     with pytest.raises(PlacementError, match="unknown strategy"):
         place(profile(), nodes(100), strategy="diagonal")
 
@@ -103,9 +103,11 @@ def test_weighted_split_respects_caps() -> None:
 
 def test_a_model_that_cannot_be_split_runs_whole_on_one_node() -> None:
     no_pipe = ModelProfile("o/llama", 4, GiB, GiB, pipeline=False, tensor=True)
-    roomiest = place(no_pipe, nodes(8, 100, 50))
+    roomiest = place(no_pipe, nodes(8, 100, 50), "pipeline")
     assert [(s.node_id, s.layers) for s in roomiest.shards] == [("n1", LayerRange(0, 4))]
-    named = place(no_pipe, nodes(8, 100), pinned=["n0"])
+    assert (roomiest.strategy, roomiest.reason) == ("pipeline", "whole on node n1: o/llama does not support pipeline "
+                                                                "parallelism")  # fmt: skip
+    named = place(no_pipe, nodes(8, 100), "pipeline", pinned=["n0"])
     assert [(s.node_id, s.rank, s.layers) for s in named.shards] == [("n0", 0, LayerRange(0, 4))]
 
 
@@ -136,3 +138,148 @@ def test_planned_bytes_per_shard() -> None:
     assert planned_bytes(prof, p) == [int(0.5 * GiB) + 4 * GiB] * 2
     t = place(prof, nodes(10, 10), "tensor")
     assert planned_bytes(prof, t) == [int(0.5 * GiB) + 4 * GiB] * 2
+
+
+NO_PIPE = "model type 'x' does not support pipeline parallelism"
+NO_TENSOR = "model type 'x' does not support tensor parallelism"
+
+
+def arch(pipeline: bool, tensor: bool, heads: int = 8, kv: int = 4, layers: int = 8) -> ModelProfile:
+    """8 layers of 1 GiB and 0.5 GiB outside them (8.5 GiB whole), split the ways the architecture allows."""
+    why_not = {"why_not_pipeline": "" if pipeline else NO_PIPE, "why_not_tensor": "" if tensor else NO_TENSOR}
+    return ModelProfile("o/m", layers, GiB, GiB // 2, pipeline, tensor, heads, kv, **why_not)
+
+
+@pytest.mark.parametrize(
+    ("ways", "heads", "memory", "pinned", "strategy", "used", "reason"),
+    [
+        ((True, True), (8, 4), (12, 12, 12), None, "pipeline", 3,
+         "pipeline: layers weighted by free memory over 3 nodes"),
+        ((True, False), (9, 3), (12, 12), None, "pipeline", 2, "pipeline: layers weighted by free memory over 2 nodes"),
+        ((True, True), (8, 4), (12, 12, 0.5), None, "pipeline", 2,
+         "pipeline: layers weighted by free memory over 2 nodes of 3 (the rest are too small for a share)"),
+        ((True, True), (8, 4), (12,), None, "single", 1, "whole on node n0: the only node online"),
+        ((True, True), (8, 4), (12, 12), ["n1"], "single", 1, "whole on node n1: the only node named"),
+        ((True, True), (8, 4), (64, 1.2), None, "single", 1,
+         "whole on node n0: the other nodes have too little free memory to take a share of the layers"),
+        ((False, True), (8, 4), (12, 12, 12), None, "tensor", 2,
+         f"tensor: {NO_PIPE}; its 8 attention heads and 4 key/value heads split over 2 nodes"),
+        ((False, True), (9, 3), (12, 12, 12), None, "tensor", 3,
+         f"tensor: {NO_PIPE}; its 9 attention heads and 3 key/value heads split over 3 nodes"),
+        ((False, True), (9, 3), (12, 12), None, "single", 1,
+         f"whole on node n0: {NO_PIPE}; its 9 attention heads and 3 key/value heads do not split evenly over 2 nodes"),
+        ((False, True), (8, 4), (12, 4), None, "single", 1,
+         f"whole on node n0: {NO_PIPE}; no group of 2 nodes has room for a share each"),
+        ((False, True), (9, 3), (12, 12,), ["n1"], "single", 1, "whole on node n1: the only node named"),
+        ((False, False), (8, 4), (4, 12, 12), None, "single", 1, f"whole on node n1: {NO_PIPE}; {NO_TENSOR}"),
+        ((False, False), (8, 4), (12,), None, "single", 1, f"whole on node n0: {NO_PIPE}; {NO_TENSOR}"),
+    ],
+)  # fmt: skip
+def test_auto_picks_what_the_architecture_supports_and_fits(
+    ways: tuple[bool, bool],
+    heads: tuple[int, int],
+    memory: tuple[float, ...],
+    pinned: list[str] | None,
+    strategy: str,
+    used: int,
+    reason: str,
+) -> None:
+    prof = arch(*ways, *heads)
+    p = place(prof, nodes(*memory), pinned=pinned)  # no strategy: auto
+    assert (p.strategy, len(p.shards), p.reason) == (strategy, used, reason)
+    if strategy == "pipeline":
+        covers_all(p.shards, prof.num_layers)
+    else:
+        assert all(s.layers == LayerRange(0, prof.num_layers) for s in p.shards)
+    for shard, planned in zip(p.shards, planned_bytes(prof, p), strict=True):
+        assert planned <= dict((n.node_id, n.memory_available) for n in nodes(*memory))[shard.node_id] * HEADROOM
+
+
+@pytest.mark.parametrize(
+    ("ways", "heads", "memory", "pinned", "message"),
+    [
+        ((True, True), (8, 4), (4, 4), None, "o/m does not fit: it needs 8.50 GiB"),
+        ((False, False), (8, 4), (8, 8), None,
+         f"o/m cannot be split ({NO_PIPE}; {NO_TENSOR}) and does not fit whole on one node: it needs 8.50 GiB, "
+         "node n0 has 6.80 GiB usable"),
+        ((False, False), (8, 4), (12, 12), ["n0", "n1"], f"o/m cannot be split over n0, n1: {NO_PIPE}; {NO_TENSOR}"),
+        ((False, True), (9, 3), (8, 8), None,
+         "o/m does not fit with tensor parallelism: it needs 8.50 GiB; its 9 attention heads and 3 key/value heads "
+         "do not split evenly over 2 nodes, and it does not fit whole on node n0 (6.80 GiB usable)"),
+        ((False, True), (6, 2), (4, 4, 4), None,
+         "o/m does not fit with tensor parallelism: it needs 8.50 GiB; its 6 attention heads and 2 key/value heads "
+         "split evenly over 2 nodes only, and no group of 2 nodes has room for a share each, and it does not fit "
+         "whole on node n0 (3.40 GiB usable)"),
+    ],
+)  # fmt: skip
+def test_auto_refuses_what_fits_no_way_saying_why(
+    ways: tuple[bool, bool], heads: tuple[int, int], memory: tuple[float, ...], pinned: list[str] | None, message: str
+) -> None:
+    with pytest.raises(PlacementError) as refused:
+        place(arch(*ways, *heads), nodes(*memory), pinned=pinned)
+    assert str(refused.value).startswith(message), str(refused.value)
+
+
+def test_an_explicit_strategy_is_honoured_and_says_so() -> None:
+    prof = arch(True, True)
+    p = place(prof, nodes(12, 12), "pipeline")
+    assert (p.strategy, p.reason) == ("pipeline", "pipeline (asked for): layers weighted by free memory over 2 nodes")
+    t = place(prof, nodes(12, 12, 12), "tensor")
+    assert (t.strategy, len(t.shards)) == ("tensor", 2)
+    assert t.reason == "tensor (asked for): its 8 attention heads and 4 key/value heads split over 2 nodes"
+    # tensor asked for a model whose heads divide by no group size: whole on one node when it fits there ...
+    odd = place(arch(True, True, heads=9, kv=3), nodes(12, 12), "tensor")
+    assert (odd.strategy, len(odd.shards)) == ("tensor", 1)
+    assert odd.reason == ("tensor (asked for): whole on node n0: its 9 attention heads and 3 key/value heads "
+                          "do not split evenly over 2 nodes")  # fmt: skip
+    # ... else refused before anything is downloaded, naming the head counts
+    with pytest.raises(PlacementError, match="its 9 attention heads and 3 key/value heads do not split evenly over 2"):
+        place(arch(True, True, heads=9, kv=3), nodes(8, 8), "tensor")
+    # an architecture that cannot do what was asked runs whole, as asked-for strategy, with the reason
+    no_pipe = place(arch(False, True), nodes(12, 4), "pipeline")
+    assert (no_pipe.strategy, no_pipe.reason) == ("pipeline", f"whole on node n0: {NO_PIPE}")
+
+
+def exact(layer_mib: list[int], outer_mib: int = 512) -> ModelProfile:
+    """A profile whose layers' sizes were read from the weights' headers (mixed-bit quantization)."""
+    sizes = [m << 20 for m in layer_mib]
+    return ModelProfile("o/q", len(sizes), max(sizes), outer_mib << 20, True, True, 8, 4, layer_sizes=sizes)
+
+
+def test_planned_bytes_count_each_ranks_real_layers() -> None:
+    prof = exact([600, 300, 300, 300, 300, 300, 300, 600])  # 8-bit first and last layers, 4-bit between
+    assert prof.total_bytes == (512 + 3000) << 20
+    p = place(prof, nodes(10, 10), "pipeline")
+    assert p.splits == [4, 4]
+    assert planned_bytes(prof, p) == [(512 + 1500) << 20, (512 + 1500) << 20]
+    t = place(prof, nodes(10, 10), "tensor")
+    assert planned_bytes(prof, t) == [(512 + 1500) << 20] * 2
+
+
+def test_layers_of_unequal_sizes_that_fit_only_counted_one_by_one() -> None:
+    prof = exact([900, 300, 300, 300, 300, 300, 300, 300])
+    # room for layers: 2.0 GiB * 0.85 - 0.5 GiB = 1228 MiB per node; 1200 + 1200 + 900 + 300 = 3600 MiB to hold
+    memory = (2.0, 2.0, 2.0)
+    p = place(prof, nodes(*memory), "pipeline")
+    covers_all(p.shards, 8)
+    assert all(b <= 2.0 * GiB * HEADROOM for b in planned_bytes(prof, p))
+    with pytest.raises(PlacementError, match=r"8 layers of up to 0.88 GiB"):
+        place(prof, nodes(2.0, 2.0))
+
+
+@pytest.mark.parametrize("memory", [(100,), (6, 6), (3, 9, 5), (2.5, 2.5, 2.5, 2.5), (40, 1.0)])
+def test_no_rank_holds_more_than_its_room_with_real_sizes(memory: tuple[float, ...]) -> None:
+    prof = exact([700, 250, 250, 500, 250, 250, 250, 700, 250, 250])
+    p = place(prof, nodes(*memory), "pipeline")
+    covers_all(p.shards, 10)
+    room = {n.node_id: n.memory_available * HEADROOM for n in nodes(*memory)}
+    for shard, planned in zip(p.shards, planned_bytes(prof, p), strict=True):
+        assert planned == prof.outer_bytes + sum(prof.layer_sizes[shard.layers.start : shard.layers.end])
+        assert planned <= room[shard.node_id]
+
+
+def test_equal_sizes_read_from_headers_place_as_the_estimate_did() -> None:
+    estimate = profile(layers=12)
+    read = ModelProfile("o/m", 12, GiB, GiB // 2, True, True, 8, 4, layer_sizes=[GiB] * 12)
+    for memory in [(4, 16, 8), (10, 10), (9, 9, 0.5)]:
+        assert place(estimate, nodes(*memory), "pipeline") == place(read, nodes(*memory), "pipeline")

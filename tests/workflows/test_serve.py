@@ -4,14 +4,16 @@ bounded in a window, healing waits for room up to its deadline; a cancel stops e
 carries the instance's history of recoveries."""
 
 import time
+from dataclasses import replace
 from datetime import timedelta
 
+import httpx
 import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 
-from shardline.ids import download_workflow_id
+from shardline.ids import download_workflow_id, serve_workflow_id
 from shardline.placement import ModelProfile, NodeCapacity, place
 from shardline.types import LayerRange
 from tests.support.fake_nodes import (
@@ -25,6 +27,7 @@ from tests.support.fake_nodes import (
     states_seen,
     workflow_clock,
 )
+from tests.support.offline_app import offline_app
 from tests.support.waits import eventually
 from workflows.download import DownloadInput
 from workflows.serve import InstanceStatus, ServeInput, ServingWorkflow
@@ -88,6 +91,74 @@ async def test_placed_downloaded_and_ready(fake_cluster: FakeCluster) -> None:
         (runner,) = node.runners
         assert (runner.rank, runner.layers, runner.world_size, runner.splits) == (shard.rank, shard.layers, 2, [2, 2])
         assert runner.secret == ready.secret != ""
+
+
+async def test_no_strategy_picks_pipeline_over_several_nodes_and_says_why(fake_cluster: FakeCluster) -> None:
+    nodes = [await fake_cluster.node(memory=4 * GIB) for _ in range(3)]  # two layers each: pipeline over all three
+    handle = await serving(fake_cluster)  # no strategy: auto
+    assert (await status(handle)).strategy in ("auto", "pipeline")  # "auto" until placed
+    ready = await until_ready(handle)
+    assert (ready.strategy, ready.strategy_reason) == (
+        "pipeline",
+        "pipeline: layers weighted by free memory over 3 nodes",
+    )
+    assert sorted(s.layer_end - s.layer_start for s in ready.shards) == [1, 1, 2]
+    specs = [r for n in nodes for r in n.runners]
+    assert len(specs) == 3 and {(r.strategy, r.world_size) for r in specs} == {("pipeline", 3)}
+
+
+async def test_no_strategy_for_a_model_that_cannot_be_pipelined_splits_by_heads(fake_cluster: FakeCluster) -> None:
+    nodes = [await fake_cluster.node() for _ in range(2)]
+    model = new_model()
+    why = "model type 'gpt2' does not support pipeline parallelism"
+    fake_cluster.control.profile = replace(profile(model), pipeline=False, why_not_pipeline=why)
+    ready = await until_ready(await fake_cluster.start_serve(ServeInput(new_id("i"), model)))
+    assert ready.strategy == "tensor"
+    assert ready.strategy_reason == f"tensor: {why}; its 4 attention heads and 4 key/value heads split over 2 nodes"
+    assert [(r.strategy, r.world_size, r.layers) for n in nodes for r in n.runners] == [
+        ("tensor", 2, LayerRange(0, 4))
+    ] * 2
+
+
+async def test_no_strategy_on_one_node_runs_whole_there(fake_cluster: FakeCluster) -> None:
+    node = await fake_cluster.node()
+    ready = await until_ready(await serving(fake_cluster))
+    assert (ready.strategy, ready.strategy_reason) == ("single", f"whole on node {node.node_id}: the only node online")
+    assert [(r.world_size, r.layers) for r in node.runners] == [(1, LayerRange(0, 4))]
+
+
+async def test_the_api_shows_the_strategy_chosen_and_why(fake_cluster: FakeCluster) -> None:
+    for _ in range(2):
+        await fake_cluster.node(memory=4 * GIB)
+    model = new_model()
+    fake_cluster.control.profile = profile(model)
+    app = offline_app(fake_cluster.client).app
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
+        created = await api.post("/instances", json={"model": model, "strategy": None})
+        assert created.status_code == 202, created.text
+        assert (created.json()["strategy"], created.json()["strategy_reason"]) == ("auto", None)
+        instance_id = created.json()["instance_id"]
+        handle = fake_cluster.client.get_workflow_handle(serve_workflow_id(instance_id))
+        try:
+            await until_ready(handle)
+            shown = (await api.get(f"/instances/{instance_id}")).json()
+        finally:
+            await handle.terminate("the test ended")
+    assert shown["strategy"] == "pipeline"
+    assert shown["strategy_reason"] == "pipeline: layers weighted by free memory over 2 nodes"
+
+
+async def test_tensor_asked_for_heads_that_divide_by_no_group_fails_before_any_download(
+    fake_cluster: FakeCluster,
+) -> None:
+    nodes = [await fake_cluster.node(memory=4 * GIB) for _ in range(2)]  # neither holds it whole
+    model = new_model()
+    fake_cluster.control.profile = replace(profile(model), num_heads=9, num_kv_heads=3)
+    handle = await fake_cluster.start_serve(ServeInput(new_id("i"), model, strategy="tensor"))
+    error = await failure(handle)
+    assert error.type == "placement"
+    assert "its 9 attention heads and 3 key/value heads do not split evenly over 2 nodes" in error.message
+    assert all(not n.downloads for n in nodes)
 
 
 async def test_a_model_that_does_not_fit_fails_at_once_saying_why(fake_cluster: FakeCluster) -> None:

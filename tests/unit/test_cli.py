@@ -1,0 +1,42 @@
+"""What the CLI prints of the API's answers, with the API stood in for (the real one: tests/integration/test_cli)."""
+
+from typing import Any
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from shardline import cli
+
+SHARDS = [{"node_id": "n1", "rank": 0, "layers": [2, 4]}, {"node_id": "n2", "rank": 1, "layers": [0, 2]}]
+INSTANCE = {"instance_id": "m-1", "workflow_id": "serve:m-1", "model": "o/m", "state": "ready", "reason": None,
+            "strategy": "pipeline", "strategy_reason": "pipeline: layers weighted by free memory over 2 nodes",
+            "shards": SHARDS}  # fmt: skip
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, Any]]:
+    calls: list[tuple[str, str, Any]] = []
+
+    def call(method: str, path: str, timeout: float = 60, **kwargs: Any) -> Any:
+        calls.append((method, path, kwargs.get("json")))
+        if method == "POST":
+            return {"workflow_id": "serve:m-1", "instance_id": "m-1"}
+        return [INSTANCE] if path == "/instances" else INSTANCE
+
+    monkeypatch.setattr(cli, "call", call)
+    monkeypatch.setattr(cli, "console", Console(width=200))
+    return calls
+
+
+def test_instances_say_which_strategy_and_why(api: list[tuple[str, str, Any]]) -> None:
+    out = CliRunner().invoke(cli.app, ["instances"]).stdout
+    assert "pipeline: layers weighted by free memory over 2 nodes" in out and "n1: 2-3, n2: 0-1" in out
+
+
+def test_serve_asks_for_auto_unless_told_and_says_what_was_chosen(api: list[tuple[str, str, Any]]) -> None:
+    waited = CliRunner().invoke(cli.app, ["serve", "o/m", "--wait"])
+    assert waited.exit_code == 0, waited.stdout
+    assert "strategy pipeline - pipeline: layers weighted by free memory over 2 nodes" in waited.stdout
+    CliRunner().invoke(cli.app, ["serve", "o/m", "--strategy", "tensor"])
+    assert [body["strategy"] for method, _, body in api if method == "POST"] == ["auto", "tensor"]
