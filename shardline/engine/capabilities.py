@@ -29,7 +29,10 @@ def sharding_support(config: dict[str, Any]) -> Support:
     from shardline.engine.tensor import tensor_problem
 
     model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
+    try:
+        model = model_class(args_class.from_dict(config))
+    except (TypeError, KeyError, AttributeError, AssertionError) as exc:
+        raise ValueError(f"mlx-lm cannot build a {config.get('model_type')!r} model from this config: {exc}") from exc
     kind, layers = config.get("model_type"), num_layers(config)
     pipeline = pipeline_problem(model, layers)
     tensor = None if hasattr(model, "shard") else tensor_problem(model, layers)

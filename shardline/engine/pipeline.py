@@ -129,9 +129,13 @@ class Borrowed:
         return bool(self._source)
 
 
+LAYER_LISTS = ("layers", "h", "blocks")
+
+
 def find_stack(model: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
-    """The module holding the model's list of `num_layers` layers, and that list's attribute name (the
-    shallowest such list: `model.layers`, `transformer.h`, `language_model.model.layers`, ...)."""
+    """The module holding the model's list of `num_layers` layers, and that list's attribute name: the list
+    `model.layers` gives where it is one, else the shallowest list named like a layer stack, else the shallowest."""
+    found: list[tuple[nn.Module, str]] = []
     frontier: list[nn.Module] = [model]
     while frontier:
         following: list[nn.Module] = []
@@ -142,7 +146,7 @@ def find_stack(model: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
                     and len(child) == num_layers
                     and all(isinstance(c, nn.Module) for c in child)
                 ):
-                    return module, name
+                    found.append((module, name))
                 if isinstance(child, nn.Module):
                     following.append(child)
                 elif isinstance(child, (list, tuple)):
@@ -150,7 +154,13 @@ def find_stack(model: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
                 elif isinstance(child, dict):
                     following += [c for c in child.values() if isinstance(c, nn.Module)]
         frontier = following
-    raise ValueError(f"no list of {num_layers} layers in the model")
+    if not found:
+        raise ValueError(f"no list of {num_layers} layers in the model")
+    try:
+        named = model.layers
+    except (AttributeError, TypeError, IndexError):
+        named = None
+    return next((f for f in found if f[0][f[1]] is named), next((f for f in found if f[1] in LAYER_LISTS), found[0]))
 
 
 def pipeline_problem(model: nn.Module, num_layers: int) -> str | None:

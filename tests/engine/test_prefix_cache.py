@@ -19,6 +19,8 @@ def test_untrimmable_caches_only_use_whole_entries() -> None:
     index.add(1, [1, 2, 3, 4], 10)
     assert index.lookup([1, 2, 3, 9]) is None
     assert index.lookup([1, 2, 3, 4, 5]) == Hit(1, 4)
+    # the same prompt again would need the entry cut back by its last token: recurrent state cannot be
+    assert index.lookup([1, 2, 3, 4]) is None
 
 
 def test_least_recently_used_is_evicted_past_the_budget() -> None:
