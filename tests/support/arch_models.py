@@ -149,18 +149,22 @@ def make_arch_model(
     tie: bool | None = None,
     group_size: int = 32,
     layers_per_file: int = 2,
+    dtype: str | None = None,
 ) -> Path:
     """Write a random `arch` model that `mlx_lm.load(str(dest))` loads; return `dest`.
 
     `quantize` (4 or 8 bits) quantizes it as `mlx_lm.convert -q --q-bits quantize` does (affine, `group_size`);
     `mixed` gives even layers and the head 8 bits instead, recorded per path as convert's mixed recipes do.
     `tie` ties the head to the embeddings (None: as ARCHS says); an architecture that cannot raises ValueError.
+    `dtype` ("float32", ...) overrides the architecture's (float16, float32 for experts on MLX's CPU).
     Deterministic in `seed`; reseeds MLX's global random state. Existing model*.safetensors in `dest` go first.
     """
     if mixed and quantize is None:
         raise ValueError("mixed needs quantize")
     tokenizer = cached_tokenizer()
     config = arch_config(arch, num_layers, tie, tokenizer)
+    if dtype is not None:
+        config["torch_dtype"] = dtype
     model = random_model(config, seed, special_ids=[token_id(tokenizer, t) for t in SPECIAL_TOKENS])
     if quantize is not None:
         predicate = mixed_predicate(group_size, quantize) if mixed else None

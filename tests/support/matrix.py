@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lm import load, stream_generate
+from mlx_lm.utils import load_tokenizer
 
 from shardline.engine.spec import RunnerSpec, pipeline_layers
 from tests.support.matrix_ranks import MAX_TOKENS
@@ -33,7 +34,7 @@ class Case:
 
 
 def prompts(model_dir: Path) -> dict[str, Any]:
-    _, tokenizer = load(str(model_dir), lazy=True)
+    tokenizer = load_tokenizer(model_dir)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": TEXTS[0]}], add_generation_prompt=True)
     ids = [tokenizer.encode(t) for t in TEXTS]
     return {"alone": ids[0], "batch": ids[1:], "turn": list(chat), "follow_up": tokenizer.encode(FOLLOW_UP)}

@@ -29,6 +29,7 @@ from shardline.engine.spec import RunnerSpec
 
 MAX_TOKENS = 10
 WAIT_S = 120
+PENDING: "set[Request]" = set()  # rank 0's unanswered requests
 
 
 class Request:
@@ -37,12 +38,14 @@ class Request:
         self.final: dict[str, Any] = {}
         self.done = threading.Event()
         self.job = Job(list(tokens), Sampling(MAX_TOKENS, 0.0, 1.0, 0), [], self.emit)
+        PENDING.add(self)
 
     def emit(self, event: dict) -> None:
         if "token" in event:
             self.tokens.append(event["token"])
         if "finish_reason" in event or "error" in event:
             self.final = event
+            PENDING.discard(self)
             self.done.set()
 
     def result(self) -> dict[str, Any]:
@@ -72,7 +75,16 @@ def lead(batch: Batch, tokenizer: Any, group: Any, model: Any, prompts: dict[str
     index = PrefixIndex(1 << 30, trimmable(model))
     scheduler = Scheduler(batch, tokenizer, group, jobs, max_batch=8, index=index)
     stop = threading.Event()
-    thread = threading.Thread(target=scheduler.serve, args=(stop,), daemon=True)
+
+    def serve() -> None:
+        try:
+            scheduler.serve(stop)
+        except Exception as exc:  # noqa: BLE001 (a distributed step that raises ends the runner: here, the model)
+            traceback.print_exc()
+            for request in list(PENDING):
+                request.emit({"error": f"{type(exc).__name__}: {exc}"})
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
         alone = ask(jobs, [prompts["alone"]])[0]
