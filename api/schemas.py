@@ -111,6 +111,27 @@ class ShardOut(BaseModel):
     ready: bool
 
 
+class PreviewShardOut(BaseModel):
+    node_id: str
+    rank: int
+    layers: tuple[int, int]  # [start, end)
+    bytes: int = Field(description="what the node would hold: its layers' weights and the embeddings and head it needs")
+
+
+class PreviewOut(BaseModel):
+    model: str
+    strategy: str = Field(description="what would run: pipeline, tensor, or single (whole on one node)")
+    reason: str = Field(description="why that strategy and those nodes")
+    shards: list[PreviewShardOut]
+    total_bytes: int = Field(description="the whole model's weights")
+
+    @classmethod
+    def from_preview(cls, p: Any) -> "PreviewOut":
+        shards = [PreviewShardOut(node_id=s.node_id, rank=s.rank, layers=(s.layer_start, s.layer_end),
+                                  bytes=s.planned_bytes) for s in p.shards]  # fmt: skip
+        return cls(model=p.model_id, strategy=p.strategy, reason=p.reason, shards=shards, total_bytes=p.total_bytes)
+
+
 class InstanceOut(BaseModel):
     instance_id: str
     workflow_id: str
