@@ -18,6 +18,11 @@ class ErrorOut(BaseModel):
     error: ErrorBody
 
 
+class PartialModelOut(BaseModel):
+    model: str
+    layers: list[tuple[int, int]] = Field(description="the layer ranges [start, end) held complete")
+
+
 class NodeOut(BaseModel):
     node_id: str
     state: str
@@ -28,7 +33,10 @@ class NodeOut(BaseModel):
     memory_total: int | None = None
     memory_available: int | None = None
     disk_free: int | None = None
-    models: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)  # held whole
+    partial_models: list[PartialModelOut] = Field(
+        default_factory=list, description="models of which only some layers are here (a serve's downloads)"
+    )
     prompt_cache_bytes: int = 0  # KV state the node's runners keep in their prefix caches
 
 

@@ -173,9 +173,14 @@ def nodes(departed: bool = False) -> None:
             n["backend"] or "-",
             mem,
             gib(n["disk_free"]),
-            ", ".join(n["models"]),
+            ", ".join([*n["models"], *(partial(p) for p in n.get("partial_models") or [])]),
         )
     console.print(table)
+
+
+def partial(model: dict[str, Any]) -> str:
+    """`org/m [0, 2) [4, 6)`: a model of which the node holds only these layers."""
+    return f"{model['model']} " + " ".join(f"[{start}, {end})" for start, end in model["layers"])
 
 
 @app.command()
