@@ -187,3 +187,13 @@ def test_runner_exits_when_its_parent_dies(workdir: Path, qwen_dir: Path) -> Non
     finally:
         if not gone(runner_pid, within=0):
             os.kill(runner_pid, signal.SIGKILL)
+
+
+def test_what_counts_as_the_model_s_own_refusal() -> None:
+    from shardline.engine.loading import refused
+
+    assert refused(ValueError("[rope] dims must be even but got 9."), distributed=True)
+    assert refused(RuntimeError("[load_safetensors] Invalid json header length"), distributed=False)
+    assert not refused(RuntimeError("[ring] Connection reset"), distributed=True)  # the ring fails so too
+    assert not refused(FileNotFoundError("missing weight files"), distributed=False)  # a download may fix it
+    assert not refused(MemoryError(), distributed=False)
