@@ -8,9 +8,9 @@ from pathlib import Path
 
 import psutil
 
-from activities.completion import read_completion
-from shardline.model_files import COMPLETE_MARKER
-from shardline.types import NodeResources
+from activities.completion import local_weight_map, read_completion
+from shardline.model_files import COMPLETE_MARKER, Completion, held_layers
+from shardline.types import NodeResources, PartialModel
 
 
 def backend() -> str:
@@ -31,14 +31,30 @@ def chip() -> str:
 
 def models_on_disk(models_dir: Path) -> list[str]:
     """Models downloaded whole (their completion marker says every file is complete; a layer range is not)."""
+    return sorted(done.model_id for _, done in completions(models_dir) if done.full)
+
+
+def partial_models(models_dir: Path) -> list[PartialModel]:
+    """Models of which only some layer ranges are complete here (a serve's downloads), with those ranges."""
+    found = []
+    for dest, done in completions(models_dir):
+        weight_map = local_weight_map(dest)
+        if done.full or weight_map is None:
+            continue
+        if layers := held_layers(weight_map, done.complete):
+            found.append(PartialModel(done.model_id, layers))
+    return sorted(found, key=lambda p: p.model_id)
+
+
+def completions(models_dir: Path) -> list[tuple[Path, Completion]]:
+    """Each model directory with a readable completion marker, and what the marker says."""
     if not models_dir.is_dir():
         return []
     found = []
     for marker in models_dir.glob(f"**/{COMPLETE_MARKER}"):
-        done = read_completion(marker.parent)
-        if done is not None and done.full:
-            found.append(done.model_id)
-    return sorted(found)
+        if (done := read_completion(marker.parent)) is not None:
+            found.append((marker.parent, done))
+    return found
 
 
 class CacheLedger:
@@ -66,6 +82,7 @@ def read_resources(
         memory_available=available,
         disk_free=shutil.disk_usage(home).free,
         models=models_on_disk(home / "models"),
+        partial_models=partial_models(home / "models"),
         host=host,
         prompt_cache_bytes=cache_bytes,
     )

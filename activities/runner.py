@@ -186,9 +186,9 @@ class ShardActivities:
                 if event.get("event") == "ready":
                     return dict(event)
                 if event.get("event") == "error":
-                    raise error(
-                        ErrorType.RUNNER_FAILED, f"runner on {self._node_id} cannot load: {event.get('message')}"
-                    )
+                    # a model MLX refuses fails its instance at once; anything else may go with a retry
+                    kind = ErrorType.BAD_INPUT if event.get("refused") else ErrorType.RUNNER_FAILED
+                    raise error(kind, f"runner on {self._node_id} cannot load: {event.get('message')}")
             line_task = asyncio.ensure_future(proc.stdout.readline())
 
 

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 import structlog
 from fastapi import HTTPException
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from api.views import outcome
 from shardline import search
+from shardline.errors import cause_message, error_type
 from shardline.ids import instance_of
 from shardline.states import InstanceState, Kind
 from workflows import client as workflows
@@ -40,9 +41,22 @@ async def instance_status(
             return known or InstanceStatus(instance_id, model, InstanceState.STARTING, "")
     ended = InstanceStatus(instance_id, model, state_of(desc), "")  # a canceled one reads "stopped"
     if ended.state == InstanceState.FAILED:
-        _, ended.reason, kind = await outcome(client, workflow_id)
-        ended.error_type = kind and kind.value
+        await failed(client, workflow_id, ended)
     return ended
+
+
+async def failed(client: Client, workflow_id: str, ended: InstanceStatus) -> None:
+    """Why it failed, and the recoveries and incidents it last knew (its failure's details; none in a failure
+    recorded before they were kept)."""
+    try:
+        await client.get_workflow_handle(workflow_id).result()
+    except WorkflowFailureError as err:
+        kind = error_type(err)
+        ended.reason, ended.error_type = cause_message(err), kind and kind.value
+        details = err.cause.details if isinstance(err.cause, ApplicationError) else ()
+        if details and isinstance(details[0], dict):
+            ended.recoveries = int(details[0].get("recoveries") or 0)
+            ended.incidents = [str(i) for i in details[0].get("incidents") or []]
 
 
 async def list_instances(

@@ -18,6 +18,11 @@ class ErrorOut(BaseModel):
     error: ErrorBody
 
 
+class PartialModelOut(BaseModel):
+    model: str
+    layers: list[tuple[int, int]] = Field(description="the layer ranges [start, end) held complete")
+
+
 class NodeOut(BaseModel):
     node_id: str
     state: str
@@ -28,7 +33,10 @@ class NodeOut(BaseModel):
     memory_total: int | None = None
     memory_available: int | None = None
     disk_free: int | None = None
-    models: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)  # held whole
+    partial_models: list[PartialModelOut] = Field(
+        default_factory=list, description="models of which only some layers are here (a serve's downloads)"
+    )
     prompt_cache_bytes: int = 0  # KV state the node's runners keep in their prefix caches
 
 
@@ -109,6 +117,27 @@ class ShardOut(BaseModel):
     rank: int
     layers: tuple[int, int]  # [start, end)
     ready: bool
+
+
+class PreviewShardOut(BaseModel):
+    node_id: str
+    rank: int
+    layers: tuple[int, int]  # [start, end)
+    bytes: int = Field(description="what the node would hold: its layers' weights and the embeddings and head it needs")
+
+
+class PreviewOut(BaseModel):
+    model: str
+    strategy: str = Field(description="what would run: pipeline, tensor, or single (whole on one node)")
+    reason: str = Field(description="why that strategy and those nodes")
+    shards: list[PreviewShardOut]
+    total_bytes: int = Field(description="the whole model's weights")
+
+    @classmethod
+    def from_preview(cls, p: Any) -> "PreviewOut":
+        shards = [PreviewShardOut(node_id=s.node_id, rank=s.rank, layers=(s.layer_start, s.layer_end),
+                                  bytes=s.planned_bytes) for s in p.shards]  # fmt: skip
+        return cls(model=p.model_id, strategy=p.strategy, reason=p.reason, shards=shards, total_bytes=p.total_bytes)
 
 
 class InstanceOut(BaseModel):

@@ -6,7 +6,7 @@ from typing import Any
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowFailureError
 
-from api.schemas import DownloadOut, NodeOut, Progress
+from api.schemas import DownloadOut, NodeOut, PartialModelOut, Progress
 from shardline import search
 from shardline.errors import ErrorType, cause_message, error_type
 from shardline.states import Kind, WorkState
@@ -18,7 +18,10 @@ from workflows.state import describe, heartbeat, list_query, state_of
 def node_out(view: state.NodeView) -> NodeOut:
     out = NodeOut(node_id=view.node_id, state=view.state, workflow_id=view.workflow_id)
     if view.resources is not None:
-        out = out.model_copy(update={k: v for k, v in vars(view.resources).items() if k != "node_id"})
+        fields = {k: v for k, v in vars(view.resources).items() if k not in ("node_id", "partial_models")}
+        partial = [PartialModelOut(model=p.model_id, layers=[(r.start, r.end) for r in p.layers])
+                   for p in view.resources.partial_models]  # fmt: skip
+        out = out.model_copy(update={**fields, "partial_models": partial})
     return out
 
 

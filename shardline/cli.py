@@ -156,6 +156,11 @@ def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f} GiB"
 
 
+def size(n: int) -> str:
+    """Bytes as a person reads them: GiB, or MiB below one GiB (a small model is not "0.0 GiB")."""
+    return gib(n) if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 @app.command()
 def nodes(departed: bool = False) -> None:
     """The nodes of the cluster."""
@@ -168,9 +173,14 @@ def nodes(departed: bool = False) -> None:
             n["backend"] or "-",
             mem,
             gib(n["disk_free"]),
-            ", ".join(n["models"]),
+            ", ".join([*n["models"], *(partial(p) for p in n.get("partial_models") or [])]),
         )
     console.print(table)
+
+
+def partial(model: dict[str, Any]) -> str:
+    """`org/m [0, 2) [4, 6)`: a model of which the node holds only these layers."""
+    return f"{model['model']} " + " ".join(f"[{start}, {end})" for start, end in model["layers"])
 
 
 @app.command()
@@ -274,10 +284,18 @@ def serve(
         str, typer.Option("--strategy", help="auto (what the model supports and fits), pipeline or tensor")
     ] = "auto",
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it is ready")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Only show where it would go (nodes, layers, bytes), or why it does not fit"),
+    ] = False,
 ) -> None:
     """Serve MODEL across the cluster."""
     pinned = [n.strip() for n in nodes.split(",")] if nodes else None
-    started = call("POST", "/instances", json={"model": model, "nodes": pinned, "strategy": strategy})
+    body = {"model": model, "nodes": pinned, "strategy": strategy}
+    if dry_run:
+        show_preview(call("POST", "/instances/preview", json=body))
+        return
+    started = call("POST", "/instances", json=body)
     console.print(f"started {started['workflow_id']}")
     if wait:
         with console.status(f"{started['instance_id']}: placing") as spinner:
@@ -294,6 +312,16 @@ def serve(
             console.print(f"strategy {current['strategy']} - {current['strategy_reason']}")
         if current["state"] != InstanceState.READY:
             raise typer.Exit(1)
+
+
+def show_preview(preview: dict[str, Any]) -> None:
+    """Where a serve would go: one row per rank, then the strategy and why."""
+    table = Table("rank", "node", "layers", "holds")
+    for s in preview["shards"]:
+        table.add_row(str(s["rank"]), s["node_id"], f"{s['layers'][0]}-{s['layers'][1] - 1}", size(s["bytes"]))
+    console.print(table)
+    console.print(f"{preview['model']} ({size(preview['total_bytes'])}) fits: strategy {preview['strategy']} - "
+                  f"{preview['reason']}")  # fmt: skip
 
 
 @app.command()

@@ -1,7 +1,9 @@
 """Every kind of failure shardline produces, named once: set where it happens (an activity, a workflow, an API
 route), carried as `ApplicationError.type` through Temporal, and turned into an HTTP status in api/errors.py."""
 
+from collections.abc import Sequence
 from enum import StrEnum
+from typing import Any
 
 from temporalio.exceptions import ApplicationError, CancelledError
 
@@ -32,12 +34,17 @@ _VALUES = frozenset(t.value for t in ErrorType)
 
 
 def error(
-    kind: ErrorType, message: str, cause: BaseException | None = None, *, non_retryable: bool | None = None
+    kind: ErrorType,
+    message: str,
+    cause: BaseException | None = None,
+    *,
+    non_retryable: bool | None = None,
+    details: Sequence[Any] = (),
 ) -> ApplicationError:
     """The error to raise for a failure of this kind; retryable as the kind says unless told otherwise
-    (a workflow's own failure is final)."""
+    (a workflow's own failure is final). `details` travel with it (what a failed workflow last knew)."""
     final = kind not in RETRYABLE if non_retryable is None else non_retryable
-    err = ApplicationError(message, type=kind.value, non_retryable=final)
+    err = ApplicationError(message, *details, type=kind.value, non_retryable=final)
     if cause is not None:
         err.__cause__ = cause
     return err

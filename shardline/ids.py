@@ -62,6 +62,11 @@ def serve_workflow_id(instance_id: str) -> str:
     return f"{Kind.SERVE}:{instance_id}"
 
 
+def preview_workflow_id(preview_id: str) -> str:
+    """One preview of where a model would go (a fresh id each time, as `new_instance_id` makes)."""
+    return f"{Kind.PREVIEW}:{preview_id}"
+
+
 def new_instance_id(model_id: str) -> str:
     """A fresh instance id that says which model it serves: `llama-3.2-1b-4bit-1a2b3c`."""
     return f"{model_id.rsplit('/', 1)[-1].lower()[:40]}-{uuid.uuid4().hex[:6]}"

@@ -39,6 +39,28 @@ def weight_files_for_layers(weight_map: dict[str, str], layers: LayerRange) -> l
     return sorted(wanted)
 
 
+def held_layers(weight_map: dict[str, str], complete: Iterable[str]) -> list[LayerRange]:
+    """The layer ranges whose every tensor is in a complete file (with the embeddings and head a rank needs),
+    merged: what a node that downloaded some layer ranges of a model can serve of it."""
+    done = set(complete)
+    if any(tensor_layer(t) is None and f not in done for t, f in weight_map.items()):
+        return []
+    missing: set[int] = set()
+    layers: set[int] = set()
+    for tensor, filename in weight_map.items():
+        if (layer := tensor_layer(tensor)) is not None:
+            layers.add(layer)
+            if filename not in done:
+                missing.add(layer)
+    ranges: list[LayerRange] = []
+    for layer in sorted(layers - missing):
+        if ranges and ranges[-1].end == layer:
+            ranges[-1] = LayerRange(ranges[-1].start, layer + 1)
+        else:
+            ranges.append(LayerRange(layer, layer + 1))
+    return ranges
+
+
 def files_to_fetch(files: Iterable[str], weight_map: dict[str, str] | None, layers: LayerRange | None) -> list[str]:
     """The whole repo without other weight formats, or only what a layer range needs."""
     files = list(files)

@@ -11,6 +11,7 @@ class Kind(StrEnum):
     DOWNLOAD = "download"
     DELETE = "delete"
     SERVE = "serve"
+    PREVIEW = "preview"  # where a serve would place a model, asked before anything is downloaded
 
 
 class NodeState(StrEnum):

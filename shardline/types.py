@@ -19,6 +19,14 @@ class LayerRange:
 
 
 @dataclass
+class PartialModel:
+    """A model a node holds only some layers of (a serve's download): the ranges whose weights are complete."""
+
+    model_id: str
+    layers: list[LayerRange] = field(default_factory=list)
+
+
+@dataclass
 class NodeResources:
     node_id: str
     hostname: str
@@ -30,6 +38,7 @@ class NodeResources:
     models: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     prompt_cache_bytes: int = 0  # KV state this node's runners keep in their prefix caches
+    partial_models: list[PartialModel] = field(default_factory=list)  # not in `models`: only some layers here
 
 
 @dataclass

@@ -11,9 +11,10 @@ from workers.run import run_until_signal
 from workflows.delete import DeleteModelWorkflow
 from workflows.download import DownloadWorkflow
 from workflows.node import NodeWorkflow
+from workflows.preview import PreviewWorkflow
 from workflows.serve import ServingWorkflow
 
-WORKFLOWS = [NodeWorkflow, DownloadWorkflow, DeleteModelWorkflow, ServingWorkflow]
+WORKFLOWS = [NodeWorkflow, DownloadWorkflow, DeleteModelWorkflow, ServingWorkflow, PreviewWorkflow]
 
 
 async def run_control(settings: Settings) -> None:

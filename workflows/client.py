@@ -9,13 +9,14 @@ from datetime import timedelta
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 
-from shardline.ids import serve_workflow_id
+from shardline.ids import new_instance_id, serve_workflow_id
 from shardline.types import DeleteResult, DownloadResult
 from workflows.delete import DeleteInput, DeleteModelWorkflow
 from workflows.download import DownloadInput, DownloadWorkflow
 from workflows.node import NodeInput, NodeStatus, NodeWorkflow
+from workflows.preview import Preview, PreviewInput, PreviewWorkflow
 from workflows.serve import InstanceStatus, ServeInput, ServingWorkflow
-from workflows.starts import delete_start, download_start, node_start, serve_start
+from workflows.starts import delete_start, download_start, node_start, preview_start, serve_start
 
 
 async def start_download(client: Client, inp: DownloadInput) -> WorkflowHandle[DownloadWorkflow, DownloadResult]:
@@ -43,6 +44,14 @@ async def start_delete(client: Client, inp: DeleteInput) -> WorkflowHandle[Delet
 async def start_serving(client: Client, inp: ServeInput) -> WorkflowHandle[ServingWorkflow, InstanceStatus]:
     return await client.start_workflow(
         ServingWorkflow.run, inp, **serve_start(inp.instance_id, inp.model_id, inp.strategy)
+    )
+
+
+async def preview(client: Client, inp: PreviewInput) -> Preview:
+    """Where a serve of the model would go now, and why (or why it does not fit); raises as the preview fails
+    (the model not found, gated, not a model)."""
+    return await client.execute_workflow(
+        PreviewWorkflow.run, inp, **preview_start(new_instance_id(inp.model_id), inp.model_id)
     )
 
 

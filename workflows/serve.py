@@ -48,6 +48,8 @@ MAX_PLACE_DELAY_S = 60.0
 # ring ports, below the ephemeral ranges of Linux (32768-60999) and macOS (49152-65535): a port taken by some
 # outgoing connection would fail the runner's bind and cost a recovery
 RING_PORTS = (20000, 32767)
+# a runner that cannot load the model itself fails the instance at once (histories from before recovered)
+MODEL_REFUSED = "model-refused-fails-at-once"
 RUNNER_LIFETIME = timedelta(days=365)  # a runner lives until stopped; its heartbeat says it is alive
 
 
@@ -102,6 +104,14 @@ class RunnerLost:
     gone: list[str]  # nodes that went silent: left out of the next placement
 
 
+def refused(outcomes: list[BaseException | None]) -> str | None:
+    """Why a runner could not load the model itself (MLX or mlx-lm refuse it), if one could not."""
+    for outcome in outcomes:
+        if isinstance(outcome, ActivityError) and error_type(outcome) == ErrorType.BAD_INPUT:
+            return cause_message(outcome)
+    return None
+
+
 def recent_recoveries(times: list[float], now: float, window_s: float) -> list[float]:
     """The recoveries within the window before `now`, and this one."""
     return [t for t in times if now - t < window_s] + [now]
@@ -147,18 +157,21 @@ class ServingWorkflow:
             if not await self._fetch(inp, placement):
                 continue
             await self._run(inp, placement)
-            lost = self._lost(inp, placement, await self._stop_runners())
-            self._status.recoveries += 1
+            outcomes = await self._stop_runners()
+            if (refusal := refused(outcomes)) is not None and workflow.patched(MODEL_REFUSED):
+                raise self._failed(ErrorType.BAD_INPUT, refusal)  # the same model fails the same way on any node
+            lost = self._lost(inp, placement, outcomes)
             self._status.incidents = [*self._status.incidents, lost.reason][-MAX_INCIDENTS:]
             if workflow.patched("recovery-window"):
                 self._recent = recent_recoveries(self._recent, workflow.now().timestamp(), inp.recovery_window_s)
                 over = len(self._recent) > inp.max_recoveries
                 window = f" within {inp.recovery_window_s:g} s"
             else:
-                over, window = self._status.recoveries > inp.max_recoveries, ""
-            if over:
+                over, window = self._status.recoveries + 1 > inp.max_recoveries, ""
+            if over:  # `recoveries` counts those made: this loss is not recovered
                 reason = f"gave up after {inp.max_recoveries} recoveries{window}; last: {lost.reason}"
                 raise self._failed(ErrorType.GAVE_UP, reason)
+            self._status.recoveries += 1
             self._set(InstanceState.RECOVERING, lost.reason)
             excluded = lost.gone
             if workflow.info().is_continue_as_new_suggested():  # every runner is drained: nothing is orphaned
@@ -360,7 +373,9 @@ class ServingWorkflow:
         """The instance failed: say so, and return the error that ends the workflow."""
         self._set(InstanceState.FAILED, reason)
         self._status.error_type = kind.value
-        return error(kind, reason, cause, non_retryable=True)
+        # what the API shows of an ended instance, which no longer answers its status query
+        last = {"recoveries": self._status.recoveries, "incidents": self._status.incidents}
+        return error(kind, reason, cause, non_retryable=True, details=[last])
 
     def _set(self, state: InstanceState, details: str) -> None:
         self._status.state = state

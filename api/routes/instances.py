@@ -1,16 +1,20 @@
+import asyncio
+
 from fastapi import APIRouter, status
 
 from api.deps import ClientDep, InstancesDep, SettingsDep
 from api.instances import instance_status, list_instances
-from api.schemas import InstanceCreate, InstanceOut
+from api.schemas import ErrorOut, InstanceCreate, InstanceOut, PreviewOut
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import new_instance_id, serve_workflow_id
 from shardline.states import InstanceState, WorkState
 from workflows import client as workflows
+from workflows.preview import PreviewInput
 from workflows.serve import ServeInput
 
 router = APIRouter(prefix="/instances", tags=["instances"])
 STOP_WAIT = 60.0  # seconds DELETE waits for every runner to stop
+PREVIEW_WAIT = 60.0  # seconds a preview may take: the model's profile comes from the hub (or the control's cache)
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=InstanceOut)
@@ -32,6 +36,22 @@ async def create_instance(
     await workflows.start_serving(client, inp)
     cache.forget()
     return InstanceOut.of(instance_id, body.model, InstanceState.PLACING, inp.strategy)
+
+
+@router.post("/preview", response_model=PreviewOut, responses={409: {"model": ErrorOut}})
+async def preview_instance(body: InstanceCreate, client: ClientDep) -> PreviewOut:
+    """Where `POST /instances` with this body would place the model now, before anything is downloaded: the
+    nodes, their layer ranges and bytes, the strategy and why; 409 (type `placement`) with the reason it does not
+    fit."""
+    inp = PreviewInput(body.model, body.strategy or "auto", body.nodes, body.revision)
+    try:
+        preview = await asyncio.wait_for(workflows.preview(client, inp), PREVIEW_WAIT)
+    except TimeoutError as err:
+        message = f"no answer within {PREVIEW_WAIT:g} s: is the control worker (`shardline control`) running?"
+        raise ShardlineError(ErrorType.UNAVAILABLE, message) from err
+    if not preview.fits:
+        raise ShardlineError(ErrorType.PLACEMENT, preview.reason)
+    return PreviewOut.from_preview(preview)
 
 
 @router.get("", response_model=list[InstanceOut])

@@ -10,6 +10,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
@@ -77,7 +79,29 @@ def stage(model_dir: Path, weight_files: list[str], staging: Path) -> Path:
     return staging
 
 
+class ModelRefused(Exception):
+    """MLX or mlx-lm refuse the model itself (its config, its weights, running it): retrying cannot fix it."""
+
+
+def refused(error: BaseException, distributed: bool) -> bool:
+    """Whether a failure to load is the model's own. Files (a download may fix them) and memory (another
+    placement may find it) are not; with a ring, neither are RuntimeErrors: the ring fails with them too."""
+    if isinstance(error, (OSError, MemoryError)):
+        return False
+    return not (distributed and isinstance(error, RuntimeError))
+
+
 def load_shard(spec: RunnerSpec, group: mx.distributed.Group | None) -> tuple[nn.Module, TokenizerWrapper]:
+    """This rank's part of the model, warmed up, and the tokenizer; ModelRefused when the model cannot run."""
+    try:
+        return load_parts(spec, group)
+    except Exception as error:
+        if refused(error, group is not None):
+            raise ModelRefused(str(error) or type(error).__name__) from error
+        raise
+
+
+def load_parts(spec: RunnerSpec, group: mx.distributed.Group | None) -> tuple[nn.Module, TokenizerWrapper]:
     model_dir = Path(spec.model_path)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}")
@@ -91,8 +115,15 @@ def load_shard(spec: RunnerSpec, group: mx.distributed.Group | None) -> tuple[nn
         mx.eval(model.parameters())  # reads the local weights, while the staged links still exist
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    warm_up(model)  # before the tokenizer, whose config checks would speak for MLX (transformers checks RoPE too)
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
+
+
+def warm_up(model: nn.Module) -> None:
+    """One real forward pass before reporting ready: a model MLX cannot run fails loading, with MLX's reason."""
+    with mx.stream(generation_stream):
+        mx.eval(model(mx.array([[0]]), cache=make_prompt_cache(model)))
 
 
 def check_fits(config: dict, spec: RunnerSpec) -> None:

@@ -11,11 +11,8 @@ from pathlib import Path
 from queue import Queue
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 import structlog
-from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import make_prompt_cache
 
 from shardline.engine import protocol
 from shardline.engine.batch import Batch, trimmable
@@ -32,15 +29,15 @@ Report = Callable[[dict], None]
 
 class Rank:
     def __init__(self, spec_path: str) -> None:
-        """Raises whatever keeps this rank from serving: bad spec, port taken, missing files, out of memory."""
+        """Raises whatever keeps this rank from serving: bad spec, port taken, missing files, out of memory;
+        ModelRefused when it is the model itself MLX or mlx-lm cannot run."""
         self.spec = RunnerSpec.read(Path(spec_path))
         configure_logging(rank=str(self.spec.rank))
         log.info("runner.loading", model=self.spec.model_path, strategy=self.spec.strategy)
         self.sock = bind(self.spec.http_host, self.spec.http_port) if self.spec.rank == 0 else None
         with tempfile.TemporaryDirectory(prefix="shardline-ring-") as workdir:
             self.group = init_group(self.spec, Path(workdir))
-        self.model, self.tokenizer = load_shard(self.spec, self.group)
-        warm_up(self.model)
+        self.model, self.tokenizer = load_shard(self.spec, self.group)  # warmed up
         if self.group is not None:
             protocol.share(self.group, [1] if self.spec.rank == 0 else None, 1)  # every rank has loaded
         self.batch = Batch(self.model, self.tokenizer, prefill_step=PREFILL_STEP)
@@ -85,12 +82,6 @@ PREFILL_STEP = 512  # prompt tokens per forward pass: a long prompt lets the oth
 
 def ready_event(rank: int, model: nn.Module, endpoint: str | None) -> dict:
     return {"event": "ready", "rank": rank, "endpoint": endpoint, "memory_bytes": parameter_bytes(model)}
-
-
-def warm_up(model: nn.Module) -> None:
-    """One real forward pass before reporting ready: a model MLX cannot run fails loading, with MLX's reason."""
-    with mx.stream(generation_stream):
-        mx.eval(model(mx.array([[0]]), cache=make_prompt_cache(model)))
 
 
 def context_length(model_dir: Path) -> int | None:

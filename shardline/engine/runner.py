@@ -3,9 +3,11 @@
 stdout carries only JSON events, one per line (everything else printed goes to stderr):
   {"event": "ready", "rank": r, "endpoint": "http://host:port" | null, "memory_bytes": n}
   {"event": "stats", "cache_bytes": n}   this rank's prefix cache changed size
-  {"event": "error", "message": "..."}
+  {"event": "error", "message": "...", "refused": bool}   refused: the model itself cannot run (MLX or
+                                                          mlx-lm refuse it): retrying cannot help
 Exit codes: 0 shut down (SIGTERM/SIGINT to rank 0 stops every rank), 1 failed while
-serving (or the parent died), 2 could not start (bad spec, missing files, out of memory).
+serving (or the parent died), 2 could not start (bad spec, missing files, out of memory, the ring),
+3 the model cannot run (MLX or mlx-lm refuse it: its config, its weights, a forward pass).
 """
 
 import json
@@ -19,7 +21,7 @@ from typing import TextIO
 import structlog
 
 log = structlog.get_logger(__name__)
-EXIT_FAILED, EXIT_START = 1, 2
+EXIT_FAILED, EXIT_START, EXIT_REFUSED = 1, 2, 3
 PARENT_POLL_S = 0.5
 
 
@@ -64,14 +66,16 @@ def main(argv: list[str]) -> int:
         report({"event": "error", "message": "usage: python -m shardline.engine.runner SPEC_JSON_PATH"})
         return EXIT_START
     # Imported only now: MLX and mlx_lm take seconds to import, and the parent watch must run by then.
+    from shardline.engine.loading import ModelRefused
     from shardline.engine.rank import Rank
 
     try:
         rank = Rank(argv[1])
-    except Exception as error:  # every start failure is reported the same way
+    except Exception as error:  # every start failure is reported the same way, saying whether a retry may help
         log.exception("runner.start_failed")
-        report({"event": "error", "message": describe(error)})
-        return EXIT_START
+        refused = isinstance(error, ModelRefused)
+        report({"event": "error", "message": describe(error), "refused": refused})
+        return EXIT_REFUSED if refused else EXIT_START
     try:
         rank.run(report)
     except Exception as error:  # the parent learns why from the event

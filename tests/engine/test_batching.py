@@ -295,5 +295,5 @@ def test_a_model_mlx_cannot_run_fails_loading_with_mlx_reason(workdir: Path, qwe
     (broken / "config.json").write_text(json.dumps(config))
     runner = spawn(rank_specs([broken], "single")[0], workdir, "odd-heads")
     event = runner.event()
-    assert runner.proc.wait(30) == 2
-    assert event["event"] == "error" and "dims must be even" in event["message"]
+    assert runner.proc.wait(30) == 3  # the model itself: retrying cannot help
+    assert event["event"] == "error" and event["refused"] and "dims must be even" in event["message"]

@@ -136,7 +136,7 @@ def test_missing_weight_file_fails_with_exit_code_2(workdir: Path, qwen_dir: Pat
     runner = spawn(rank_specs([broken], "single")[0], workdir, "broken")
     event = runner.event()
     assert runner.proc.wait(30) == 2
-    assert event["event"] == "error"
+    assert event["event"] == "error" and not event["refused"]  # a download may bring it back
     assert "missing weight files" in event["message"] and "model-00003-of-00004.safetensors" in event["message"]
 
 
@@ -147,7 +147,8 @@ def test_bad_spec_fails_with_exit_code_2(workdir: Path, qwen_dir: Path) -> None:
         [sys.executable, "-m", "shardline.engine.runner", str(spec_path)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2
-    assert json.loads(proc.stdout) == {"event": "error", "message": "strategy 'pipeline' does not fit world size 1"}
+    message = "strategy 'pipeline' does not fit world size 1"
+    assert json.loads(proc.stdout) == {"event": "error", "message": message, "refused": False}
 
 
 PARENT = """
@@ -186,3 +187,13 @@ def test_runner_exits_when_its_parent_dies(workdir: Path, qwen_dir: Path) -> Non
     finally:
         if not gone(runner_pid, within=0):
             os.kill(runner_pid, signal.SIGKILL)
+
+
+def test_what_counts_as_the_model_s_own_refusal() -> None:
+    from shardline.engine.loading import refused
+
+    assert refused(ValueError("[rope] dims must be even but got 9."), distributed=True)
+    assert refused(RuntimeError("[load_safetensors] Invalid json header length"), distributed=False)
+    assert not refused(RuntimeError("[ring] Connection reset"), distributed=True)  # the ring fails so too
+    assert not refused(FileNotFoundError("missing weight files"), distributed=False)  # a download may fix it
+    assert not refused(MemoryError(), distributed=False)

@@ -3,6 +3,7 @@
 import asyncio
 import itertools
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import httpx
 import pytest
 
 from tests.conftest import QWEN, TINY, Cluster
+from tests.support.hub_mirror import HubMirror, publish_model
+from tests.support.model_factory import make_tiny_model
 from tests.support.serving import (
     MESSAGES,
     greedy,
@@ -134,3 +137,22 @@ async def test_runner_crash_is_a_503_then_heals_on_the_same_node(
     assert "runner 0" in healed["incidents"][0] and "exited" in healed["incidents"][0], healed["incidents"]
     assert await greedy(cluster, TINY, stream=True) == reference(model_dirs[TINY])
     await stop(api, instance, [home])
+
+
+async def test_a_model_mlx_refuses_fails_at_once(
+    cluster: Cluster, api: httpx.AsyncClient, hub: HubMirror, tmp_path: Path, node_id: str
+) -> None:
+    # head_dim 9: it loads, and MLX's RoPE refuses to run it (so does transformers' config check, later)
+    odd = make_tiny_model(tmp_path / "odd", hidden_size=36, num_heads=4, num_kv_heads=2, num_files=2)
+    publish_model(odd, hub.mirrors_root, "test-org/odd-heads")
+    (home,) = await start_nodes(cluster, api, [node_id])
+    started = time.monotonic()
+    instance = await start_instance(api, "test-org/odd-heads", nodes=[node_id])
+    failed = await wait_state(api, instance, {"failed", "ready"}, timeout=60)
+    took = time.monotonic() - started
+    print(f"failed after {took:.1f} s")
+    assert failed["state"] == "failed" and failed["error_type"] == "bad_input", failed
+    assert "[rope] dims must be even" in failed["reason"] and node_id in failed["reason"], failed["reason"]
+    assert failed["recoveries"] == 0 and failed["incidents"] == [], failed
+    assert took < 30, took  # it was 3 recoveries, about 100 s
+    assert runners([home]) == []

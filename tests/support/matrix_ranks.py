@@ -24,7 +24,7 @@ from shardline.engine.generation import Job, Scheduler, follow
 from shardline.engine.loading import init_group, load_shard, parameter_bytes
 from shardline.engine.prefix_cache import PrefixIndex
 from shardline.engine.protocol import Sampling
-from shardline.engine.rank import PREFILL_STEP, warm_up
+from shardline.engine.rank import PREFILL_STEP
 from shardline.engine.spec import RunnerSpec
 
 MAX_TOKENS = 10
@@ -100,8 +100,7 @@ def lead(batch: Batch, tokenizer: Any, group: Any, model: Any, prompts: dict[str
 
 def serve_model(entry: dict[str, Any], rank: int, group: Any) -> dict[str, Any]:
     spec = RunnerSpec.from_json(json.dumps(entry["specs"][rank]))
-    model, tokenizer = load_shard(spec, group)
-    warm_up(model)
+    model, tokenizer = load_shard(spec, group)  # warmed up
     nbytes = parameter_bytes(model)
     if group is not None:
         protocol.share(group, [1] if rank == 0 else None, 1)

@@ -40,3 +40,25 @@ def test_serve_asks_for_auto_unless_told_and_says_what_was_chosen(api: list[tupl
     assert "strategy pipeline - pipeline: layers weighted by free memory over 2 nodes" in waited.stdout
     CliRunner().invoke(cli.app, ["serve", "o/m", "--strategy", "tensor"])
     assert [body["strategy"] for method, _, body in api if method == "POST"] == ["auto", "tensor"]
+
+
+def test_dry_run_shows_the_preview_and_serves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+    shards = [{**s, "bytes": 2**30 if s["rank"] == 0 else 2**29} for s in SHARDS]
+    why = "pipeline: layers weighted by free memory over 2 nodes"
+    preview = {"model": "o/m", "strategy": "pipeline", "reason": why, "total_bytes": 3 * 2**29, "shards": shards}
+
+    def call(method: str, path: str, timeout: float = 60, **kwargs: Any) -> Any:
+        calls.append((method, path))
+        return preview
+
+    monkeypatch.setattr(cli, "call", call)
+    monkeypatch.setattr(cli, "console", Console(width=200))
+    out = CliRunner().invoke(cli.app, ["serve", "o/m", "--nodes", "n1,n2", "--dry-run"]).stdout
+    assert calls == [("POST", "/instances/preview")]
+    assert "n1" in out and "2-3" in out and "1.0 GiB" in out and "512.0 MiB" in out, out
+    assert "o/m (1.5 GiB) fits: strategy pipeline - pipeline: layers weighted by free memory over 2 nodes" in out
+
+
+def test_nodes_list_partial_models_with_their_layers() -> None:
+    assert cli.partial({"model": "o/m", "layers": [[0, 2], [5, 6]]}) == "o/m [0, 2) [5, 6)"

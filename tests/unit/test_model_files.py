@@ -9,6 +9,7 @@ from shardline.model_files import (
     Completion,
     files_to_fetch,
     header_length,
+    held_layers,
     model_path,
     record_completion,
     sizes_from_tensors,
@@ -140,3 +141,11 @@ def test_a_layer_missing_from_the_headers_reads_as_zero_bytes() -> None:
     """GPT-2 style names (`h.0.`) are not found by layer: the caller falls back to the estimate on a zero."""
     layers, outer = sizes_from_tensors({"transformer.h.0.attn.weight": 10, "wte.weight": 5}, num_layers=1)
     assert (layers, outer) == ([0], 15)
+
+
+def test_held_layers_are_the_ranges_whose_files_are_complete() -> None:
+    first, second, third = sorted(set(WEIGHT_MAP.values()))
+    # the embeddings are in the first file, the norm and head in the third: a rank needs both
+    assert held_layers(WEIGHT_MAP, [first, third]) == [LayerRange(0, 1), LayerRange(3, 4)]
+    assert held_layers(WEIGHT_MAP, [first, second, third]) == [LayerRange(0, 4)]
+    assert held_layers(WEIGHT_MAP, [first, second]) == []  # no head: nothing it could serve

@@ -13,14 +13,18 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, Wor
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 
+from shardline import contracts
+from shardline.contracts import implements
+from shardline.errors import ErrorType, error
 from shardline.ids import download_workflow_id, serve_workflow_id
 from shardline.placement import ModelProfile, NodeCapacity, place
-from shardline.types import LayerRange
+from shardline.types import LayerRange, ShardSpec
 from tests.support.fake_nodes import (
     GIB,
     HEARTBEAT_S,
     NODE_WAIT_S,
     FakeCluster,
+    FakeNode,
     new_id,
     new_model,
     state_of,
@@ -206,9 +210,32 @@ async def test_recoveries_beyond_the_limit_within_the_window_fail(fake_cluster: 
     error = await failure(handle)
     crash = f"runner 0 on {node.node_id} exited (1): Fatal Python error: Aborted"
     assert error.message == f"gave up after 3 recoveries within 3600 s; last: {crash}"
-    final = await status(handle)
-    assert (final.state, final.recoveries, final.incidents) == ("failed", 4, [crash] * 4)
+    final = await status(handle)  # 3 recoveries made; the 4th loss was not recovered
+    assert (final.state, final.recoveries, final.incidents) == ("failed", 3, [crash] * 4)
+    assert error.details == ({"recoveries": 3, "incidents": [crash] * 4},)  # what the API shows once it ended
     assert len(node.runners) == 4
+
+
+class RefusingNode(FakeNode):
+    """Its runners cannot load the model: MLX refuses it (as run_shard reports it)."""
+
+    @implements(contracts.run_shard)
+    async def run_shard(self, spec: ShardSpec) -> None:
+        self.runners.append(spec)
+        raise error(ErrorType.BAD_INPUT, f"runner on {self.node_id} cannot load: [rope] dims must be even but got 9.")
+
+
+async def test_a_model_mlx_refuses_fails_at_once(fake_cluster: FakeCluster) -> None:
+    node = await fake_cluster.node(RefusingNode, download_s=0.1)
+    handle = await serving(fake_cluster)
+    failed = await failure(handle)
+    reason = f"runner on {node.node_id} cannot load: [rope] dims must be even but got 9."
+    assert (failed.type, failed.message, failed.non_retryable) == ("bad_input", reason, True)
+    final = await status(handle)
+    assert (final.state, final.recoveries, final.incidents, final.reason) == ("failed", 0, [], reason)
+    assert failed.details == ({"recoveries": 0, "incidents": []},)
+    assert len(node.runners) == 1  # not retried
+    assert await states_seen(handle) == ["placing", "downloading", "loading", "failed"]
 
 
 async def test_healing_waits_for_room_until_the_recovery_deadline(fake_cluster: FakeCluster) -> None:
