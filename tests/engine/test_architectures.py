@@ -24,11 +24,12 @@ from tests.support.runners import node_copy
 
 pytestmark = pytest.mark.slow(150)
 
-QUANTIZED = {
-    "llama-q4": ("llama", 4, False),
-    "qwen3-q4": ("qwen3", 4, False),
-    "gemma3_text-q4": ("gemma3_text", 4, False),
-    "qwen2-mixed": ("qwen2", 4, True),
+QUANTIZED = {  # name: (architecture, bits, mixed per-layer bits, tied embeddings)
+    "llama-q4": ("llama", 4, False, False),
+    "qwen3-q4": ("qwen3", 4, False, False),
+    "gemma3_text-q4": ("gemma3_text", 4, False, False),
+    "qwen2-mixed": ("qwen2", 4, True, False),
+    "qwen3-q8-tied": ("qwen3", 8, False, True),
 }
 # mlx-lm 0.32's gemma2 attention cannot take a batch's mask ("[broadcast_shapes] (4,1,19,19) and (4,2,2,19,19)"),
 # split or not; gemma3_text stands for the local/global family
@@ -44,8 +45,10 @@ def zoo(workdir: Path) -> dict[str, Path]:
     # float32: tensor ranks sum partial products in another order than one process does, and in float16 random
     # weights' close logits then tie-break differently within a few tokens (pipeline ranks are exact either way)
     models = {arch: make_arch_model(workdir / "zoo" / arch, arch, dtype="float32") for arch in ARCH_MATRIX}
-    for name, (arch, bits, mixed) in QUANTIZED.items():
-        models[name] = make_arch_model(workdir / "zoo" / name, arch, quantize=bits, mixed=mixed, dtype="float32")
+    for name, (arch, bits, mixed, tie) in QUANTIZED.items():
+        models[name] = make_arch_model(
+            workdir / "zoo" / name, arch, quantize=bits, mixed=mixed, tie=tie, dtype="float32"
+        )
     return models
 
 
@@ -121,7 +124,7 @@ def test_each_rank_holds_and_downloads_only_its_share(
     size: int, ring2: list[dict], ring3: list[dict], zoo: dict[str, Path], workdir: Path
 ) -> None:
     results = {2: ring2, 3: ring3}[size]
-    for name in ["llama", "gemma3_text", "qwen3_moe", "llama-q4", "qwen2-mixed"]:
+    for name in ["llama", "gemma3_text", "qwen3_moe", "llama-q4", "qwen2-mixed", "qwen3-q8-tied"]:
         whole = stored_bytes(zoo[name], None)
         for rank in range(size):
             layers = pipeline_layers(SPLITS[size], rank)
@@ -150,7 +153,10 @@ def support_table(zoo: dict[str, Path], support: dict[str, Support], ring2: list
         else:
             tensor = "no: " + support[arch].why_not_tensor.split(": ", 1)[1]
         lines.append(f"| `{arch}` | {pipeline} | {tensor} |")
-    quantized = ", ".join(f"`{arch}` {bits}-bit{' mixed' if mixed else ''}" for arch, bits, mixed in QUANTIZED.values())
+    quantized = ", ".join(
+        f"`{arch}` {bits}-bit{' mixed' if mixed else ''}{' tied' if tie else ''}"
+        for arch, bits, mixed, tie in QUANTIZED.values()
+    )
     lines.append("")
     lines.append(f"Quantized checkpoints tested both ways: {quantized}. Not in the matrix: `gemma2`, whose mlx-lm "
                  "attention cannot take a batch's mask, split or not.")  # fmt: skip
