@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python -m bench.speed
 	$(BIN)/python -m bench.batching
 	$(BIN)/python -m bench.grammar
+	$(BIN)/python -m bench.pipeline_split
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

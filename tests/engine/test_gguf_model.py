@@ -71,7 +71,8 @@ async def test_the_real_checkpoint_splits_over_two_pipeline_ranks_and_answers_as
     model, tokenizer = load(str(mlx_dir))
     prompt = "The quick brown fox jumps over the"
     expected = [(r.text, r.token) for r in stream_generate(model, tokenizer, prompt, max_tokens=6)]
-    with serving(rank_specs(dirs, "pipeline", splits), tmp_path, "gguf-pipe2") as served:
+    # a 262,144-token vocabulary takes each rank a while to load on a busy 2-core machine
+    with serving(rank_specs(dirs, "pipeline", splits), tmp_path, "gguf-pipe2", start_s=300) as served:
         got, final = await generate(served.endpoint, body(prompt, 6, temperature=0.0))
     assert got == expected and "lazy dog" in "".join(text for text, _ in got)
     assert final["completion_tokens"] == 6

@@ -102,11 +102,11 @@ class Served:
 
 
 @contextmanager
-def serving(specs: list[RunnerSpec], workdir: Path, name: str) -> Iterator[Served]:
+def serving(specs: list[RunnerSpec], workdir: Path, name: str, start_s: float = START_TIMEOUT_S) -> Iterator[Served]:
     """All ranks at once (the ring needs them all); stopped through rank 0, which must stop the rest."""
     runners = [spawn(spec, workdir, f"{name}-rank{spec.rank}") for spec in specs]
     try:
-        events = [runner.event() for runner in runners]
+        events = [runner.event(start_s) for runner in runners]
         for rank, event in enumerate(events):
             assert event["event"] == "ready" and event["rank"] == rank, event
             assert event["memory_bytes"] > 0
