@@ -172,6 +172,15 @@ class ChatRequest(SamplingOptions):
     parallel_tool_calls: bool | None = None  # the model decides how many it makes
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # hints and bookkeeping, accepted and ignored (see the README's list)
+    store: bool | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
+    reasoning_effort: str | None = None  # "none" turns a template's thinking off; the rest are hints
+    web_search_options: dict[str, Any] | None = None  # a server tool: the cluster cannot search, the model answers
+    modalities: list[Literal["text"]] | None = None
 
     _tool_choice = field_validator("tool_choice")(check_tool_choice)
 
@@ -193,8 +202,12 @@ class ChatRequest(SamplingOptions):
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
             "tools": tools_for(self.tools, self.tool_choice),
             "response_format": self.response_format,
-            "chat_template_kwargs": self.chat_template_kwargs or {},
+            "chat_template_kwargs": self.template_kwargs(),
         }
+
+    def template_kwargs(self) -> dict[str, Any]:
+        off = {"enable_thinking": False} if self.reasoning_effort == "none" else {}
+        return {**off, **(self.chat_template_kwargs or {})}
 
 
 class CompletionRequest(SamplingOptions):

@@ -21,7 +21,7 @@ class UiConfig(BaseModel):
     workflow_url: str  # append the URL-encoded workflow id to open it in the Temporal UI
 
 
-@page.get("/", include_in_schema=False)
+@page.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # Claude Code checks the URL with HEAD
 async def dashboard() -> FileResponse:
     # no-cache: a new version of the page shows up on the next reload
     return FileResponse(PAGE, media_type="text/html", headers={"Cache-Control": "no-cache"})

@@ -21,11 +21,12 @@ async def responses(body: ResponsesRequest, inference: InferenceDep) -> Streamin
     if body.stream:
         return sse_response(lines, ResponseStream(body))
     done = await gather(lines)
-    return JSONResponse(response(new_id("resp_"), body, output_of(done), done.final))
+    return JSONResponse(response(new_id("resp_"), body, output_of(done, body), done.final))
 
 
-def output_of(done: Gathered) -> list[dict[str, Any]]:
+def output_of(done: Gathered, body: ResponsesRequest) -> list[dict[str, Any]]:
     out = [reasoning_item(done.reasoning)] if done.reasoning else []
     if done.text or not done.tool_calls:
         out.append(message_item(done.text))
-    return out + [call_item(c) for c in done.tool_calls]
+    tools = body.tool_views()
+    return out + [call_item(c, tools) for c in done.tool_calls]

@@ -83,6 +83,16 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def hoist_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every system message joined into one at the start: for a template that takes a system message only there
+    (agents send them mid-conversation: Claude Code's reminders, Codex's developer messages)."""
+    system = [m for m in messages if m.get("role") == "system"]
+    if not system or all(m.get("role") == "system" for m in messages[: len(system)]):
+        return messages
+    joined = {"role": "system", "content": "\n\n".join(str(m.get("content") or "") for m in system)}
+    return [joined, *(m for m in messages if m.get("role") != "system")]
+
+
 def prompt_tokens(tokenizer: TokenizerWrapper, body: GenerateBody) -> list[int]:
     if body.messages is not None:
         if not tokenizer.has_chat_template:
@@ -91,7 +101,13 @@ def prompt_tokens(tokenizer: TokenizerWrapper, body: GenerateBody) -> list[int]:
             raise ValueError("this model's chat template does not call tools: send the request without tools")
         kwargs = {**body.chat_template_kwargs, **({"tools": body.tools} if body.tools else {})}
         messages = template_messages(body.messages)
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
+        try:
+            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
+        except Exception:
+            hoisted = hoist_system(messages)
+            if hoisted == messages:
+                raise
+            return list(tokenizer.apply_chat_template(hoisted, add_generation_prompt=True, **kwargs))
     # The same rule as mlx_lm's stream_generate, so results match it exactly.
     bos = tokenizer.bos_token
     return tokenizer.encode(body.prompt, add_special_tokens=bos is None or not body.prompt.startswith(bos))
