@@ -197,12 +197,6 @@ def stop_of(final: dict[str, Any]) -> tuple[str, str | None]:
 
 def message_head(mid: str, model: str, final: dict[str, Any]) -> dict[str, Any]:
     """A message with no content yet, its usage as far as `final` (the runner's final event) tells it."""
-    usage = {
-        "input_tokens": int(final.get("prompt_tokens", 0)),
-        "output_tokens": 0,
-        "cache_read_input_tokens": int(final.get("cached_tokens", 0)),
-        "cache_creation_input_tokens": 0,
-    }
     return {
         "id": mid,
         "type": "message",
@@ -211,7 +205,19 @@ def message_head(mid: str, model: str, final: dict[str, Any]) -> dict[str, Any]:
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": usage,
+        "usage": usage_of(final),
+    }
+
+
+def usage_of(final: dict[str, Any]) -> dict[str, int]:
+    """Anthropic's usage: `input_tokens` are those computed for this request; the prompt tokens the prefix cache
+    held are `cache_read_input_tokens` (the prompt is their sum, as Claude Code counts its context)."""
+    cached = int(final.get("cached_tokens", 0))
+    return {
+        "input_tokens": int(final.get("prompt_tokens", 0)) - cached,
+        "output_tokens": int(final.get("completion_tokens", 0)),
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
     }
 
 
@@ -268,11 +274,8 @@ class MessageStream(Stream):
             yield self.blocks.to("text", {"type": "text", "text": ""})
         yield self.blocks.close()
         reason, sequence = stop_of(final)
-        usage = {
-            "output_tokens": int(final.get("completion_tokens", 0)),
-            "input_tokens": int(final.get("prompt_tokens", 0)),
-        }
-        yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage})
+        delta = {"stop_reason": reason, "stop_sequence": sequence}
+        yield event("message_delta", {"delta": delta, "usage": usage_of(final)})
         yield event("message_stop", {})
 
     def error(self, exc: HTTPException) -> str:

@@ -30,7 +30,6 @@ async def messages(body: MessagesRequest, inference: InferenceDep) -> StreamingR
     reason, sequence = stop_of(done.final)
     message = message_head(new_id("msg_"), body.model, done.final)
     message |= {"content": content, "stop_reason": reason, "stop_sequence": sequence}
-    message["usage"]["output_tokens"] = int(done.final.get("completion_tokens", 0))
     return JSONResponse(message)
 
 

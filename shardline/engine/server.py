@@ -191,6 +191,9 @@ def create_app(
             )
         lines: asyncio.Queue = asyncio.Queue()
         job = make_job(tokenizer, body, lines, limits)
+        # the first line at once, before the prefill: the API opens its client's stream on it (an agent with an
+        # idle timeout must not wait out a long prompt in silence)
+        lines.put_nowait({"accepted": True, "prompt_tokens": len(job.tokens)})
         # queued here, in the same turn of the event loop as the check above: a burst of requests cannot all
         # pass the check before any of them is queued (they would, queued when their responses start)
         jobs.put_nowait(job)

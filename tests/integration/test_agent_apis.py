@@ -217,9 +217,13 @@ async def test_tool_round_trip_over_anthropic_messages(cluster: Cluster, instanc
     assert answer.usage.input_tokens > 0 and answer.usage.output_tokens == 2
     async with client.messages.stream(model=TOOLS, max_tokens=16, messages=history, tools=[ANTHROPIC_TOOL]) as stream:  # type: ignore[arg-type,list-item]
         text = "".join([t async for t in stream.text_stream])
+        again = await stream.get_final_message()
     assert text == TOOL_ANSWER
+    # the same prompt again: its prefix came from the cache, and Anthropic's usage says so
+    assert again.usage.cache_read_input_tokens and again.usage.cache_read_input_tokens > 0
     counted = await client.messages.count_tokens(model=TOOLS, messages=history, tools=[ANTHROPIC_TOOL])  # type: ignore[arg-type,list-item]
-    assert counted.input_tokens == answer.usage.input_tokens
+    for usage in (answer.usage, again.usage):  # the prompt is what was computed plus what the cache held
+        assert counted.input_tokens == usage.input_tokens + (usage.cache_read_input_tokens or 0)
 
 
 async def test_anthropic_stop_sequences_and_errors(cluster: Cluster, instances: dict[str, str]) -> None:
