@@ -82,9 +82,20 @@ def is_inference(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
+def is_ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def ollama_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Ollama's error shape, for /api/*: `{"error": message}`."""
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
+
+
 def typed_error(request: Request, kind: ErrorType, message: str, status: int | None = None) -> JSONResponse:
     """The one answer to a failure of a known type, in the wire format of the endpoint that failed."""
     status = status or status_for(kind)
+    if is_ollama(request):
+        return ollama_error(status, message)
     if is_anthropic(request):
         return anthropic_error(status, message)
     if is_inference(request):
@@ -97,6 +108,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         if is_anthropic(request):
             return anthropic_error(exc.status_code, str(exc.detail), exc.headers)
+        if is_ollama(request):
+            return ollama_error(exc.status_code, str(exc.detail), exc.headers)
         return error_response(exc.status_code, str(exc.detail), openai_error_type(exc.status_code), exc.headers)
 
     @app.exception_handler(ShardlineError)
@@ -118,5 +131,5 @@ def install_error_handlers(app: FastAPI) -> None:
         # the inference endpoints answer a request they cannot honour as OpenAI and Anthropic do: 400
         if is_anthropic(request):
             return anthropic_error(400, _validation_message(exc))
-        status = 400 if is_inference(request) else None
+        status = 400 if is_inference(request) or is_ollama(request) else None
         return typed_error(request, ErrorType.BAD_INPUT, _validation_message(exc), status)

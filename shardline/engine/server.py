@@ -171,6 +171,8 @@ def create_app(
     tokenizer: TokenizerWrapper, jobs: "Queue[Job]", limits: Limits, stats: Callable[[], dict[str, Any]]
 ) -> FastAPI:
     app = FastAPI(title="shardline runner")
+    # what the model's template and vocabulary can do, as Ollama's /api/show names it
+    capabilities = ["completion"] + ["tools"] * tokenizer.has_tool_calling + ["thinking"] * tokenizer.has_thinking
     authorized = [Depends(bearer_check(limits.secret))]
 
     @app.get("/health")
@@ -179,7 +181,7 @@ def create_app(
 
     @app.get("/stats", dependencies=authorized)
     async def get_stats() -> dict[str, Any]:
-        return {**stats(), "queue": jobs.qsize()}
+        return {**stats(), "queue": jobs.qsize(), "capabilities": capabilities}
 
     @app.post("/generate", response_model=None, dependencies=authorized)
     async def generate(body: GenerateBody) -> StreamingResponse | JSONResponse:
