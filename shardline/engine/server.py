@@ -21,7 +21,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, Field, model_validator
 
 from shardline.engine.generation import Job, random_seed
-from shardline.engine.grammar import grammar_for
+from shardline.engine.grammar import Grammars, grammar_for
 from shardline.engine.protocol import Sampling
 
 MAX_SEED = 2**64
@@ -113,7 +113,9 @@ def prompt_tokens(tokenizer: TokenizerWrapper, body: GenerateBody) -> list[int]:
     return tokenizer.encode(body.prompt, add_special_tokens=bos is None or not body.prompt.startswith(bos))
 
 
-def make_job(tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Queue, limits: Limits) -> Job:
+def make_job(
+    tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Queue, limits: Limits, grammars: Grammars
+) -> Job:
     try:
         tokens = prompt_tokens(tokenizer, body)
     except Exception as error:  # a template or tokenizer failure is the client's input
@@ -130,6 +132,8 @@ def make_job(tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Que
         max_tokens = min(max_tokens, limits.context - len(tokens))  # ends with finish_reason "length"
     try:
         grammar = grammar_for(body.response_format) if body.response_format else ""
+        if grammar:
+            grammars.check(grammar)  # a format this vocabulary cannot start fails before anything is generated
     except ValueError as error:
         raise HTTPException(status_code=400, detail=str(error)) from error
     if any(not 0 <= t < len(tokenizer.get_vocab()) for t in body.logit_bias):
@@ -171,6 +175,7 @@ def create_app(
     tokenizer: TokenizerWrapper, jobs: "Queue[Job]", limits: Limits, stats: Callable[[], dict[str, Any]]
 ) -> FastAPI:
     app = FastAPI(title="shardline runner")
+    grammars = Grammars(tokenizer)  # rank 0's own, to check a format before the request is queued
     # what the model's template and vocabulary can do, as Ollama's /api/show names it
     capabilities = ["completion"] + ["tools"] * tokenizer.has_tool_calling + ["thinking"] * tokenizer.has_thinking
     authorized = [Depends(bearer_check(limits.secret))]
@@ -192,7 +197,7 @@ def create_app(
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         lines: asyncio.Queue = asyncio.Queue()
-        job = make_job(tokenizer, body, lines, limits)
+        job = make_job(tokenizer, body, lines, limits, grammars)
         # the first line at once, before the prefill: the API opens its client's stream on it (an agent with an
         # idle timeout must not wait out a long prompt in silence)
         lines.put_nowait({"accepted": True, "prompt_tokens": len(job.tokens)})
