@@ -124,6 +124,7 @@ class MessagesRequest(CountRequest):
             "top_k": self.top_k,
             "stop": [s for s in self.stop_sequences or [] if s],
             "tools": self.openai_tools(),
+            "tool_required": (self.tool_choice or {}).get("type") in ("any", "tool"),
             "chat_template_kwargs": self.template_kwargs(),
             "response_format": self.response_format(),
         }

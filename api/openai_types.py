@@ -201,6 +201,7 @@ class ChatRequest(SamplingOptions):
             **self.runner_sampling(),
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
             "tools": tools_for(self.tools, self.tool_choice),
+            "tool_required": self.tool_choice == "required" or isinstance(self.tool_choice, dict),
             "response_format": self.response_format,
             "chat_template_kwargs": self.template_kwargs(),
         }

@@ -143,6 +143,7 @@ class ResponsesRequest(BaseModel):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "tools": self.openai_tools(),
+            "tool_required": self.tool_choice == "required" or isinstance(self.tool_choice, dict),
             "response_format": self.response_format(),
             "chat_template_kwargs": self.template_kwargs(),
         }

@@ -43,6 +43,50 @@ def grammar_for(response_format: dict[str, Any]) -> str:
     return grammar
 
 
+# the separators json.dumps writes, as the json_tools family (Qwen, Hermes) writes its calls
+CALL_JSON: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+CALL_FORMATS = ("mlx_lm.tool_parsers.json_tools",)  # the families whose calls a grammar can force
+
+
+def marker(text: str, ids: tuple[int, ...] | None) -> str:
+    """A tool-call marker in lark: the one token it is in the vocabulary (llguidance counts added tokens as
+    special, so its text alone would be spelled out in pieces), or else its text."""
+    return f"<[{ids[0]}]>" if ids and len(ids) == 1 else json.dumps(text)
+
+
+def tool_call_grammar(
+    tools: list[dict[str, Any]],
+    start: str,
+    end: str,
+    start_ids: tuple[int, ...] | None = None,
+    end_ids: tuple[int, ...] | None = None,
+) -> str:
+    """A grammar whose every output is one or more calls of `tools`, in the json_tools family's format
+    (`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`), each call's arguments valid for its tool."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t["function"]["name"]},
+                           "arguments": t["function"].get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]  # fmt: skip
+    schema = {"anyOf": calls, "x-guidance": CALL_JSON}
+    newline = json.dumps("\n")
+    lark = "\n".join([
+        f"start: call ({newline} call)*",
+        f"call: {marker(start, start_ids)} {newline} body {newline} {marker(end, end_ids)}",
+        f"body: %json {json.dumps(schema)}",
+    ])  # fmt: skip
+    grammar: str = llguidance.grammar_from("lark", lark)
+    error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if error:
+        raise ValueError(f"the tools' parameters cannot be enforced: {'; '.join(messages)}")
+    return grammar
+
+
 class Grammars:
     """One rank's llguidance view of the tokenizer, built at the first grammar (a second or so for big vocabularies)."""
 

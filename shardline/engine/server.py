@@ -21,7 +21,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, Field, model_validator
 
 from shardline.engine.generation import Job, random_seed
-from shardline.engine.grammar import Grammars, grammar_for
+from shardline.engine.grammar import CALL_FORMATS, Grammars, grammar_for, tool_call_grammar
 from shardline.engine.protocol import Sampling
 
 MAX_SEED = 2**64
@@ -60,6 +60,7 @@ class GenerateBody(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=20)  # None = none; n = the token's and the n likeliest
     response_format: dict[str, Any] | None = None  # OpenAI's: json_object / json_schema are enforced
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools, for the chat template and the parser
+    tool_required: bool = False  # the answer must call one of `tools` (tool_choice required, or a named one)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -132,6 +133,8 @@ def make_job(
         max_tokens = min(max_tokens, limits.context - len(tokens))  # ends with finish_reason "length"
     try:
         grammar = grammar_for(body.response_format) if body.response_format else ""
+        if body.tool_required and body.tools and body.messages is not None:
+            grammar = forced_call(tokenizer, body.tools, in_thinking(tokenizer, tokens)) or grammar
         if grammar:
             grammars.check(grammar)  # a format this vocabulary cannot start fails before anything is generated
     except ValueError as error:
@@ -150,6 +153,16 @@ def make_job(
         tools=body.tools if body.messages is not None else None, thinking=in_thinking(tokenizer, tokens),
         logprobs=body.logprobs,
     )  # fmt: skip
+
+
+def forced_call(tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], thinking: bool) -> str:
+    """The grammar that makes the answer a call of `tools` in the model family's format; "" where none is known
+    (the family's format has no grammar here, or the model is to think first), and the call is then only asked."""
+    parser = getattr(tokenizer.tool_parser, "__module__", "")
+    if thinking or parser not in CALL_FORMATS:
+        return ""
+    return tool_call_grammar(tools, tokenizer.tool_call_start, tokenizer.tool_call_end,
+                             tokenizer.tool_call_start_tokens, tokenizer.tool_call_end_tokens)  # fmt: skip
 
 
 def in_thinking(tokenizer: TokenizerWrapper, tokens: list[int]) -> bool:

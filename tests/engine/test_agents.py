@@ -133,3 +133,19 @@ async def test_tool_call_is_parsed_where_the_tokenizer_lives(tool_runner: Served
     lines = await raw_events(tool_runner.endpoint, body(answer, 8, temperature=0.0, tools=TOOLS))
     assert "".join(e.get("text", "") for e in lines) == TOOL_ANSWER
     assert lines[-1]["finish_reason"] == "stop"
+
+
+async def test_a_required_call_is_enforced_in_the_family_s_format(tool_runner: Served) -> None:
+    cities = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}]  # fmt: skip
+    answered = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]  # fmt: skip
+    free = await raw_events(tool_runner.endpoint, body(answered, 32, temperature=0.0, tools=cities))
+    assert free[-1]["finish_reason"] == "stop"  # left alone, it answers in text after a result
+    for seed in (1, 2):  # forced: a call, in its family's format, whose arguments follow the tool's parameters
+        forced = await raw_events(tool_runner.endpoint, body(answered, 128, temperature=1.0, seed=seed, tools=cities,
+                                                             tool_required=True))  # fmt: skip
+        (call,) = [c for e in forced for c in e.get("tool_calls", [])]
+        assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris", "Rome")
+        assert forced[-1]["finish_reason"] == "tool_calls" and "".join(e.get("text", "") for e in forced) == ""

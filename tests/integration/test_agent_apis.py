@@ -282,3 +282,25 @@ async def test_models_carry_context_and_placement(cluster: Cluster, instances: d
     assert cards[QWEN]["context_length"] == 4096
     (placed,) = [p for p in cards[QWEN]["placement"] if p["instance_id"] == instances[QWEN]]
     assert [s["node_id"] for s in placed["shards"]] == ["ag-q"] and placed["shards"][0]["layer_end"] == 6
+
+
+async def test_a_required_tool_call_is_enforced_over_each_api(cluster: Cluster, instances: dict[str, str]) -> None:
+    """After a tool's result this model answers in text; asked to call a tool, it calls one (enforced by decoding)."""
+    cities = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": cities}}
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]  # fmt: skip
+    client = openai(cluster)
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        forced = await client.chat.completions.create(model=TOOLS, messages=history, tools=[tool],  # type: ignore[arg-type,list-item]
+                                                      tool_choice=choice, max_tokens=128, seed=1)  # type: ignore[arg-type]  # fmt: skip
+        (call,) = forced.choices[0].message.tool_calls or []
+        assert forced.choices[0].finish_reason == "tool_calls" and json.loads(call.function.arguments)["city"]
+    anthropic = AsyncAnthropic(base_url=cluster.api, api_key="unused", max_retries=0)
+    answered = [*ASK, {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "get_weather",
+                "input": {"city": "Paris"}}]}, {"role": "user", "content": [{"type": "tool_result",
+                "tool_use_id": "c1", "content": "sunny"}]}]  # fmt: skip
+    reply = await anthropic.messages.create(model=TOOLS, max_tokens=128, messages=answered, tool_choice={"type": "any"},  # type: ignore[arg-type]
+                                            tools=[{"name": "get_weather", "input_schema": cities}])  # type: ignore[list-item]  # fmt: skip
+    assert reply.stop_reason == "tool_use"
