@@ -8,11 +8,12 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from api.deps import SettingsDep
+from api.schemas import ErrorOut, error_responses
 
 PAGE = Path(__file__).resolve().parents[1] / "static" / "dashboard.html"
 
 page = APIRouter(tags=["dashboard"])
-router = APIRouter(tags=["dashboard"])
+router = APIRouter(tags=["dashboard"], responses=error_responses(ErrorOut, (401, 422)))
 
 
 class UiConfig(BaseModel):

@@ -18,14 +18,14 @@ from api.ollama_types import VERSION, ModelRef, OllamaChat, OllamaGenerate, Olla
 from api.routes.downloads import start_downloads
 from api.routes.nodes import delete_model
 from api.runners import runner_stats
-from api.schemas import DownloadCreate, DownloadOut
+from api.schemas import OLLAMA_STATUSES, DownloadCreate, DownloadOut, OllamaErrorOut, error_responses
 from api.streaming import sse_response
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, check_model_id
 from shardline.states import InstanceState, NodeState, WorkState
 from workflows.serve import InstanceStatus
 
-router = APIRouter(prefix="/api", tags=["ollama"])
+router = APIRouter(prefix="/api", tags=["ollama"], responses=error_responses(OllamaErrorOut, OLLAMA_STATUSES))
 PULL_POLL_S = 0.5
 NEVER = "2100-01-01T00:00:00Z"  # an instance stays loaded until someone stops it
 

@@ -26,10 +26,11 @@ from api.openai_types import (
     usage_of,
 )
 from api.runners import context_length
+from api.schemas import INFERENCE_STATUSES, ErrorOut, error_responses
 from api.streaming import sse_response
 from shardline.states import InstanceState
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses(ErrorOut, INFERENCE_STATUSES))
 
 
 @router.get("/models", response_model=ModelList)

@@ -10,9 +10,10 @@ from api.deps import InferenceDep
 from api.inference import Gathered, gather
 from api.openai_types import new_id
 from api.responses_types import ResponsesRequest, ResponseStream, call_item, message_item, reasoning_item, response
+from api.schemas import INFERENCE_STATUSES, ErrorOut, error_responses
 from api.streaming import sse_response
 
-router = APIRouter(prefix="/v1", tags=["responses"])
+router = APIRouter(prefix="/v1", tags=["responses"], responses=error_responses(ErrorOut, INFERENCE_STATUSES))
 
 
 @router.post("/responses", response_model=None)
