@@ -2,14 +2,17 @@
 endpoints' `type` is shardline's ErrorType, which also picks the status (here, and only here); the inference
 endpoints under /v1 speak OpenAI's (or Anthropic's) error types, as their clients expect."""
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from shardline.errors import ErrorType, ShardlineError, cause_message, error_type
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 STATUS = {
     # 422, as FastAPI answers a request it validates; the inference endpoints answer 400, as OpenAI does
     ErrorType.BAD_INPUT: 422,
@@ -103,9 +106,17 @@ def typed_error(request: Request, kind: ErrorType, message: str, status: int | N
     return error_response(status, message, kind.value)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route takes at this path (Starlette names only those of the first route it tried)."""
+    return [m for m in METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL
+                                      for r in request.app.routes)]  # fmt: skip
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (405, a body that is not JSON)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:  # every method the path has, not only those of the first route that matched
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed_methods(request))}
         if is_anthropic(request):
             return anthropic_error(exc.status_code, str(exc.detail), exc.headers)
         if is_ollama(request):

@@ -38,6 +38,11 @@ INFERENCE_STATUSES = (400, 401, 404, 429, 500, 502, 503)  # 400: what cannot be 
 OLLAMA_STATUSES = (*INFERENCE_STATUSES, 403, 409, 422, 507)  # pull and delete answer as downloads and deletes do
 
 
+def streamed(media_type: str) -> dict[int | str, dict[str, Any]]:
+    """A route that answers JSON, or a stream when asked (`stream: true`)."""
+    return {200: {"content": {"application/json": {}, media_type: {}}, "description": "the answer, or its stream"}}
+
+
 def error_responses(model: type[BaseModel], statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": model, "description": "an error a person can act on"} for status in statuses}
 

@@ -10,13 +10,13 @@ from api.anthropic_types import CountRequest, MessagesRequest, MessageStream, me
 from api.deps import InferenceDep
 from api.inference import gather
 from api.openai_types import new_id
-from api.schemas import INFERENCE_STATUSES, AnthropicErrorOut, error_responses
+from api.schemas import INFERENCE_STATUSES, AnthropicErrorOut, error_responses, streamed
 from api.streaming import sse_response
 
 router = APIRouter(prefix="/v1", tags=["anthropic"], responses=error_responses(AnthropicErrorOut, INFERENCE_STATUSES))
 
 
-@router.post("/messages", response_model=None)
+@router.post("/messages", response_model=None, responses=streamed("text/event-stream"))
 async def messages(body: MessagesRequest, inference: InferenceDep) -> StreamingResponse | JSONResponse:
     lines = await inference.start(body.model, body.generate_body())
     if body.stream:

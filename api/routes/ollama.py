@@ -18,7 +18,7 @@ from api.ollama_types import VERSION, ModelRef, OllamaChat, OllamaGenerate, Olla
 from api.routes.downloads import start_downloads
 from api.routes.nodes import delete_model
 from api.runners import runner_stats
-from api.schemas import OLLAMA_STATUSES, DownloadCreate, DownloadOut, OllamaErrorOut, error_responses
+from api.schemas import OLLAMA_STATUSES, DownloadCreate, DownloadOut, OllamaErrorOut, error_responses, streamed
 from api.streaming import sse_response
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, check_model_id
@@ -27,10 +27,11 @@ from workflows.serve import InstanceStatus
 
 router = APIRouter(prefix="/api", tags=["ollama"], responses=error_responses(OllamaErrorOut, OLLAMA_STATUSES))
 PULL_POLL_S = 0.5
+NDJSON = "application/x-ndjson"
 NEVER = "2100-01-01T00:00:00Z"  # an instance stays loaded until someone stops it
 
 
-@router.post("/chat", response_model=None)
+@router.post("/chat", response_model=None, responses=streamed(NDJSON))
 async def chat(body: OllamaChat, inference: InferenceDep) -> StreamingResponse | JSONResponse:
     stream = OllamaStream(body.model, chat=True)
     if not body.messages:  # a client loading the model: it is loaded while it is served
@@ -43,7 +44,7 @@ async def chat(body: OllamaChat, inference: InferenceDep) -> StreamingResponse |
     return JSONResponse(stream.final(done.final, done.text, done.reasoning, done.tool_calls))
 
 
-@router.post("/generate", response_model=None)
+@router.post("/generate", response_model=None, responses=streamed(NDJSON))
 async def generate(body: OllamaGenerate, inference: InferenceDep) -> StreamingResponse | JSONResponse:
     stream = OllamaStream(body.model, chat=False)
     if not body.prompt and not body.raw:
@@ -115,7 +116,7 @@ async def version() -> dict[str, str]:
     return {"version": VERSION}
 
 
-@router.post("/pull", response_model=None)
+@router.post("/pull", response_model=None, responses=streamed(NDJSON))
 async def pull(body: Pull, client: ClientDep, settings: SettingsDep) -> StreamingResponse | JSONResponse:
     """A download workflow onto every online node, its progress as Ollama streams a pull's."""
     try:
@@ -125,7 +126,7 @@ async def pull(body: Pull, client: ClientDep, settings: SettingsDep) -> Streamin
     started = await start_downloads(DownloadCreate(model=model), client, settings)
     progress = pull_progress(client, started.workflow_ids)
     if body.stream:
-        return StreamingResponse(pull_lines(progress), media_type="application/x-ndjson")
+        return StreamingResponse(pull_lines(progress), media_type=NDJSON)
     last = [update async for update in progress][-1]
     if "error" in last:
         return JSONResponse(last, status_code=status_for(ErrorType(last["type"])))

@@ -10,13 +10,13 @@ from api.deps import InferenceDep
 from api.inference import Gathered, gather
 from api.openai_types import new_id
 from api.responses_types import ResponsesRequest, ResponseStream, call_item, message_item, reasoning_item, response
-from api.schemas import INFERENCE_STATUSES, ErrorOut, error_responses
+from api.schemas import INFERENCE_STATUSES, ErrorOut, error_responses, streamed
 from api.streaming import sse_response
 
 router = APIRouter(prefix="/v1", tags=["responses"], responses=error_responses(ErrorOut, INFERENCE_STATUSES))
 
 
-@router.post("/responses", response_model=None)
+@router.post("/responses", response_model=None, responses=streamed("text/event-stream"))
 async def responses(body: ResponsesRequest, inference: InferenceDep) -> StreamingResponse | JSONResponse:
     lines = await inference.start(body.model, body.generate_body())
     if body.stream:

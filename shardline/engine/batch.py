@@ -69,8 +69,12 @@ class Batch:
 
     def reset(self) -> None:
         """A fresh generator after a failed step (its state is unknown); the prefix cache is intact."""
+        uids = self.generator._uid_count
         self.generator.close()
         self.generator = BatchGenerator(self.model, **self.options)
+        # its uids go on from the old one's: the prefix cache keys entries by uid, and a new uid 0 would name an
+        # entry already stored (a KeyError in every later step that reused it, found by schemathesis)
+        self.generator._uid_count = uids
 
     def __len__(self) -> int:
         return len(self.generator._generation_batch) + len(self.generator._prompt_batch)

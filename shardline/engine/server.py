@@ -142,8 +142,10 @@ def make_job(
     if any(not 0 <= t < len(tokenizer.get_vocab()) for t in body.logit_bias):
         raise HTTPException(status_code=400, detail="logit_bias names a token id outside the model's vocabulary")
     seed = random_seed() if body.seed is None else body.seed % MAX_SEED
+    vocab = len(tokenizer.get_vocab())
+    top_k = body.top_k if body.top_k < vocab else 0  # the whole vocabulary is no top-k (and fits the ring's int32)
     sampling = Sampling(
-        max_tokens, body.temperature, body.top_p, seed, top_k=body.top_k, min_p=body.min_p,
+        max_tokens, body.temperature, body.top_p, seed, top_k=top_k, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, logit_bias=tuple(sorted(body.logit_bias.items())), grammar=grammar,
     )  # fmt: skip

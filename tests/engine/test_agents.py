@@ -149,3 +149,10 @@ async def test_a_required_call_is_enforced_in_the_family_s_format(tool_runner: S
         (call,) = [c for e in forced for c in e.get("tool_calls", [])]
         assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris", "Rome")
         assert forced[-1]["finish_reason"] == "tool_calls" and "".join(e.get("text", "") for e in forced) == ""
+
+
+async def test_a_top_k_past_the_vocabulary_is_no_top_k(single_qwen: Served) -> None:
+    """It once failed the step of every request in the batch (mlx_lm refuses it), found by schemathesis."""
+    huge, _ = await generate(single_qwen.endpoint, body(PROMPT, 6, temperature=1.0, seed=4, top_k=10**12))
+    off, _ = await generate(single_qwen.endpoint, body(PROMPT, 6, temperature=1.0, seed=4, top_k=0))
+    assert huge == off

@@ -50,3 +50,15 @@ def test_validation_errors_are_declared_as_answered() -> None:
         if path.startswith(("/v1/", "/api/")) or path in PUBLIC:
             continue
         assert not schema or schema["$ref"].endswith("/ErrorOut"), f"{method.upper()} {path}"
+
+
+def test_starlette_s_own_errors_come_in_each_wire_format() -> None:
+    """A body that is not JSON, a method a path does not take: the endpoint's error shape, as documented, and an
+    `Allow` naming every method of the path (Starlette names only those of the first route it tried)."""
+    http = offline_app(None)
+    garbage = {"content": b"\x00not json", "headers": {"content-type": "application/json"}}
+    assert isinstance(http.post("/api/show", **garbage).json()["error"], str)  # type: ignore[arg-type]
+    assert http.post("/v1/messages", **garbage).json()["type"] == "error"  # type: ignore[arg-type]
+    assert http.post("/v1/chat/completions", **garbage).json()["error"]["code"] == 400  # type: ignore[arg-type]
+    wrong = http.request("PUT", "/instances/abc")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, DELETE" and wrong.json()["error"]
