@@ -4,6 +4,7 @@ A field OpenAI defines that shardline cannot honour is refused (400 naming it), 
 requests forbid unknown fields, and those that are known but limited say so in their validators.
 """
 
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from api.streaming import DONE, Stream, data
 from workflows.serve import InstanceStatus
 
 MAX_TOKENS = 32768
+UNLIKELY = -9999.0
 
 
 class Strict(BaseModel):
@@ -313,11 +315,17 @@ def completion(
     }
 
 
+def finite(logprob: float) -> float:
+    """JSON has no -inf or NaN (a token masked out, or logits a penalty near 0 overflowed): OpenAI's -9999.0 for
+    a token as unlikely as can be."""
+    return logprob if math.isfinite(logprob) else UNLIKELY
+
+
 def chat_logprobs(events: list[dict[str, Any]]) -> dict[str, Any]:
     """OpenAI's chat `logprobs.content` from the runner's token events."""
 
     def entry(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode())}
 
     return {
         "content": [
@@ -338,8 +346,8 @@ def text_logprobs(events: list[dict[str, Any]]) -> dict[str, Any]:
         at += len(e.get("token_text", ""))
     return {
         "tokens": [e.get("token_text", "") for e in events],
-        "token_logprobs": [e["logprob"] for e in events],
-        "top_logprobs": [{t["text"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in events],
+        "token_logprobs": [finite(e["logprob"]) for e in events],
+        "top_logprobs": [{t["text"]: finite(t["logprob"]) for t in e.get("top_logprobs", [])} for e in events],
         "text_offset": offsets,
     }
 

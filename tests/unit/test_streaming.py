@@ -93,3 +93,13 @@ async def test_every_stream_opens_once_the_runner_accepts_before_any_token() -> 
         if firsts[name] is not None:
             assert firsts[name] in await asyncio.wait_for(anext(frames), 1), name
         await frames.aclose()
+
+
+def test_logprobs_json_cannot_carry_are_openai_s_floor() -> None:
+    """A penalty near 0 overflows the logits: -inf and NaN would make the answer unencodable (a 500, found by
+    schemathesis)."""
+    from api.openai_types import chat_logprobs, text_logprobs
+
+    top = [{"text": "b", "logprob": float("nan")}]
+    events = [{"token": 1, "text": "a", "logprob": float("-inf"), "top_logprobs": top}]
+    assert json.dumps(chat_logprobs(events), allow_nan=False) and json.dumps(text_logprobs(events), allow_nan=False)
