@@ -264,10 +264,18 @@ class MessageStream(Stream):
             yield self.blocks.delta("thinking", thinking, {"type": "thinking", "thinking": ""})
         if item.get("text"):
             yield self.blocks.delta("text", {"type": "text_delta", "text": item["text"]}, {"type": "text", "text": ""})
+        for piece in item.get("tool_call_deltas", []):
+            if "name" in piece:
+                block = {"type": "tool_use", "id": new_id("toolu_"), "name": piece["name"], "input": {}}
+                yield self.blocks.to("tool_use", block)
+            if piece.get("arguments"):
+                delta = {"type": "input_json_delta", "partial_json": piece["arguments"]}
+                yield event("content_block_delta", {"index": self.blocks.index, "delta": delta})
         for call in item.get("tool_calls", []):
-            yield self.blocks.to("tool_use", {**tool_use(call), "input": {}})
-            delta = {"type": "input_json_delta", "partial_json": call["arguments"]}
-            yield event("content_block_delta", {"index": self.blocks.index, "delta": delta})
+            if not call.get("streamed"):
+                yield self.blocks.to("tool_use", {**tool_use(call), "input": {}})
+                delta = {"type": "input_json_delta", "partial_json": call["arguments"]}
+                yield event("content_block_delta", {"index": self.blocks.index, "delta": delta})
             yield self.blocks.close()
 
     def ending(self, final: dict[str, Any]) -> Iterator[str]:

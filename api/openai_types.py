@@ -401,16 +401,27 @@ class ChatStream(OpenAIStream):
             yield self.chunk({"reasoning_content": event["reasoning"]})
         if event.get("text") or logprobs:
             yield self.chunk({"content": event.get("text", "")}, logprobs=logprobs)
+        for delta in event.get("tool_call_deltas", []):
+            yield from self.tool_call_delta(delta)
         for call in event.get("tool_calls", []):
-            yield from self.tool_call(call)
+            if not call.get("streamed"):
+                yield from self.tool_call(call)
+
+    def tool_call_delta(self, delta: dict[str, Any]) -> Iterator[str]:
+        """A call as it is written: its id and name first, then each piece of its arguments."""
+        if "name" in delta:
+            self.calls = delta["index"] + 1
+            head = {"index": delta["index"], "id": new_id("call_"), "type": "function",
+                    "function": {"name": delta["name"], "arguments": ""}}  # fmt: skip
+            yield self.chunk({"tool_calls": [head]})
+        if delta.get("arguments"):
+            yield self.chunk({"tool_calls": [{"index": delta["index"], "function": {"arguments": delta["arguments"]}}]})
 
     def tool_call(self, call: dict[str, Any]) -> Iterator[str]:
-        """A tool call as OpenAI streams one: its id and name first, then its arguments."""
+        """A tool call whose format could not be followed as it was written: whole, as OpenAI streams one."""
         index, self.calls = self.calls, self.calls + 1
-        head = {"index": index, "id": new_id("call_"), "type": "function",
-                "function": {"name": call["name"], "arguments": ""}}  # fmt: skip
-        yield self.chunk({"tool_calls": [head]})
-        yield self.chunk({"tool_calls": [{"index": index, "function": {"arguments": call["arguments"]}}]})
+        yield from self.tool_call_delta({"index": index, "name": call["name"]})
+        yield from self.tool_call_delta({"index": index, "arguments": call["arguments"]})
 
 
 class TextStream(OpenAIStream):

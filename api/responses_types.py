@@ -261,6 +261,7 @@ class ResponseStream(Stream):
         self.rid, self.body, self.number, self.tools = new_id("resp_"), body, 0, body.tool_views()
         self.output: list[dict[str, Any]] = []
         self.text: dict[str, Any] | None = None  # the message item being streamed
+        self.calling: dict[str, Any] | None = None  # the function call item being streamed
 
     def emit(self, name: str, payload: dict[str, Any]) -> str:
         self.number += 1
@@ -280,9 +281,40 @@ class ResponseStream(Stream):
             text["content"][0]["text"] += item["text"]
             where = {"output_index": len(self.output) - 1, "item_id": text["id"], "content_index": 0}
             yield self.emit("response.output_text.delta", {**where, "delta": item["text"]})
+        for piece in item.get("tool_call_deltas", []):
+            yield from self.call_delta(piece)
         for call in item.get("tool_calls", []):
             yield from self.close_text()
-            yield from self.call(call)
+            if call.get("streamed") and self.calling is not None:
+                yield from self.call_done(call)
+            else:
+                yield from self.call(call)
+
+    def call_delta(self, piece: dict[str, Any]) -> Iterator[str]:
+        """A function call as it is written (a custom tool's text comes whole, at its end)."""
+        if "name" in piece:
+            tool = self.tools.get(piece["name"])
+            self.calling = None
+            if tool is not None and tool.kind == "custom":
+                return
+            yield from self.close_text()
+            self.calling = call_item({"name": piece["name"], "arguments": ""}, self.tools)
+            self.output.append(self.calling)
+            added = {**self.calling, "status": "in_progress"}
+            yield self.emit("response.output_item.added", {"output_index": len(self.output) - 1, "item": added})
+        if piece.get("arguments") and self.calling is not None:
+            self.calling["arguments"] += piece["arguments"]
+            where = {"output_index": self.output.index(self.calling), "item_id": self.calling["id"]}
+            yield self.emit("response.function_call_arguments.delta", {**where, "delta": piece["arguments"]})
+
+    def call_done(self, call: dict[str, Any]) -> Iterator[str]:
+        done, self.calling = self.calling, None
+        if done is None:
+            return
+        done["arguments"] = call["arguments"]
+        where = {"output_index": self.output.index(done), "item_id": done["id"]}
+        yield self.emit("response.function_call_arguments.done", {**where, "arguments": done["arguments"]})
+        yield self.emit("response.output_item.done", {"output_index": where["output_index"], "item": done})
 
     def open_text(self) -> Generator[str, None, dict[str, Any]]:
         """The message item being streamed, added (and announced) if there is none yet."""

@@ -123,7 +123,9 @@ async def test_tool_call_is_parsed_where_the_tokenizer_lives(tool_runner: Served
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     lines = await raw_events(tool_runner.endpoint, body(messages, 8, temperature=0.0, tools=TOOLS))
     calls = [c for e in lines for c in e.get("tool_calls", [])]
-    assert calls == [{"index": 0, "name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert calls == [{"index": 0, "name": "get_weather", "arguments": '{"city": "Paris"}', "streamed": True}]
+    deltas = [d for e in lines for d in e.get("tool_call_deltas", [])]
+    assert deltas == [{"index": 0, "name": "get_weather"}, {"index": 0, "arguments": '{"city": "Paris"}'}]
     assert "".join(e.get("text", "") for e in lines) == ""
     assert lines[-1]["finish_reason"] == "tool_calls"
     assert TOOL_CALL.startswith("<tool_call>")
@@ -148,6 +150,9 @@ async def test_a_required_call_is_enforced_in_the_family_s_format(tool_runner: S
                                                              tool_required=True))  # fmt: skip
         (call,) = [c for e in forced for c in e.get("tool_calls", [])]
         assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris", "Rome")
+        # written a piece at a time, its arguments went out as they came
+        pieces = [d["arguments"] for e in forced for d in e.get("tool_call_deltas", []) if "arguments" in d]
+        assert len(pieces) > 3 and "".join(pieces) == call["arguments"]
         assert forced[-1]["finish_reason"] == "tool_calls" and "".join(e.get("text", "") for e in forced) == ""
 
 

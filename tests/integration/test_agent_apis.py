@@ -286,12 +286,19 @@ async def test_models_carry_context_and_placement(cluster: Cluster, instances: d
 
 async def test_a_required_tool_call_is_enforced_over_each_api(cluster: Cluster, instances: dict[str, str]) -> None:
     """After a tool's result this model answers in text; asked to call a tool, it calls one (enforced by decoding)."""
-    cities = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+    cities = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+              "additionalProperties": False}  # fmt: skip
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": cities}}
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]  # fmt: skip
     client = openai(cluster)
+    deltas = [c.choices[0].delta async for c in await client.chat.completions.create(model=TOOLS, messages=history,  # type: ignore[arg-type,list-item]
+              tools=[tool], tool_choice="required", max_tokens=128, seed=1, stream=True) if c.choices]  # type: ignore[arg-type,list-item]  # fmt: skip
+    parts = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert parts[0].id and parts[0].function and parts[0].function.name == "get_weather"
+    pieces = [p.function.arguments for p in parts[1:] if p.function and p.function.arguments]
+    assert len(pieces) > 3 and json.loads("".join(pieces))["city"]  # the arguments as they were generated
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         forced = await client.chat.completions.create(model=TOOLS, messages=history, tools=[tool],  # type: ignore[arg-type,list-item]
                                                       tool_choice=choice, max_tokens=128, seed=1)  # type: ignore[arg-type]  # fmt: skip
