@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test unit lint bench clean
+.PHONY: install up test unit lint bench clean agent-clis
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+# Claude Code and Codex from npm, pinned, into the venv (tests/integration/test_agent_clis.py installs them too)
+agent-clis: install
+	$(BIN)/python -m tests.support.agent_clis
 
 unit: install
 	$(BIN)/pytest tests/unit tests/workflows -q

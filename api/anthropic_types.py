@@ -19,8 +19,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Anthropic's server tools run on Anthropic's servers; the cluster cannot run them, so the model is not shown them
+SERVER_TOOLS = ("web_search_", "web_fetch_", "code_execution_", "tool_search_tool_")
+
+
 class Message(Strict):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: Claude Code's mid-conversation system messages
     content: str | list[dict[str, Any]]
 
 
@@ -28,8 +32,12 @@ class AnthropicTool(BaseModel):
     name: str
     description: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-    type: str | None = None  # "custom" or absent; server tools are refused below
-    cache_control: dict[str, Any] | None = None
+    type: str | None = None  # "custom" or absent; server tools are dropped, other typed tools refused below
+    cache_control: dict[str, Any] | None = None  # a caching hint: the prefix cache works without it
+
+    @property
+    def server_side(self) -> bool:
+        return (self.type or "").startswith(SERVER_TOOLS)
 
 
 class CountRequest(Strict):
@@ -39,12 +47,17 @@ class CountRequest(Strict):
     tools: list[AnthropicTool] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    context_management: dict[str, Any] | None = None  # server-side context editing: nothing is stored to edit
+    output_config: dict[str, Any] | None = None  # `effort` is a hint; `format` (a JSON schema) is enforced
 
     @model_validator(mode="after")
     def _supported(self) -> "CountRequest":
         for tool in self.tools or []:
-            if tool.type not in (None, "custom"):
+            if tool.type not in (None, "custom") and not tool.server_side:
                 raise ValueError(f"tool type {tool.type!r} is not supported: only client tools (custom) are")
+        fmt = (self.output_config or {}).get("format")
+        if fmt is not None and fmt.get("type") != "json_schema":
+            raise ValueError(f"output_config.format type {fmt.get('type')!r} is not supported: only json_schema")
         kind = (self.tool_choice or {}).get("type")
         if kind not in (None, "auto", "any", "tool", "none"):
             raise ValueError(f"tool_choice type {kind!r} is not supported")
@@ -62,14 +75,15 @@ class CountRequest(Strict):
 
     def openai_tools(self) -> list[dict[str, Any]] | None:
         kind = (self.tool_choice or {}).get("type")
-        if not self.tools or kind == "none":
+        client_tools = [t for t in self.tools or [] if not t.server_side]
+        if not client_tools or kind == "none":
             return None
         tools = [
             {
                 "type": "function",
                 "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
             }
-            for t in self.tools
+            for t in client_tools
         ]
         if kind == "tool":
             name = (self.tool_choice or {}).get("name")
@@ -79,9 +93,16 @@ class CountRequest(Strict):
         return tools
 
     def template_kwargs(self) -> dict[str, Any]:
-        if self.thinking is None:
-            return {}
-        return {"enable_thinking": self.thinking.get("type") == "enabled"}
+        """`enabled` and `disabled` switch a template's thinking; `adaptive` (Claude Code's) leaves the template's
+        default."""
+        kind = (self.thinking or {}).get("type")
+        return {"enable_thinking": kind == "enabled"} if kind in ("enabled", "disabled") else {}
+
+    def response_format(self) -> dict[str, Any] | None:
+        fmt = (self.output_config or {}).get("format")
+        if fmt is None:
+            return None
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema")}}
 
 
 class MessagesRequest(CountRequest):
@@ -103,7 +124,9 @@ class MessagesRequest(CountRequest):
             "top_k": self.top_k,
             "stop": [s for s in self.stop_sequences or [] if s],
             "tools": self.openai_tools(),
+            "tool_required": (self.tool_choice or {}).get("type") in ("any", "tool"),
             "chat_template_kwargs": self.template_kwargs(),
+            "response_format": self.response_format(),
         }
 
 
@@ -112,21 +135,34 @@ def block_text(content: str | list[dict[str, Any]], where: str) -> str:
         return content
     parts = []
     for block in content:
-        if block.get("type") != "text":
+        text = text_of(block)
+        if text is None:
             raise ValueError(f"{where}: block type {block.get('type')!r} is not supported here: only text")
-        parts.append(str(block.get("text", "")))
+        parts.append(text)
     return "".join(parts)
+
+
+def text_of(block: dict[str, Any]) -> str | None:
+    """A text block's text, or a plain-text document's; None for any other block. `cache_control` and
+    `citations` are hints and ignored."""
+    kind = block.get("type")
+    if kind == "text":
+        return str(block.get("text", ""))
+    source = block.get("source") or {}
+    if kind == "document" and source.get("type") == "text":
+        return str(source.get("data", ""))
+    return None
 
 
 def translate(message: Message, where: str) -> list[dict[str, Any]]:
     """One Anthropic message as chat messages: tool results become `tool` messages, tool uses `tool_calls`."""
-    if isinstance(message.content, str):
-        return [{"role": message.role, "content": message.content}]
+    if isinstance(message.content, str) or message.role == "system":
+        return [{"role": message.role, "content": block_text(message.content, where)}]
     text, calls, results = "", [], []
     for block in message.content:
         kind = block.get("type")
-        if kind == "text":
-            text += str(block.get("text", ""))
+        if text_of(block) is not None:
+            text += str(text_of(block))
         elif kind == "tool_use" and message.role == "assistant":
             arguments = json.dumps(block.get("input", {}), ensure_ascii=False)
             calls.append(
@@ -162,12 +198,6 @@ def stop_of(final: dict[str, Any]) -> tuple[str, str | None]:
 
 def message_head(mid: str, model: str, final: dict[str, Any]) -> dict[str, Any]:
     """A message with no content yet, its usage as far as `final` (the runner's final event) tells it."""
-    usage = {
-        "input_tokens": int(final.get("prompt_tokens", 0)),
-        "output_tokens": 0,
-        "cache_read_input_tokens": int(final.get("cached_tokens", 0)),
-        "cache_creation_input_tokens": 0,
-    }
     return {
         "id": mid,
         "type": "message",
@@ -176,7 +206,19 @@ def message_head(mid: str, model: str, final: dict[str, Any]) -> dict[str, Any]:
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": usage,
+        "usage": usage_of(final),
+    }
+
+
+def usage_of(final: dict[str, Any]) -> dict[str, int]:
+    """Anthropic's usage: `input_tokens` are those computed for this request; the prompt tokens the prefix cache
+    held are `cache_read_input_tokens` (the prompt is their sum, as Claude Code counts its context)."""
+    cached = int(final.get("cached_tokens", 0))
+    return {
+        "input_tokens": int(final.get("prompt_tokens", 0)) - cached,
+        "output_tokens": int(final.get("completion_tokens", 0)),
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
     }
 
 
@@ -222,10 +264,18 @@ class MessageStream(Stream):
             yield self.blocks.delta("thinking", thinking, {"type": "thinking", "thinking": ""})
         if item.get("text"):
             yield self.blocks.delta("text", {"type": "text_delta", "text": item["text"]}, {"type": "text", "text": ""})
+        for piece in item.get("tool_call_deltas", []):
+            if "name" in piece:
+                block = {"type": "tool_use", "id": new_id("toolu_"), "name": piece["name"], "input": {}}
+                yield self.blocks.to("tool_use", block)
+            if piece.get("arguments"):
+                delta = {"type": "input_json_delta", "partial_json": piece["arguments"]}
+                yield event("content_block_delta", {"index": self.blocks.index, "delta": delta})
         for call in item.get("tool_calls", []):
-            yield self.blocks.to("tool_use", {**tool_use(call), "input": {}})
-            delta = {"type": "input_json_delta", "partial_json": call["arguments"]}
-            yield event("content_block_delta", {"index": self.blocks.index, "delta": delta})
+            if not call.get("streamed"):
+                yield self.blocks.to("tool_use", {**tool_use(call), "input": {}})
+                delta = {"type": "input_json_delta", "partial_json": call["arguments"]}
+                yield event("content_block_delta", {"index": self.blocks.index, "delta": delta})
             yield self.blocks.close()
 
     def ending(self, final: dict[str, Any]) -> Iterator[str]:
@@ -233,11 +283,8 @@ class MessageStream(Stream):
             yield self.blocks.to("text", {"type": "text", "text": ""})
         yield self.blocks.close()
         reason, sequence = stop_of(final)
-        usage = {
-            "output_tokens": int(final.get("completion_tokens", 0)),
-            "input_tokens": int(final.get("prompt_tokens", 0)),
-        }
-        yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage})
+        delta = {"stop_reason": reason, "stop_sequence": sequence}
+        yield event("message_delta", {"delta": delta, "usage": usage_of(final)})
         yield event("message_stop", {})
 
     def error(self, exc: HTTPException) -> str:

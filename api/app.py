@@ -18,6 +18,7 @@ from api.routes import (
     instances,
     metrics,
     nodes,
+    ollama,
     openai,
     responses,
     workflows,
@@ -47,7 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(dashboard.page)  # the page is public; it asks for the key the data wants
     protected = (nodes.router, downloads.router, instances.router, openai.router, anthropic.router, responses.router,
-                 dashboard.router, metrics.router, workflows.router)  # fmt: skip
+                 ollama.router, dashboard.router, metrics.router, workflows.router)  # fmt: skip
     for router in protected:
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app

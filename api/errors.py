@@ -2,14 +2,17 @@
 endpoints' `type` is shardline's ErrorType, which also picks the status (here, and only here); the inference
 endpoints under /v1 speak OpenAI's (or Anthropic's) error types, as their clients expect."""
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from shardline.errors import ErrorType, ShardlineError, cause_message, error_type
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 STATUS = {
     # 422, as FastAPI answers a request it validates; the inference endpoints answer 400, as OpenAI does
     ErrorType.BAD_INPUT: 422,
@@ -82,9 +85,20 @@ def is_inference(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
+def is_ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def ollama_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Ollama's error shape, for /api/*: `{"error": message}`."""
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
+
+
 def typed_error(request: Request, kind: ErrorType, message: str, status: int | None = None) -> JSONResponse:
     """The one answer to a failure of a known type, in the wire format of the endpoint that failed."""
     status = status or status_for(kind)
+    if is_ollama(request):
+        return ollama_error(status, message)
     if is_anthropic(request):
         return anthropic_error(status, message)
     if is_inference(request):
@@ -92,11 +106,21 @@ def typed_error(request: Request, kind: ErrorType, message: str, status: int | N
     return error_response(status, message, kind.value)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route takes at this path (Starlette names only those of the first route it tried)."""
+    return [m for m in METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL
+                                      for r in request.app.routes)]  # fmt: skip
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (405, a body that is not JSON)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:  # every method the path has, not only those of the first route that matched
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed_methods(request))}
         if is_anthropic(request):
             return anthropic_error(exc.status_code, str(exc.detail), exc.headers)
+        if is_ollama(request):
+            return ollama_error(exc.status_code, str(exc.detail), exc.headers)
         return error_response(exc.status_code, str(exc.detail), openai_error_type(exc.status_code), exc.headers)
 
     @app.exception_handler(ShardlineError)
@@ -118,5 +142,5 @@ def install_error_handlers(app: FastAPI) -> None:
         # the inference endpoints answer a request they cannot honour as OpenAI and Anthropic do: 400
         if is_anthropic(request):
             return anthropic_error(400, _validation_message(exc))
-        status = 400 if is_inference(request) else None
+        status = 400 if is_inference(request) or is_ollama(request) else None
         return typed_error(request, ErrorType.BAD_INPUT, _validation_message(exc), status)

@@ -70,7 +70,8 @@ class Inference:
 
 
 async def first_event(lines: Events) -> Events:
-    """Wait for the runner's first event (or the first keep-alive), then stream everything from there."""
+    """Wait for the runner's first event (or the first keep-alive), then stream everything from there. The first is
+    the runner's `accepted` (sent before the prefill): the request is valid and queued, so the response starts."""
     try:
         first = await anext(lines)
     except StopAsyncIteration:
@@ -78,6 +79,8 @@ async def first_event(lines: Events) -> Events:
     except BaseException:
         await lines.aclose()
         raise
+    if first is not None and first.get("accepted"):
+        return lines
 
     async def from_first() -> Events:
         async with aclosing(lines):

@@ -4,6 +4,7 @@ A field OpenAI defines that shardline cannot honour is refused (400 naming it), 
 requests forbid unknown fields, and those that are known but limited say so in their validators.
 """
 
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from api.streaming import DONE, Stream, data
 from workflows.serve import InstanceStatus
 
 MAX_TOKENS = 32768
+UNLIKELY = -9999.0
 
 
 class Strict(BaseModel):
@@ -172,6 +174,15 @@ class ChatRequest(SamplingOptions):
     parallel_tool_calls: bool | None = None  # the model decides how many it makes
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # hints and bookkeeping, accepted and ignored (see the README's list)
+    store: bool | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
+    reasoning_effort: str | None = None  # "none" turns a template's thinking off; the rest are hints
+    web_search_options: dict[str, Any] | None = None  # a server tool: the cluster cannot search, the model answers
+    modalities: list[Literal["text"]] | None = None
 
     _tool_choice = field_validator("tool_choice")(check_tool_choice)
 
@@ -192,9 +203,14 @@ class ChatRequest(SamplingOptions):
             **self.runner_sampling(),
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
             "tools": tools_for(self.tools, self.tool_choice),
+            "tool_required": self.tool_choice == "required" or isinstance(self.tool_choice, dict),
             "response_format": self.response_format,
-            "chat_template_kwargs": self.chat_template_kwargs or {},
+            "chat_template_kwargs": self.template_kwargs(),
         }
+
+    def template_kwargs(self) -> dict[str, Any]:
+        off = {"enable_thinking": False} if self.reasoning_effort == "none" else {}
+        return {**off, **(self.chat_template_kwargs or {})}
 
 
 class CompletionRequest(SamplingOptions):
@@ -299,11 +315,17 @@ def completion(
     }
 
 
+def finite(logprob: float) -> float:
+    """JSON has no -inf or NaN (a token masked out, or logits a penalty near 0 overflowed): OpenAI's -9999.0 for
+    a token as unlikely as can be."""
+    return logprob if math.isfinite(logprob) else UNLIKELY
+
+
 def chat_logprobs(events: list[dict[str, Any]]) -> dict[str, Any]:
     """OpenAI's chat `logprobs.content` from the runner's token events."""
 
     def entry(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode())}
 
     return {
         "content": [
@@ -324,8 +346,8 @@ def text_logprobs(events: list[dict[str, Any]]) -> dict[str, Any]:
         at += len(e.get("token_text", ""))
     return {
         "tokens": [e.get("token_text", "") for e in events],
-        "token_logprobs": [e["logprob"] for e in events],
-        "top_logprobs": [{t["text"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in events],
+        "token_logprobs": [finite(e["logprob"]) for e in events],
+        "top_logprobs": [{t["text"]: finite(t["logprob"]) for t in e.get("top_logprobs", [])} for e in events],
         "text_offset": offsets,
     }
 
@@ -379,16 +401,27 @@ class ChatStream(OpenAIStream):
             yield self.chunk({"reasoning_content": event["reasoning"]})
         if event.get("text") or logprobs:
             yield self.chunk({"content": event.get("text", "")}, logprobs=logprobs)
+        for delta in event.get("tool_call_deltas", []):
+            yield from self.tool_call_delta(delta)
         for call in event.get("tool_calls", []):
-            yield from self.tool_call(call)
+            if not call.get("streamed"):
+                yield from self.tool_call(call)
+
+    def tool_call_delta(self, delta: dict[str, Any]) -> Iterator[str]:
+        """A call as it is written: its id and name first, then each piece of its arguments."""
+        if "name" in delta:
+            self.calls = delta["index"] + 1
+            head = {"index": delta["index"], "id": new_id("call_"), "type": "function",
+                    "function": {"name": delta["name"], "arguments": ""}}  # fmt: skip
+            yield self.chunk({"tool_calls": [head]})
+        if delta.get("arguments"):
+            yield self.chunk({"tool_calls": [{"index": delta["index"], "function": {"arguments": delta["arguments"]}}]})
 
     def tool_call(self, call: dict[str, Any]) -> Iterator[str]:
-        """A tool call as OpenAI streams one: its id and name first, then its arguments."""
+        """A tool call whose format could not be followed as it was written: whole, as OpenAI streams one."""
         index, self.calls = self.calls, self.calls + 1
-        head = {"index": index, "id": new_id("call_"), "type": "function",
-                "function": {"name": call["name"], "arguments": ""}}  # fmt: skip
-        yield self.chunk({"tool_calls": [head]})
-        yield self.chunk({"tool_calls": [{"index": index, "function": {"arguments": call["arguments"]}}]})
+        yield from self.tool_call_delta({"index": index, "name": call["name"]})
+        yield from self.tool_call_delta({"index": index, "arguments": call["arguments"]})
 
 
 class TextStream(OpenAIStream):

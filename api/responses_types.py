@@ -1,7 +1,9 @@
 """OpenAI Responses wire types (`POST /v1/responses`), translated to the runner's one request shape, and the
 response made of the runner's events, streamed or not."""
 
+import json
 from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import HTTPException
@@ -10,13 +12,54 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from api.openai_types import MAX_TOKENS, check_tool_choice, new_id, now, part_text
 from api.streaming import Stream, event
 
+# tools that run on OpenAI's servers: the cluster cannot run them, so the model is not shown them
+SERVER_TOOLS = ("web_search", "web_search_preview", "file_search", "image_generation", "code_interpreter",
+                "computer_use_preview", "mcp")  # fmt: skip
+NO_PARAMETERS = {"type": "object", "properties": {}}
+# a custom (freeform) tool takes text: the model writes it as the one argument of a function
+CUSTOM_PARAMETERS = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
+
 
 class FunctionTool(BaseModel):
     type: str
     name: str = ""
     description: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    tools: list["FunctionTool"] | None = None  # a namespace's (Codex's multi_agent_v1)
+    format: dict[str, Any] | None = None  # a custom tool's input grammar: not enforced, the model writes text
+
+    @property
+    def server_side(self) -> bool:
+        return self.type.startswith(SERVER_TOOLS)
+
+
+@dataclass(frozen=True)
+class ToolView:
+    """A tool as the model sees it (a function) and as the client named it."""
+
+    name: str
+    kind: str  # "function" or "custom"
+    namespace: str | None = None
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: NO_PARAMETERS)
+
+
+def callables(tools: list[FunctionTool], where: str = "tools") -> list[ToolView]:
+    """The client's tools as functions: a namespace's tools each on their own, a custom tool as a function of
+    its text, server tools left out."""
+    out: list[ToolView] = []
+    for i, tool in enumerate(tools):
+        if tool.type == "function":
+            out.append(ToolView(tool.name, "function", None, tool.description or "", tool.parameters or NO_PARAMETERS))
+        elif tool.type == "custom":
+            out.append(ToolView(tool.name, "custom", None, tool.description or "", CUSTOM_PARAMETERS))
+        elif tool.type == "namespace":
+            out += [replace(c, namespace=tool.name) for c in callables(tool.tools or [], f"{where}.{i}.tools")]
+        elif not tool.server_side:
+            raise ValueError(f"{where}.{i}: type {tool.type!r} is not supported: function, custom and namespace "
+                             "tools are (server tools such as web_search are left out)")  # fmt: skip
+    return out
 
 
 class ResponsesRequest(BaseModel):
@@ -33,20 +76,35 @@ class ResponsesRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
-    store: bool | None = None  # nothing is stored either way: previous_response_id is refused
+    # hints and bookkeeping, accepted and ignored: nothing is stored either way (previous_response_id is
+    # refused), the prefix cache needs no key, and encrypted reasoning is never produced
+    store: bool | None = None
     metadata: dict[str, Any] | None = None
     user: str | None = None
+    include: list[str] | None = None
+    prompt_cache_key: str | None = None
+    client_metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    truncation: str | None = None
+    stream_options: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None  # effort "none" turns a template's thinking off; the rest are hints
 
     @model_validator(mode="after")
     def _supported(self) -> "ResponsesRequest":
-        for tool in self.tools or []:
-            if tool.type != "function":
-                raise ValueError(f"tools: type {tool.type!r} is not supported: only function tools are")
-        check_tool_choice(
-            self.tool_choice if not isinstance(self.tool_choice, dict) else {"type": "function", **self.tool_choice}
-        )
+        names = [c.name for c in self.callables()]
+        choice = self.tool_choice
+        check_tool_choice(choice if not isinstance(choice, dict) else {"type": "function", **choice})
+        if isinstance(choice, dict) and choice.get("name") not in names:
+            raise ValueError(f"tool_choice names {choice.get('name')!r}, which is not in tools")
         self.chat()
         return self
+
+    def callables(self) -> list[ToolView]:
+        return callables(self.tools or [])
+
+    def tool_views(self) -> dict[str, ToolView]:
+        return {c.name: c for c in self.callables()}
 
     def chat(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions else []
@@ -57,18 +115,18 @@ class ResponsesRequest(BaseModel):
         return [m for m in out if m]
 
     def openai_tools(self) -> list[dict[str, Any]] | None:
-        if not self.tools or self.tool_choice == "none":
-            return None
-        tools = [
-            {
-                "type": "function",
-                "function": {"name": t.name, "description": t.description or "", "parameters": t.parameters},
-            }
-            for t in self.tools
-        ]
+        shown = self.callables()
         if isinstance(self.tool_choice, dict):
-            tools = [t for t in tools if t["function"]["name"] == self.tool_choice.get("name")]
-        return tools
+            shown = [c for c in shown if c.name == self.tool_choice.get("name")]
+        if not shown or self.tool_choice == "none":
+            return None
+        return [
+            {"type": "function", "function": {"name": c.name, "description": c.description, "parameters": c.parameters}}
+            for c in shown
+        ]
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {"enable_thinking": False} if (self.reasoning or {}).get("effort") == "none" else {}
 
     def response_format(self) -> dict[str, Any] | None:
         fmt = (self.text or {}).get("format")
@@ -85,7 +143,9 @@ class ResponsesRequest(BaseModel):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "tools": self.openai_tools(),
+            "tool_required": self.tool_choice == "required" or isinstance(self.tool_choice, dict),
             "response_format": self.response_format(),
+            "chat_template_kwargs": self.template_kwargs(),
         }
 
 
@@ -109,12 +169,15 @@ def translate(item: dict[str, Any], where: str, so_far: list[dict[str, Any]]) ->
             so_far[-1].setdefault("tool_calls", []).append(call)
             return {}
         return {"role": "assistant", "content": "", "tool_calls": [call]}
-    if kind == "function_call_output":
+    if kind == "custom_tool_call":
+        arguments = json.dumps({"input": item.get("input", "")}, ensure_ascii=False)
+        return translate({**item, "type": "function_call", "arguments": arguments}, where, so_far)
+    if kind in ("function_call_output", "custom_tool_call_output"):
         output = item.get("output", "")
         text = output if isinstance(output, str) else "".join(part_text(p, where) for p in output)
         return {"role": "tool", "tool_call_id": item.get("call_id", ""), "content": text}
-    if kind == "reasoning":
-        return {}  # earlier reasoning: chat templates drop it too
+    if kind in ("reasoning", "web_search_call"):
+        return {}  # earlier reasoning: chat templates drop it too; a server tool's call never ran here
     raise ValueError(f"{where}: item type {kind!r} is not supported")
 
 
@@ -128,15 +191,26 @@ def message_item(text: str, status: str = "completed") -> dict[str, Any]:
     }
 
 
-def call_item(call: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "function_call",
-        "id": new_id("fc_"),
-        "call_id": new_id("call_"),
-        "name": call["name"],
-        "arguments": call["arguments"],
-        "status": "completed",
-    }
+def call_item(call: dict[str, Any], tools: dict[str, ToolView]) -> dict[str, Any]:
+    """The model's call as the client's tool takes it: a function call (with its namespace), or a custom tool's
+    call with the text it was given."""
+    tool = tools.get(call["name"])
+    head = {"id": new_id("fc_" if tool is None or tool.kind == "function" else "ctc_"), "call_id": new_id("call_")}
+    if tool is not None and tool.kind == "custom":
+        return {"type": "custom_tool_call", **head, "name": call["name"], "input": custom_input(call["arguments"]),
+                "status": "completed"}  # fmt: skip
+    item = {"type": "function_call", **head, "name": call["name"], "arguments": call["arguments"]}
+    item["status"] = "completed"
+    if tool is not None and tool.namespace:
+        item["namespace"] = tool.namespace
+    return item
+
+
+def custom_input(arguments: str) -> str:
+    try:
+        return str(json.loads(arguments)["input"])
+    except (ValueError, KeyError, TypeError):
+        return arguments  # the model wrote the text itself
 
 
 def reasoning_item(text: str) -> dict[str, Any]:
@@ -184,9 +258,10 @@ class ResponseStream(Stream):
     """The Responses API's events, numbered: created, in progress, output items as they come, completed."""
 
     def __init__(self, body: ResponsesRequest) -> None:
-        self.rid, self.body, self.number = new_id("resp_"), body, 0
+        self.rid, self.body, self.number, self.tools = new_id("resp_"), body, 0, body.tool_views()
         self.output: list[dict[str, Any]] = []
         self.text: dict[str, Any] | None = None  # the message item being streamed
+        self.calling: dict[str, Any] | None = None  # the function call item being streamed
 
     def emit(self, name: str, payload: dict[str, Any]) -> str:
         self.number += 1
@@ -206,9 +281,40 @@ class ResponseStream(Stream):
             text["content"][0]["text"] += item["text"]
             where = {"output_index": len(self.output) - 1, "item_id": text["id"], "content_index": 0}
             yield self.emit("response.output_text.delta", {**where, "delta": item["text"]})
+        for piece in item.get("tool_call_deltas", []):
+            yield from self.call_delta(piece)
         for call in item.get("tool_calls", []):
             yield from self.close_text()
-            yield from self.call(call)
+            if call.get("streamed") and self.calling is not None:
+                yield from self.call_done(call)
+            else:
+                yield from self.call(call)
+
+    def call_delta(self, piece: dict[str, Any]) -> Iterator[str]:
+        """A function call as it is written (a custom tool's text comes whole, at its end)."""
+        if "name" in piece:
+            tool = self.tools.get(piece["name"])
+            self.calling = None
+            if tool is not None and tool.kind == "custom":
+                return
+            yield from self.close_text()
+            self.calling = call_item({"name": piece["name"], "arguments": ""}, self.tools)
+            self.output.append(self.calling)
+            added = {**self.calling, "status": "in_progress"}
+            yield self.emit("response.output_item.added", {"output_index": len(self.output) - 1, "item": added})
+        if piece.get("arguments") and self.calling is not None:
+            self.calling["arguments"] += piece["arguments"]
+            where = {"output_index": self.output.index(self.calling), "item_id": self.calling["id"]}
+            yield self.emit("response.function_call_arguments.delta", {**where, "delta": piece["arguments"]})
+
+    def call_done(self, call: dict[str, Any]) -> Iterator[str]:
+        done, self.calling = self.calling, None
+        if done is None:
+            return
+        done["arguments"] = call["arguments"]
+        where = {"output_index": self.output.index(done), "item_id": done["id"]}
+        yield self.emit("response.function_call_arguments.done", {**where, "arguments": done["arguments"]})
+        yield self.emit("response.output_item.done", {"output_index": where["output_index"], "item": done})
 
     def open_text(self) -> Generator[str, None, dict[str, Any]]:
         """The message item being streamed, added (and announced) if there is none yet."""
@@ -235,14 +341,16 @@ class ResponseStream(Stream):
         yield self.emit("response.output_item.done", {"output_index": at, "item": text})
 
     def call(self, call: dict[str, Any]) -> Iterator[str]:
-        done = call_item(call)
+        done = call_item(call, self.tools)
         self.output.append(done)
         at = len(self.output) - 1
+        field, events = ("input", "custom_tool_call_input") if done["type"] == "custom_tool_call" else (
+            "arguments", "function_call_arguments")  # fmt: skip
         yield self.emit("response.output_item.added",
-                        {"output_index": at, "item": {**done, "arguments": "", "status": "in_progress"}})  # fmt: skip
+                        {"output_index": at, "item": {**done, field: "", "status": "in_progress"}})  # fmt: skip
         where = {"output_index": at, "item_id": done["id"]}
-        yield self.emit("response.function_call_arguments.delta", {**where, "delta": call["arguments"]})
-        yield self.emit("response.function_call_arguments.done", {**where, "arguments": call["arguments"]})
+        yield self.emit(f"response.{events}.delta", {**where, "delta": done[field]})
+        yield self.emit(f"response.{events}.done", {**where, field: done[field]})
         yield self.emit("response.output_item.done", {"output_index": at, "item": done})
 
     def error(self, exc: HTTPException) -> str:

@@ -23,6 +23,35 @@ class PartialModelOut(BaseModel):
     layers: list[tuple[int, int]] = Field(description="the layer ranges [start, end) held complete")
 
 
+class AnthropicErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorOut(BaseModel):
+    type: Literal["error"] = "error"
+    error: AnthropicErrorBody
+
+
+class OllamaErrorOut(BaseModel):
+    error: str
+
+
+# what the handlers of api/errors.py can answer, declared on each router so the OpenAPI document tells the truth
+ADMIN_STATUSES = (401, 403, 404, 409, 422, 500, 502, 503, 507)  # 401: the API key; the rest: the error types
+INFERENCE_STATUSES = (400, 401, 404, 429, 500, 502, 503)  # 400: what cannot be honoured; 429: a full queue
+OLLAMA_STATUSES = (*INFERENCE_STATUSES, 403, 409, 422, 507)  # pull and delete answer as downloads and deletes do
+
+
+def streamed(media_type: str) -> dict[int | str, dict[str, Any]]:
+    """A route that answers JSON, or a stream when asked (`stream: true`)."""
+    return {200: {"content": {"application/json": {}, media_type: {}}, "description": "the answer, or its stream"}}
+
+
+def error_responses(model: type[BaseModel], statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": model, "description": "an error a person can act on"} for status in statuses}
+
+
 class NodeOut(BaseModel):
     node_id: str
     state: str

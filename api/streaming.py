@@ -52,6 +52,7 @@ class Stream(ABC):
     while the runner is quiet, an error, and what closes it (after an error too)."""
 
     keep_alive = ": keep-alive\n\n"  # an SSE comment: every client skips it, proxies see bytes flow
+    media_type = "text/event-stream"  # Ollama's streams are NDJSON, framed the same way
 
     def opening(self) -> Iterator[str]:
         return iter(())
@@ -84,4 +85,4 @@ async def sse(lines: Events, stream: Stream) -> AsyncIterator[str]:
 
 
 def sse_response(lines: Events, stream: Stream) -> StreamingResponse:
-    return StreamingResponse(sse(lines, stream), media_type="text/event-stream")
+    return StreamingResponse(sse(lines, stream), media_type=stream.media_type)

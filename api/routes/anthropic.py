@@ -10,12 +10,13 @@ from api.anthropic_types import CountRequest, MessagesRequest, MessageStream, me
 from api.deps import InferenceDep
 from api.inference import gather
 from api.openai_types import new_id
+from api.schemas import INFERENCE_STATUSES, AnthropicErrorOut, error_responses, streamed
 from api.streaming import sse_response
 
-router = APIRouter(prefix="/v1", tags=["anthropic"])
+router = APIRouter(prefix="/v1", tags=["anthropic"], responses=error_responses(AnthropicErrorOut, INFERENCE_STATUSES))
 
 
-@router.post("/messages", response_model=None)
+@router.post("/messages", response_model=None, responses=streamed("text/event-stream"))
 async def messages(body: MessagesRequest, inference: InferenceDep) -> StreamingResponse | JSONResponse:
     lines = await inference.start(body.model, body.generate_body())
     if body.stream:
@@ -30,7 +31,6 @@ async def messages(body: MessagesRequest, inference: InferenceDep) -> StreamingR
     reason, sequence = stop_of(done.final)
     message = message_head(new_id("msg_"), body.model, done.final)
     message |= {"content": content, "stop_reason": reason, "stop_sequence": sequence}
-    message["usage"]["output_tokens"] = int(done.final.get("completion_tokens", 0))
     return JSONResponse(message)
 
 

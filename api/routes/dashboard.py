@@ -8,11 +8,12 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from api.deps import SettingsDep
+from api.schemas import ErrorOut, error_responses
 
 PAGE = Path(__file__).resolve().parents[1] / "static" / "dashboard.html"
 
 page = APIRouter(tags=["dashboard"])
-router = APIRouter(tags=["dashboard"])
+router = APIRouter(tags=["dashboard"], responses=error_responses(ErrorOut, (401, 422)))
 
 
 class UiConfig(BaseModel):
@@ -21,7 +22,7 @@ class UiConfig(BaseModel):
     workflow_url: str  # append the URL-encoded workflow id to open it in the Temporal UI
 
 
-@page.get("/", include_in_schema=False)
+@page.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # Claude Code checks the URL with HEAD
 async def dashboard() -> FileResponse:
     # no-cache: a new version of the page shows up on the next reload
     return FileResponse(PAGE, media_type="text/html", headers={"Cache-Control": "no-cache"})

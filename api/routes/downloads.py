@@ -3,14 +3,14 @@ from temporalio.client import WorkflowExecutionStatus
 
 from api import views
 from api.deps import ClientDep, SettingsDep
-from api.schemas import DownloadCreate, DownloadOut, DownloadsStarted
+from api.schemas import ADMIN_STATUSES, DownloadCreate, DownloadOut, DownloadsStarted, ErrorOut, error_responses
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, parse_workflow_id
 from shardline.states import Kind, NodeState, WorkState
 from workflows import client as workflows
 from workflows.download import DownloadInput
 
-router = APIRouter(prefix="/downloads", tags=["downloads"])
+router = APIRouter(prefix="/downloads", tags=["downloads"], responses=error_responses(ErrorOut, ADMIN_STATUSES))
 
 
 async def target_nodes(client: ClientDep, node_id: str | None) -> list[str]:

@@ -4,7 +4,7 @@ from fastapi import APIRouter, status
 
 from api.deps import ClientDep, InstancesDep, SettingsDep
 from api.instances import instance_status, list_instances
-from api.schemas import ErrorOut, InstanceCreate, InstanceOut, PreviewOut
+from api.schemas import ADMIN_STATUSES, ErrorOut, InstanceCreate, InstanceOut, PreviewOut, error_responses
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import new_instance_id, serve_workflow_id
 from shardline.states import InstanceState, WorkState
@@ -12,7 +12,7 @@ from workflows import client as workflows
 from workflows.preview import PreviewInput
 from workflows.serve import ServeInput
 
-router = APIRouter(prefix="/instances", tags=["instances"])
+router = APIRouter(prefix="/instances", tags=["instances"], responses=error_responses(ErrorOut, ADMIN_STATUSES))
 STOP_WAIT = 60.0  # seconds DELETE waits for every runner to stop
 PREVIEW_WAIT = 60.0  # seconds a preview may take: the model's profile comes from the hub (or the control's cache)
 

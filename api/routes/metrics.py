@@ -5,9 +5,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import ClientDep, HttpDep, InFlightDep, InstancesDep, MetricsDep
 from api.runners import runner_stats
+from api.schemas import ErrorOut, error_responses
 from shardline.states import InstanceState
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], responses=error_responses(ErrorOut, (401, 422)))
 
 
 @router.get("/metrics", response_class=Response)

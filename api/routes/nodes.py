@@ -4,7 +4,7 @@ from fastapi import APIRouter
 
 from api import views
 from api.deps import ClientDep, SettingsDep
-from api.schemas import Accepted, NodeOut
+from api.schemas import ADMIN_STATUSES, Accepted, ErrorOut, NodeOut, error_responses
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, check_model_id, check_node_id
 from shardline.states import WorkState
@@ -12,7 +12,7 @@ from workflows import client as workflows
 from workflows import state
 from workflows.delete import DeleteInput, in_use_message
 
-router = APIRouter(prefix="/nodes", tags=["nodes"])
+router = APIRouter(prefix="/nodes", tags=["nodes"], responses=error_responses(ErrorOut, ADMIN_STATUSES))
 
 DELETE_WAIT = 20.0  # seconds the request waits for the delete before answering 202
 

@@ -26,10 +26,11 @@ from api.openai_types import (
     usage_of,
 )
 from api.runners import context_length
+from api.schemas import INFERENCE_STATUSES, ErrorOut, error_responses, streamed
 from api.streaming import sse_response
 from shardline.states import InstanceState
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses(ErrorOut, INFERENCE_STATUSES))
 
 
 @router.get("/models", response_model=ModelList)
@@ -44,7 +45,7 @@ async def list_models(instances: InstancesDep, http: HttpDep) -> ModelList:
     return ModelList(data=list(cards.values()))
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=streamed("text/event-stream"))
 async def chat_completions(body: ChatRequest, inference: InferenceDep) -> StreamingResponse | JSONResponse:
     lines = await inference.start(body.model, body.generate_body())
     if body.stream:
@@ -62,7 +63,7 @@ async def chat_completions(body: ChatRequest, inference: InferenceDep) -> Stream
                                    logprobs))  # fmt: skip
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=streamed("text/event-stream"))
 async def completions(body: CompletionRequest, inference: InferenceDep) -> StreamingResponse | JSONResponse:
     """A raw prompt, no chat template: what editors' code completion sends."""
     lines = await inference.start(body.model, body.generate_body())

@@ -5,14 +5,14 @@ from fastapi import APIRouter, Response, status
 from temporalio.client import WorkflowExecutionStatus
 
 from api.deps import ClientDep
-from api.schemas import Accepted
+from api.schemas import ADMIN_STATUSES, Accepted, ErrorOut, error_responses
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, parse_workflow_id
 from shardline.states import Kind, WorkState
 from workflows import client as workflows
 from workflows.state import describe, state_of
 
-router = APIRouter(prefix="/workflows", tags=["workflows"])
+router = APIRouter(prefix="/workflows", tags=["workflows"], responses=error_responses(ErrorOut, ADMIN_STATUSES))
 
 
 @router.delete("/{workflow_id:path}", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted)

@@ -19,7 +19,7 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from shardline.engine.grammar import Grammars
+from shardline.engine.grammar import GrammarProcessor, Grammars
 from shardline.engine.pipeline import whole_model_caches
 from shardline.engine.protocol import Join, Step
 from shardline.engine.sampling import processors_for, sampler_for
@@ -70,6 +70,8 @@ class Batch:
         }
         self.model = model
         self.grammars = Grammars(tokenizer)
+        self.grammar_of: dict[int, GrammarProcessor] = {}  # each constrained request's, while it runs
+        self.finished: list[int] = []
         self.generator = BatchGenerator(model, **self.options)
         self.store: dict[int, list[Any]] = {}
         self.sizes: dict[int, int] = {}
@@ -77,8 +79,12 @@ class Batch:
 
     def reset(self) -> None:
         """A fresh generator after a failed step (its state is unknown); the prefix cache is intact."""
+        uids = self.generator._uid_count
         self.generator.close()
         self.generator = BatchGenerator(self.model, **self.options)
+        # its uids go on from the old one's: the prefix cache keys entries by uid, and a new uid 0 would name an
+        # entry already stored (a KeyError in every later step that reused it, found by schemathesis)
+        self.generator._uid_count = uids
 
     def __len__(self) -> int:
         return len(self.generator._generation_batch) + len(self.generator._prompt_batch)
@@ -89,6 +95,9 @@ class Batch:
 
     def apply(self, step: Step) -> Output:
         out = Output()
+        for uid in [*self.finished, *step.leaves]:
+            self.grammar_of.pop(uid, None)
+        self.finished = []
         for entry in step.drops:
             self.store.pop(entry, None)
             self.sizes.pop(entry, None)
@@ -101,6 +110,7 @@ class Batch:
         for r in out.responses:
             if r.finish_reason is not None:
                 out.kept += self._keep(r.uid, r.prompt_cache, r.all_tokens)
+                self.finished.append(r.uid)  # its grammar's verdict is read before the next step
         if (step.drops or out.kept) and self.report is not None:
             self.report({"event": "stats", "cache_bytes": self.store_bytes})
         return out
@@ -116,15 +126,22 @@ class Batch:
             extra = max((c.offset for c in caches if isinstance(getattr(c, "offset", None), int)), default=0)
             if extra > join.reuse:  # only a trimmable model's entries are ever longer than what is reused
                 trim_prompt_cache(caches, extra - join.reuse)
+        processors = processors_for(join.sampling, self.grammars)
         (uid,) = self.generator.insert(
             [join.tokens[join.reuse :]],
             max_tokens=[join.sampling.max_tokens],
             caches=[caches] if caches is not None else None,
             all_tokens=[join.tokens[: join.reuse]],
             samplers=[sampler_for(join.sampling)],
-            logits_processors=[processors_for(join.sampling, self.grammars)],
+            logits_processors=[processors],
         )
+        self.grammar_of.update((uid, p) for p in processors if isinstance(p, GrammarProcessor))
         return uid
+
+    def grammar_error(self, uid: int) -> str | None:
+        """Why the request's grammar could not be followed (its output then ended), or None."""
+        found = self.grammar_of.get(uid)
+        return None if found is None else found.error
 
     def _keep(self, uid: int, caches: list[Any] | None, tokens: list[int] | None) -> list[Kept]:
         # Every rank keeps the same entries whatever its layers' caches are (a rank of recurrent layers cannot

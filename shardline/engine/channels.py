@@ -6,6 +6,7 @@ by mlx_lm's tool parser of the model's family into {"name", "arguments"}.
 """
 
 import json
+import re
 from typing import Any
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -13,6 +14,45 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from shardline.engine.stops import held_back
 
 NORMAL, REASONING, TOOL = "text", "reasoning", "tool"
+STREAMED_FORMATS = ("mlx_lm.tool_parsers.json_tools",)  # calls written as {"name": ..., "arguments": {...}}
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+class ArgumentStream:
+    """A json_tools call's arguments as they are written: its name once `"arguments":` follows it, then each piece
+    of the arguments object up to where it closes (strings and escapes followed, so a `}` inside one is text)."""
+
+    def __init__(self) -> None:
+        self.named = False
+        self.sent = 0  # characters of the arguments already passed on
+        self.depth, self.in_string, self.escaped, self.done = 0, False, False, False
+
+    def feed(self, call_text: str) -> tuple[str | None, str]:
+        """(the name, the first time it is known; the arguments' new text) for the call's text so far."""
+        head = CALL_HEAD.match(call_text)
+        if head is None:
+            return None, ""
+        name = None
+        if not self.named:
+            self.named, name = True, json.loads(f'"{head.group(1)}"')
+        rest = call_text[head.end() :]
+        start, end = self.sent, self.sent
+        while end < len(rest) and not self.done:
+            self.step(rest[end])
+            end += 1
+        self.sent = end
+        return name, rest[start:end]
+
+    def step(self, char: str) -> None:
+        if self.in_string:
+            self.escaped, self.in_string = (False, True) if self.escaped else (char == "\\", char != '"')
+        elif char == '"':
+            self.in_string = True
+        elif char in "{[":
+            self.depth += 1
+        elif char in "}]":
+            self.depth -= 1
+            self.done = self.depth == 0
 
 
 class Channels:
@@ -32,6 +72,8 @@ class Channels:
         self.pending = ""
         self.tool_text = ""
         self.calls = 0
+        streamed = getattr(self.parser, "__module__", "") in STREAMED_FORMATS
+        self.arguments: ArgumentStream | None = ArgumentStream() if streamed else None
 
     def feed(self, text: str, final: bool = False) -> dict[str, Any]:
         """What `text` adds to each channel: {"text", "reasoning", "tool_calls"} (only those that grew)."""
@@ -73,19 +115,47 @@ class Channels:
             return
         if self.state == TOOL:
             self.tool_text += text
+            self._stream_arguments(out)
         else:
             out[self.state] = out.get(self.state, "") + text
 
+    def _stream_arguments(self, out: dict[str, Any]) -> None:
+        """`tool_call_deltas`: the call's name, then its arguments as they come (where the family's format allows)."""
+        if self.arguments is None:
+            return
+        name, piece = self.arguments.feed(self.tool_text)
+        if name is not None:
+            out.setdefault("tool_call_deltas", []).append({"index": self.calls, "name": name})
+        if piece:
+            out.setdefault("tool_call_deltas", []).append({"index": self.calls, "arguments": piece})
+
     def _end_tool(self, out: dict[str, Any]) -> None:
         text, self.tool_text = self.tool_text, ""
+        streamed, self.arguments = self.arguments, (ArgumentStream() if self.arguments is not None else None)
         try:
             parsed = self.parser(text, self.tools)  # type: ignore[misc]
         except (ValueError, KeyError, TypeError, AttributeError):
             out["text"] = out.get("text", "") + text  # not a call after all: shown, never dropped
             return
-        for call in parsed if isinstance(parsed, list) else [parsed]:
+        calls = parsed if isinstance(parsed, list) else [parsed]
+        for call in calls:
             arguments = call.get("arguments", {})
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments, ensure_ascii=False)
-            out.setdefault("tool_calls", []).append({"index": self.calls, "name": call["name"], "arguments": arguments})
+            done = {"index": self.calls, "name": call["name"], "arguments": arguments}
+            if streamed is not None and streamed.named and len(calls) == 1:
+                done["streamed"] = True  # its name and arguments went out as tool_call_deltas: the text written
+                done["arguments"] = written(text, streamed) or arguments
+            out.setdefault("tool_calls", []).append(done)
             self.calls += 1
+
+
+def written(call_text: str, streamed: ArgumentStream) -> str:
+    """The arguments as the model wrote them (what the deltas added up to), when they are a whole JSON value."""
+    head = CALL_HEAD.match(call_text)
+    text = call_text[head.end() :][: streamed.sent] if head else ""
+    try:
+        json.loads(text)
+    except ValueError:
+        return ""
+    return text

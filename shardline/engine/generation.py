@@ -192,6 +192,14 @@ class Scheduler:
         run = self.running.get(response.uid)
         if run is None:
             return
+        failed = self.batch.grammar_error(response.uid)
+        if failed is not None:  # never a 200 with output outside the format: this request fails, alone
+            if response.finish_reason is None:
+                self.leaving.append(response.uid)
+            del self.running[response.uid]
+            self.stats.failed += 1
+            run.job.emit({"error": f"the output cannot follow the requested format: {failed}", "status": 400})
+            return
         run.count += 1
         if response.finish_reason != "stop":  # the end-of-sequence token itself is never shown
             run.detokenizer.add_token(response.token)

@@ -43,6 +43,50 @@ def grammar_for(response_format: dict[str, Any]) -> str:
     return grammar
 
 
+# the separators json.dumps writes, as the json_tools family (Qwen, Hermes) writes its calls
+CALL_JSON: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+CALL_FORMATS = ("mlx_lm.tool_parsers.json_tools",)  # the families whose calls a grammar can force
+
+
+def marker(text: str, ids: tuple[int, ...] | None) -> str:
+    """A tool-call marker in lark: the one token it is in the vocabulary (llguidance counts added tokens as
+    special, so its text alone would be spelled out in pieces), or else its text."""
+    return f"<[{ids[0]}]>" if ids and len(ids) == 1 else json.dumps(text)
+
+
+def tool_call_grammar(
+    tools: list[dict[str, Any]],
+    start: str,
+    end: str,
+    start_ids: tuple[int, ...] | None = None,
+    end_ids: tuple[int, ...] | None = None,
+) -> str:
+    """A grammar whose every output is one or more calls of `tools`, in the json_tools family's format
+    (`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`), each call's arguments valid for its tool."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t["function"]["name"]},
+                           "arguments": t["function"].get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]  # fmt: skip
+    schema = {"anyOf": calls, "x-guidance": CALL_JSON}
+    newline = json.dumps("\n")
+    lark = "\n".join([
+        f"start: call ({newline} call)*",
+        f"call: {marker(start, start_ids)} {newline} body {newline} {marker(end, end_ids)}",
+        f"body: %json {json.dumps(schema)}",
+    ])  # fmt: skip
+    grammar: str = llguidance.grammar_from("lark", lark)
+    error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if error:
+        raise ValueError(f"the tools' parameters cannot be enforced: {'; '.join(messages)}")
+    return grammar
+
+
 class Grammars:
     """One rank's llguidance view of the tokenizer, built at the first grammar (a second or so for big vocabularies)."""
 
@@ -58,7 +102,17 @@ class Grammars:
         return self._lltok
 
     def processor(self, grammar: str) -> "GrammarProcessor":
-        return GrammarProcessor(llguidance.LLMatcher(self.lltok, grammar, log_level=0), self.lltok.vocab_size)
+        eos = sorted(self.tokenizer.eos_token_ids)
+        return GrammarProcessor(llguidance.LLMatcher(self.lltok, grammar, log_level=0), self.lltok.vocab_size, eos)
+
+    def check(self, grammar: str) -> None:
+        """Raises ValueError when this vocabulary cannot even start an output the grammar allows."""
+        matcher = llguidance.LLMatcher(self.lltok, grammar, log_level=0)
+        mask = allocate_token_bitmask(1, self.lltok.vocab_size)
+        if not matcher.is_error():
+            fill_next_token_bitmask(matcher, mask, 0)
+        if matcher.is_error() or not mask.any():
+            raise ValueError(f"this model cannot produce output in that format: {why(matcher)}")
 
 
 class GrammarProcessor:
@@ -66,19 +120,36 @@ class GrammarProcessor:
 
     Called once per step; from the second call on, the last of `tokens` is the token sampled the step before."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, eos: list[int]) -> None:
         self.matcher = matcher
         self.mask = allocate_token_bitmask(1, vocab_size)
+        self.eos = eos
         self.started = False
+        self.error: str | None = None  # why the grammar could not be followed: the request fails with it
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self.started and not self.matcher.is_stopped():
             self.matcher.consume_token(int(tokens[-1].item()))
         self.started = True
-        if self.matcher.is_error():
-            return logits  # never fail the whole batch's step; the output stops validating here
-        fill_next_token_bitmask(self.matcher, self.mask, 0)
+        if not self.matcher.is_error():
+            fill_next_token_bitmask(self.matcher, self.mask, 0)
+        if self.matcher.is_error() or not self.mask.any():
+            # never fail the whole batch's step: this request ends here, on every rank alike, and rank 0 fails it
+            self.error = self.error or why(self.matcher)
+            return only(logits, self.eos)
         return apply_bitmask(logits, self.mask)
+
+
+def why(matcher: Any) -> str:
+    """llguidance's reason, its first line (the rest is the parser's state)."""
+    reason = (matcher.get_error() or "").strip().splitlines()
+    return f"no token of its vocabulary can continue it ({reason[0]})" if reason else "no token of its vocabulary can"
+
+
+def only(logits: mx.array, tokens: list[int]) -> mx.array:
+    keep = mx.zeros(logits.shape[-1], dtype=mx.bool_)
+    keep[mx.array(tokens)] = True
+    return mx.where(keep, logits, mx.array(-mx.inf, dtype=logits.dtype))
 
 
 def apply_bitmask(logits: mx.array, mask: np.ndarray) -> mx.array:

@@ -29,7 +29,7 @@ class SeededSampler:
             logprobs = apply_top_p(logprobs, self.s.top_p)
         if self.s.min_p != 0.0:
             logprobs = apply_min_p(logprobs, self.s.min_p)
-        if self.s.top_k > 0:
+        if 0 < self.s.top_k < logprobs.shape[-1]:  # as many as the vocabulary or more: every token, as off
             logprobs = apply_top_k(logprobs, self.s.top_k)
         self.key, draw = mx.random.split(self.key)
         return mx.random.categorical(logprobs * (1 / self.s.temperature), key=draw)

@@ -21,7 +21,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, Field, model_validator
 
 from shardline.engine.generation import Job, random_seed
-from shardline.engine.grammar import grammar_for
+from shardline.engine.grammar import CALL_FORMATS, Grammars, grammar_for, tool_call_grammar
 from shardline.engine.protocol import Sampling
 
 MAX_SEED = 2**64
@@ -60,6 +60,7 @@ class GenerateBody(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=20)  # None = none; n = the token's and the n likeliest
     response_format: dict[str, Any] | None = None  # OpenAI's: json_object / json_schema are enforced
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools, for the chat template and the parser
+    tool_required: bool = False  # the answer must call one of `tools` (tool_choice required, or a named one)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -83,6 +84,16 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def hoist_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every system message joined into one at the start: for a template that takes a system message only there
+    (agents send them mid-conversation: Claude Code's reminders, Codex's developer messages)."""
+    system = [m for m in messages if m.get("role") == "system"]
+    if not system or all(m.get("role") == "system" for m in messages[: len(system)]):
+        return messages
+    joined = {"role": "system", "content": "\n\n".join(str(m.get("content") or "") for m in system)}
+    return [joined, *(m for m in messages if m.get("role") != "system")]
+
+
 def prompt_tokens(tokenizer: TokenizerWrapper, body: GenerateBody) -> list[int]:
     if body.messages is not None:
         if not tokenizer.has_chat_template:
@@ -91,13 +102,21 @@ def prompt_tokens(tokenizer: TokenizerWrapper, body: GenerateBody) -> list[int]:
             raise ValueError("this model's chat template does not call tools: send the request without tools")
         kwargs = {**body.chat_template_kwargs, **({"tools": body.tools} if body.tools else {})}
         messages = template_messages(body.messages)
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
+        try:
+            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
+        except Exception:
+            hoisted = hoist_system(messages)
+            if hoisted == messages:
+                raise
+            return list(tokenizer.apply_chat_template(hoisted, add_generation_prompt=True, **kwargs))
     # The same rule as mlx_lm's stream_generate, so results match it exactly.
     bos = tokenizer.bos_token
     return tokenizer.encode(body.prompt, add_special_tokens=bos is None or not body.prompt.startswith(bos))
 
 
-def make_job(tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Queue, limits: Limits) -> Job:
+def make_job(
+    tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Queue, limits: Limits, grammars: Grammars
+) -> Job:
     try:
         tokens = prompt_tokens(tokenizer, body)
     except Exception as error:  # a template or tokenizer failure is the client's input
@@ -114,13 +133,19 @@ def make_job(tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Que
         max_tokens = min(max_tokens, limits.context - len(tokens))  # ends with finish_reason "length"
     try:
         grammar = grammar_for(body.response_format) if body.response_format else ""
+        if body.tool_required and body.tools and body.messages is not None:
+            grammar = forced_call(tokenizer, body.tools, in_thinking(tokenizer, tokens)) or grammar
+        if grammar:
+            grammars.check(grammar)  # a format this vocabulary cannot start fails before anything is generated
     except ValueError as error:
         raise HTTPException(status_code=400, detail=str(error)) from error
     if any(not 0 <= t < len(tokenizer.get_vocab()) for t in body.logit_bias):
         raise HTTPException(status_code=400, detail="logit_bias names a token id outside the model's vocabulary")
     seed = random_seed() if body.seed is None else body.seed % MAX_SEED
+    vocab = len(tokenizer.get_vocab())
+    top_k = body.top_k if body.top_k < vocab else 0  # the whole vocabulary is no top-k (and fits the ring's int32)
     sampling = Sampling(
-        max_tokens, body.temperature, body.top_p, seed, top_k=body.top_k, min_p=body.min_p,
+        max_tokens, body.temperature, body.top_p, seed, top_k=top_k, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, logit_bias=tuple(sorted(body.logit_bias.items())), grammar=grammar,
     )  # fmt: skip
@@ -130,6 +155,16 @@ def make_job(tokenizer: TokenizerWrapper, body: GenerateBody, lines: asyncio.Que
         tools=body.tools if body.messages is not None else None, thinking=in_thinking(tokenizer, tokens),
         logprobs=body.logprobs,
     )  # fmt: skip
+
+
+def forced_call(tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], thinking: bool) -> str:
+    """The grammar that makes the answer a call of `tools` in the model family's format; "" where none is known
+    (the family's format has no grammar here, or the model is to think first), and the call is then only asked."""
+    parser = getattr(tokenizer.tool_parser, "__module__", "")
+    if thinking or parser not in CALL_FORMATS:
+        return ""
+    return tool_call_grammar(tools, tokenizer.tool_call_start, tokenizer.tool_call_end,
+                             tokenizer.tool_call_start_tokens, tokenizer.tool_call_end_tokens)  # fmt: skip
 
 
 def in_thinking(tokenizer: TokenizerWrapper, tokens: list[int]) -> bool:
@@ -155,6 +190,9 @@ def create_app(
     tokenizer: TokenizerWrapper, jobs: "Queue[Job]", limits: Limits, stats: Callable[[], dict[str, Any]]
 ) -> FastAPI:
     app = FastAPI(title="shardline runner")
+    grammars = Grammars(tokenizer)  # rank 0's own, to check a format before the request is queued
+    # what the model's template and vocabulary can do, as Ollama's /api/show names it
+    capabilities = ["completion"] + ["tools"] * tokenizer.has_tool_calling + ["thinking"] * tokenizer.has_thinking
     authorized = [Depends(bearer_check(limits.secret))]
 
     @app.get("/health")
@@ -163,7 +201,7 @@ def create_app(
 
     @app.get("/stats", dependencies=authorized)
     async def get_stats() -> dict[str, Any]:
-        return {**stats(), "queue": jobs.qsize()}
+        return {**stats(), "queue": jobs.qsize(), "capabilities": capabilities}
 
     @app.post("/generate", response_model=None, dependencies=authorized)
     async def generate(body: GenerateBody) -> StreamingResponse | JSONResponse:
@@ -174,7 +212,10 @@ def create_app(
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         lines: asyncio.Queue = asyncio.Queue()
-        job = make_job(tokenizer, body, lines, limits)
+        job = make_job(tokenizer, body, lines, limits, grammars)
+        # the first line at once, before the prefill: the API opens its client's stream on it (an agent with an
+        # idle timeout must not wait out a long prompt in silence)
+        lines.put_nowait({"accepted": True, "prompt_tokens": len(job.tokens)})
         # queued here, in the same turn of the event loop as the check above: a burst of requests cannot all
         # pass the check before any of them is queued (they would, queued when their responses start)
         jobs.put_nowait(job)

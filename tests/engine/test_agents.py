@@ -123,7 +123,9 @@ async def test_tool_call_is_parsed_where_the_tokenizer_lives(tool_runner: Served
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     lines = await raw_events(tool_runner.endpoint, body(messages, 8, temperature=0.0, tools=TOOLS))
     calls = [c for e in lines for c in e.get("tool_calls", [])]
-    assert calls == [{"index": 0, "name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert calls == [{"index": 0, "name": "get_weather", "arguments": '{"city": "Paris"}', "streamed": True}]
+    deltas = [d for e in lines for d in e.get("tool_call_deltas", [])]
+    assert deltas == [{"index": 0, "name": "get_weather"}, {"index": 0, "arguments": '{"city": "Paris"}'}]
     assert "".join(e.get("text", "") for e in lines) == ""
     assert lines[-1]["finish_reason"] == "tool_calls"
     assert TOOL_CALL.startswith("<tool_call>")
@@ -133,3 +135,29 @@ async def test_tool_call_is_parsed_where_the_tokenizer_lives(tool_runner: Served
     lines = await raw_events(tool_runner.endpoint, body(answer, 8, temperature=0.0, tools=TOOLS))
     assert "".join(e.get("text", "") for e in lines) == TOOL_ANSWER
     assert lines[-1]["finish_reason"] == "stop"
+
+
+async def test_a_required_call_is_enforced_in_the_family_s_format(tool_runner: Served) -> None:
+    cities = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}]  # fmt: skip
+    answered = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]  # fmt: skip
+    free = await raw_events(tool_runner.endpoint, body(answered, 32, temperature=0.0, tools=cities))
+    assert free[-1]["finish_reason"] == "stop"  # left alone, it answers in text after a result
+    for seed in (1, 2):  # forced: a call, in its family's format, whose arguments follow the tool's parameters
+        forced = await raw_events(tool_runner.endpoint, body(answered, 128, temperature=1.0, seed=seed, tools=cities,
+                                                             tool_required=True))  # fmt: skip
+        (call,) = [c for e in forced for c in e.get("tool_calls", [])]
+        assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris", "Rome")
+        # written a piece at a time, its arguments went out as they came
+        pieces = [d["arguments"] for e in forced for d in e.get("tool_call_deltas", []) if "arguments" in d]
+        assert len(pieces) > 3 and "".join(pieces) == call["arguments"]
+        assert forced[-1]["finish_reason"] == "tool_calls" and "".join(e.get("text", "") for e in forced) == ""
+
+
+async def test_a_top_k_past_the_vocabulary_is_no_top_k(single_qwen: Served) -> None:
+    """It once failed the step of every request in the batch (mlx_lm refuses it), found by schemathesis."""
+    huge, _ = await generate(single_qwen.endpoint, body(PROMPT, 6, temperature=1.0, seed=4, top_k=10**12))
+    off, _ = await generate(single_qwen.endpoint, body(PROMPT, 6, temperature=1.0, seed=4, top_k=0))
+    assert huge == off

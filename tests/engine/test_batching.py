@@ -54,6 +54,8 @@ async def timed(endpoint: str, request: dict, cancel_after: int | None = None) -
             if not line:
                 continue
             event = json.loads(line)
+            if event.get("accepted"):  # the first line, before the prefill
+                continue
             if "token" in event:
                 out.first_at = out.first_at or time.monotonic()
                 out.tokens.append((event["text"], event["token"]))

@@ -102,6 +102,7 @@ async def test_client_that_disconnects_does_not_block_the_next(pipe2: Served, qw
         http.stream("POST", "/generate", json=long_request) as response,
     ):
         lines = response.aiter_lines()
+        assert json.loads(await anext(lines))["accepted"]  # the first line comes before the prefill
         for _ in range(3):
             assert "token" in json.loads(await anext(lines))
     # Gone after 3 tokens: the ranks stop together and the next request runs at once, correctly.

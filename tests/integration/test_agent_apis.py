@@ -217,9 +217,13 @@ async def test_tool_round_trip_over_anthropic_messages(cluster: Cluster, instanc
     assert answer.usage.input_tokens > 0 and answer.usage.output_tokens == 2
     async with client.messages.stream(model=TOOLS, max_tokens=16, messages=history, tools=[ANTHROPIC_TOOL]) as stream:  # type: ignore[arg-type,list-item]
         text = "".join([t async for t in stream.text_stream])
+        again = await stream.get_final_message()
     assert text == TOOL_ANSWER
+    # the same prompt again: its prefix came from the cache, and Anthropic's usage says so
+    assert again.usage.cache_read_input_tokens and again.usage.cache_read_input_tokens > 0
     counted = await client.messages.count_tokens(model=TOOLS, messages=history, tools=[ANTHROPIC_TOOL])  # type: ignore[arg-type,list-item]
-    assert counted.input_tokens == answer.usage.input_tokens
+    for usage in (answer.usage, again.usage):  # the prompt is what was computed plus what the cache held
+        assert counted.input_tokens == usage.input_tokens + (usage.cache_read_input_tokens or 0)
 
 
 async def test_anthropic_stop_sequences_and_errors(cluster: Cluster, instances: dict[str, str]) -> None:
@@ -278,3 +282,32 @@ async def test_models_carry_context_and_placement(cluster: Cluster, instances: d
     assert cards[QWEN]["context_length"] == 4096
     (placed,) = [p for p in cards[QWEN]["placement"] if p["instance_id"] == instances[QWEN]]
     assert [s["node_id"] for s in placed["shards"]] == ["ag-q"] and placed["shards"][0]["layer_end"] == 6
+
+
+async def test_a_required_tool_call_is_enforced_over_each_api(cluster: Cluster, instances: dict[str, str]) -> None:
+    """After a tool's result this model answers in text; asked to call a tool, it calls one (enforced by decoding)."""
+    cities = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+              "additionalProperties": False}  # fmt: skip
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": cities}}
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]  # fmt: skip
+    client = openai(cluster)
+    deltas = [c.choices[0].delta async for c in await client.chat.completions.create(model=TOOLS, messages=history,  # type: ignore[arg-type,list-item]
+              tools=[tool], tool_choice="required", max_tokens=128, seed=1, stream=True) if c.choices]  # type: ignore[arg-type,list-item]  # fmt: skip
+    parts = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert parts[0].id and parts[0].function and parts[0].function.name == "get_weather"
+    pieces = [p.function.arguments for p in parts[1:] if p.function and p.function.arguments]
+    assert len(pieces) > 3 and json.loads("".join(pieces))["city"]  # the arguments as they were generated
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        forced = await client.chat.completions.create(model=TOOLS, messages=history, tools=[tool],  # type: ignore[arg-type,list-item]
+                                                      tool_choice=choice, max_tokens=128, seed=1)  # type: ignore[arg-type]  # fmt: skip
+        (call,) = forced.choices[0].message.tool_calls or []
+        assert forced.choices[0].finish_reason == "tool_calls" and json.loads(call.function.arguments)["city"]
+    anthropic = AsyncAnthropic(base_url=cluster.api, api_key="unused", max_retries=0)
+    answered = [*ASK, {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "get_weather",
+                "input": {"city": "Paris"}}]}, {"role": "user", "content": [{"type": "tool_result",
+                "tool_use_id": "c1", "content": "sunny"}]}]  # fmt: skip
+    reply = await anthropic.messages.create(model=TOOLS, max_tokens=128, messages=answered, tool_choice={"type": "any"},  # type: ignore[arg-type]
+                                            tools=[{"name": "get_weather", "input_schema": cities}])  # type: ignore[list-item]  # fmt: skip
+    assert reply.stop_reason == "tool_use"

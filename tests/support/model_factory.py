@@ -391,29 +391,43 @@ TOOL_TEMPLATE = (
 )
 
 
-def make_tool_model(dest: Path, *, vocab_size: int = 512, hidden_size: int = 64) -> Path:
+def tool_call_text(name: str, arguments: dict[str, object]) -> str:
+    """A call as the tool model's family writes it (mlx-lm's json_tools parser reads it back)."""
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+
+
+def make_tool_model(
+    dest: Path,
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    call: str = TOOL_CALL,
+    answer: str = TOOL_ANSWER,
+    context: int = 4096,
+) -> Path:
     """A llama whose chat template mlx-lm recognises as a tool-calling one (json_tools) and whose greedy answer is:
-    with tools offered, TOOL_CALL then end; after a tool's result, TOOL_ANSWER then end; with no tools, PLAIN_ANSWER."""
+    with tools offered, `call` then end; after a tool's result, `answer` then end; with no tools, PLAIN_ANSWER.
+    `context`: its max_position_embeddings (an agent's prompt is tens of thousands of this tokenizer's tokens)."""
     make_tiny_model(dest, num_layers=2, num_files=1, vocab_size=vocab_size, hidden_size=hidden_size)
     tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
-    tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t in (TOOL_CALL, TOOL_ANSWER, PLAIN_ANSWER)]
-    )
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (call, answer, PLAIN_ANSWER)])
     tokenizer.add_special_tokens([AFTER_TOOL, PLAIN_TURN])
     tokenizer.save(str(dest / "tokenizer.json"))
     config_path = dest / "tokenizer_config.json"
     write_json(config_path, {**json.loads(config_path.read_text()), "chat_template": TOOL_TEMPLATE})
-    ids = {t: token_id(tokenizer, t) for t in (TOOL_CALL, TOOL_ANSWER, PLAIN_ANSWER, AFTER_TOOL, PLAIN_TURN, EOS_TOKEN)}
+    ids = {t: token_id(tokenizer, t) for t in (call, answer, PLAIN_ANSWER, AFTER_TOOL, PLAIN_TURN, EOS_TOKEN)}
     turn_end = tokenizer.encode("<|im_start|>assistant\n").ids[-1]
     chain = {
-        turn_end: ids[TOOL_CALL],
-        ids[TOOL_CALL]: ids[EOS_TOKEN],
-        ids[AFTER_TOOL]: ids[TOOL_ANSWER],
-        ids[TOOL_ANSWER]: ids[EOS_TOKEN],
+        turn_end: ids[call],
+        ids[call]: ids[EOS_TOKEN],
+        ids[AFTER_TOOL]: ids[answer],
+        ids[answer]: ids[EOS_TOKEN],
         ids[PLAIN_TURN]: ids[PLAIN_ANSWER],
         ids[PLAIN_ANSWER]: ids[EOS_TOKEN],
     }
     write_chain_weights(dest, tokenizer.get_vocab_size(), chain)
+    config = json.loads((dest / "config.json").read_text())
+    write_json(dest / "config.json", {**config, "max_position_embeddings": context})
     return dest
 
 

@@ -129,7 +129,8 @@ async def generate(endpoint: str, request: dict) -> tuple[list[tuple[str, int]],
     ):
         assert response.status_code == 200, await response.aread()
         assert response.headers["content-type"].startswith("application/x-ndjson")
-        lines = [json.loads(line) async for line in response.aiter_lines() if line]
+        accepted, *lines = [json.loads(line) async for line in response.aiter_lines() if line]
+    assert accepted["accepted"] and accepted["prompt_tokens"] > 0  # sent at once, before the prefill
     *tokens, final = lines
     return [(line["text"], line["token"]) for line in tokens], final
 

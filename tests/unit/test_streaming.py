@@ -72,3 +72,34 @@ async def test_keepalives_come_while_nothing_does_and_stop_with_the_source() -> 
 
     items = [item async for item in with_keepalives(slow(), every=0.1)]
     assert items[-1] == "token" and items[:-1] == [None] * (len(items) - 1) and len(items) >= 3
+
+
+async def test_every_stream_opens_once_the_runner_accepts_before_any_token() -> None:
+    """The runner's `accepted` comes before its prefill: the response starts on it, and each format's first events
+    go out while the prompt is still being processed (a long prompt never trips a client's idle timeout)."""
+    from api.inference import first_event
+
+    firsts = {"chat": '"role": "assistant"', "completions": None, "messages": "event: message_start",
+              "responses": "event: response.created"}  # fmt: skip
+
+    async def accepted_then_prefill() -> Events:
+        yield {"accepted": True, "prompt_tokens": 5000}
+        await asyncio.Event().wait()  # a prefill that never ends
+        yield TOKEN
+
+    for name, stream in streams().items():
+        lines = await asyncio.wait_for(first_event(accepted_then_prefill()), 1)
+        frames = sse(lines, stream)
+        if firsts[name] is not None:
+            assert firsts[name] in await asyncio.wait_for(anext(frames), 1), name
+        await frames.aclose()
+
+
+def test_logprobs_json_cannot_carry_are_openai_s_floor() -> None:
+    """A penalty near 0 overflows the logits: -inf and NaN would make the answer unencodable (a 500, found by
+    schemathesis)."""
+    from api.openai_types import chat_logprobs, text_logprobs
+
+    top = [{"text": "b", "logprob": float("nan")}]
+    events = [{"token": 1, "text": "a", "logprob": float("-inf"), "top_logprobs": top}]
+    assert json.dumps(chat_logprobs(events), allow_nan=False) and json.dumps(text_logprobs(events), allow_nan=False)
