@@ -9,7 +9,15 @@ from dataclasses import dataclass
 
 import psutil
 import structlog
-from zeroconf import InterfaceChoice, IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import (
+    InterfaceChoice,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
 from zeroconf.asyncio import AsyncZeroconf
 
 from shardline.settings import Settings
@@ -125,6 +133,9 @@ def lan_addresses(lan_host: str) -> list[str]:
 
 def lan_settings(settings: Settings) -> Settings:
     """`up --lan`: the API on the LAN address(es), runners on the main one, the UI linked there; what is set wins."""
+    if not settings.embedded:
+        raise DiscoveryError("--lan serves and advertises the embedded Temporal server: unset "
+                             "SHARDLINE_TEMPORAL_ADDRESS, or give the nodes that address")  # fmt: skip
     addresses = lan_addresses(settings.lan_host)
     if not addresses:
         raise DiscoveryError("no LAN address (no interface up but loopback): join a network or set SHARDLINE_LAN_HOST")
@@ -173,7 +184,11 @@ class Advertiser:
         self._zc = AsyncZeroconf(interfaces=interfaces(settings.lan_host), ip_version=IPVersion.V4Only)
 
     async def start(self) -> None:
-        await (await self._zc.async_register_service(self._info))
+        try:
+            await (await self._zc.async_register_service(self._info))
+        except NonUniqueNameException:
+            raise DiscoveryError(f"a cluster named {self.advert.cluster!r} is already advertised on this network: "
+                                 "set SHARDLINE_CLUSTER to another name") from None  # fmt: skip
         log.info("discovery.advertised", service=self._info.name, hosts=list(self.advert.hosts),
                  txt=self.advert.txt())  # fmt: skip
 

@@ -143,8 +143,9 @@ async def supervise(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     server = start_devserver(settings) if settings.embedded else None  # first: no other thread runs yet
     pieces: dict[str, subprocess.Popen[bytes]] = {}
-    advertiser = Advertiser(settings) if settings.lan else None
+    advertiser: Advertiser | None = None
     try:
+        advertiser = Advertiser(settings) if settings.lan else None
         if server:
             log.info("temporal.started", address=f"{settings.bind_host}:{settings.temporal_port}",
                      ui=settings.temporal_ui, authentication="none")  # fmt: skip
@@ -152,8 +153,13 @@ async def supervise(settings: Settings) -> int:
             return 0
         pieces = {piece: spawn(piece, settings) for piece in PIECES}
         log.info("cluster.up", api=f"http://{settings.api_host}:{settings.api_port}")
-        if advertiser and not await until_stopped(advertiser.start(), stop):
-            return 0
+        if advertiser:
+            log.warning("lan.exposed", hosts=list(advertiser.advert.hosts), temporal_port=settings.temporal_port,
+                        ui=settings.temporal_ui, api_port=settings.api_port, api_key=settings.api_key is not None,
+                        note="Temporal and its UI take no authentication: anyone on this network can run the "
+                        "cluster (README: Several machines on a LAN)")  # fmt: skip
+            if not await until_stopped(advertiser.start(), stop):
+                return 0
         while not stop.is_set() and all(p.poll() is None for p in pieces.values()):
             await until_stopped(asyncio.sleep(1), stop)
         failed = [name for name, p in pieces.items() if p.poll() not in (None, 0)]

@@ -87,6 +87,11 @@ def test_lan_settings_keep_what_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (mine.api_host, mine.node_host) == ("127.0.0.1", "10.0.0.9")
 
 
+def test_lan_is_for_the_embedded_server() -> None:
+    with pytest.raises(DiscoveryError, match="unset SHARDLINE_TEMPORAL_ADDRESS"):
+        lan_settings(Settings(temporal_address="temporal.example:7233"))
+
+
 def test_every_interface() -> None:
     settings = Settings(lan=True)
     assert settings.bind_host == "0.0.0.0" and settings.target == "127.0.0.1:7233"
