@@ -174,12 +174,13 @@ def size(n: int) -> str:
 @app.command()
 def nodes(departed: bool = False) -> None:
     """The nodes of the cluster."""
-    table = Table("node", "state", "backend", "memory free / total", "disk free", "models")
+    table = Table("node", "state", "host", "backend", "memory free / total", "disk free", "models")
     for n in call("GET", "/nodes", params={"departed": departed}):
         mem = f"{gib(n['memory_available'])} / {gib(n['memory_total'])}"
         table.add_row(
             n["node_id"],
             n["state"],
+            n.get("host") or "-",
             n["backend"] or "-",
             mem,
             gib(n["disk_free"]),

@@ -238,6 +238,17 @@ def joined_settings(settings: Settings) -> Settings:
             log.info("discovery.joined", cluster=found.cluster, temporal=found.temporal_address,
                      namespace=settings.namespace)  # fmt: skip
     if settings.node_host is None:
-        temporal_host = settings.target.rsplit(":", 1)[0].strip("[]")
-        settings = settings.model_copy(update={"node_host": route_address(temporal_host)})
+        settings = settings.model_copy(update={"node_host": node_host(settings.target)})
     return settings
+
+
+def node_host(target: str) -> str:
+    """Our address on the route to Temporal at `target` (host:port); 127.0.0.1 when there is no route yet (its
+    name does not resolve, the network is down), as before SHARDLINE_NODE_HOST was optional."""
+    host = target.rsplit(":", 1)[0].strip("[]")
+    try:
+        return route_address(host)
+    except OSError as err:
+        log.warning("node.host_unknown", temporal=target, error=str(err), using="127.0.0.1",
+                    hint="set SHARDLINE_NODE_HOST to the address other machines reach this one at")  # fmt: skip
+        return "127.0.0.1"

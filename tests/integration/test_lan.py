@@ -20,7 +20,7 @@ from tests.support.netns import Pair, can_make_namespaces, separate_lan
 from tests.support.processes import REPO, TIMEOUTS
 
 WHY_NOT = can_make_namespaces()
-pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.slow(40)]  # s alone
+pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.slow(45)]  # s alone
 
 API_PORT = 8000  # a fresh namespace: the defaults are free
 GET_NODES = "import httpx, sys; print(httpx.get(sys.argv[1], timeout=5).text)"
@@ -114,9 +114,23 @@ def test_a_node_finds_the_cluster_and_joins_with_its_lan_address(lan: Lan) -> No
     print(f"lan: far node online {time.monotonic() - started:.1f} s after `up --lan` started")
 
 
+def pick(lan: Lan, cluster: str | None) -> tuple[list[str], str]:
+    """What a node on B would join (Temporal address, its own host), and what it logged deciding."""
+    code = ("import sys\nfrom shardline.discovery import joined_settings\nfrom shardline.settings import Settings\n"
+            "s = joined_settings(Settings(cluster=sys.argv[1] or None))\nprint(s.target, s.node_host)")  # fmt: skip
+    cmd = lan.pair.command(lan.pair.b, [sys.executable, "-c", code, cluster or ""])
+    out = subprocess.run(cmd, env=lan.env("pick"), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.splitlines()[-1].split(), out.stdout
+
+
 def test_several_clusters_are_named_and_none_is_joined(lan: Lan) -> None:
-    """Two clusters advertised on the LAN: a node names both, asks for SHARDLINE_CLUSTER and exits; with it
-    set to one of them, it picks that one (the advertisers alone: no Temporal behind them)."""
+    """No cluster: a node says so and tries 127.0.0.1. Two clusters advertised on the LAN: a node names both,
+    asks for SHARDLINE_CLUSTER and exits; with it set to one of them, it picks that one (the advertisers alone:
+    no Temporal behind them)."""
+    joins, said = pick(lan, None)
+    assert joins == ["127.0.0.1:7233", "127.0.0.1"] and "discovery.none_found" in said, said
+
     names = [f"one-{lan.suffix}", f"two-{lan.suffix}"]
     advertise = ("import asyncio, sys\nfrom shardline.discovery import Advertiser\nfrom shardline.settings import "
                  "Settings\nasync def main():\n    a = Advertiser(Settings(cluster=sys.argv[1], temporal_port=int("
@@ -131,8 +145,4 @@ def test_several_clusters_are_named_and_none_is_joined(lan: Lan) -> None:
     assert f"{names[0]} ({lan.pair.a_ip}:7300), {names[1]} ({lan.pair.a_ip}:7301)" in said, said
     assert "SHARDLINE_CLUSTER" in said
 
-    pick = (f"from shardline.discovery import joined_settings\nfrom shardline.settings import Settings\n"
-            f"s = joined_settings(Settings(cluster='{names[1]}'))\nprint(s.target, s.node_host)")  # fmt: skip
-    cmd = lan.pair.command(lan.pair.b, [sys.executable, "-c", pick])
-    out = subprocess.run(cmd, env=lan.env("pick"), capture_output=True, text=True, timeout=30)
-    assert out.stdout.splitlines()[-1].split() == [f"{lan.pair.a_ip}:7301", lan.pair.b_ip], out.stdout + out.stderr
+    assert pick(lan, names[1])[0] == [f"{lan.pair.a_ip}:7301", lan.pair.b_ip]

@@ -9,6 +9,7 @@ from shardline.discovery import (
     choose_cluster,
     from_txt,
     lan_settings,
+    node_host,
     prefer_reachable,
     route_address,
 )
@@ -71,6 +72,15 @@ def test_hosts_on_our_network_first() -> None:
 def test_route_address_on_loopback() -> None:
     assert route_address("127.0.0.1") == "127.0.0.1"
     assert route_address("localhost") in {"127.0.0.1", "::1"}
+    assert node_host("127.0.0.1:7233") == "127.0.0.1" and node_host("[::1]:7233") == "::1"
+
+
+def test_no_route_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable(host: str) -> str:
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr("shardline.discovery.route_address", unreachable)
+    assert node_host("10.0.0.1:7233") == "127.0.0.1"  # said in a warning; the node still starts
 
 
 def test_lan_settings_fill_what_is_unset() -> None:
