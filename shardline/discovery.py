@@ -2,8 +2,10 @@
 `shardline node` with no SHARDLINE_TEMPORAL_ADDRESS browses for it. Only IPv4, as the dev server binds one."""
 
 import ipaddress
+import re
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -157,7 +159,11 @@ def advert(settings: Settings) -> Advert:
 
 
 def cluster_name(settings: Settings) -> str:
-    return settings.cluster or socket.gethostname().split(".")[0]
+    """SHARDLINE_CLUSTER, or the host name: one DNS label (no dots, at most 63 bytes), as a service instance is."""
+    name = settings.cluster or socket.gethostname().split(".")[0]
+    if not name or "." in name or len(name.encode()) > 63:
+        raise DiscoveryError(f"SHARDLINE_CLUSTER={name!r}: a cluster name is 1 to 63 bytes with no dot")
+    return name
 
 
 def interfaces(lan_host: str) -> InterfaceChoice | list[str]:
@@ -171,7 +177,7 @@ def service_info(ad: Advert) -> ServiceInfo:
         parsed_addresses=list(ad.hosts),
         port=ad.temporal_port,
         properties=ad.txt(),
-        server=f"{ad.cluster}-shardline.local.",
+        server=f"{re.sub(r'[^A-Za-z0-9-]', '-', ad.cluster)}-shardline.local.",  # a host name: letters, digits, -
     )
 
 
@@ -209,7 +215,7 @@ def browse(seconds: float) -> list[Advert]:
     zc = Zeroconf(ip_version=IPVersion.V4Only)
     try:
         browser = ServiceBrowser(zc, SERVICE, handlers=[seen])
-        threading.Event().wait(seconds)
+        time.sleep(seconds)  # the browser's thread collects names meanwhile
         browser.cancel()
         found = []
         for name in sorted(names):

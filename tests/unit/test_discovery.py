@@ -7,11 +7,13 @@ from shardline.discovery import (
     Advert,
     DiscoveryError,
     choose_cluster,
+    cluster_name,
     from_txt,
     lan_settings,
     node_host,
     prefer_reachable,
     route_address,
+    service_info,
 )
 from shardline.settings import Settings
 from shardline.supervisor import piece_env
@@ -95,6 +97,13 @@ def test_lan_settings_keep_what_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARDLINE_NODE_HOST", "10.0.0.9")
     mine = lan_settings(Settings(lan_host="10.0.0.1"))
     assert (mine.api_host, mine.node_host) == ("127.0.0.1", "10.0.0.9")
+
+
+@pytest.mark.parametrize("name", ["my.desk", "x" * 64])
+def test_a_cluster_name_is_one_label(name: str) -> None:
+    with pytest.raises(DiscoveryError, match="1 to 63 bytes with no dot"):
+        cluster_name(Settings(cluster=name))
+    assert service_info(advert("Anna's desk")).server == "Anna-s-desk-shardline.local."
 
 
 def test_lan_is_for_the_embedded_server() -> None:
