@@ -29,7 +29,7 @@ class PresenceActivities:
 
     def _read(self, node_id: str) -> NodeResources:
         s = self._settings
-        return read_resources(node_id, s.home, s.node_host, s.node_memory, self._ledger.total())
+        return read_resources(node_id, s.home, s.node_host or "127.0.0.1", s.node_memory, self._ledger.total())
 
     @implements(contracts.node_presence)
     async def node_presence(self, inp: PresenceInput) -> None:

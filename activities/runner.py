@@ -47,7 +47,7 @@ def runner_spec(spec: ShardSpec, model_dir: Path, settings: Settings) -> RunnerS
         layers=None if single or spec.strategy == "tensor" else spec.layers,
         splits=[] if single else spec.splits,
         hosts=[] if single else spec.hosts,
-        http_host=settings.node_host,
+        http_host=settings.node_host or "127.0.0.1",  # workers.node sets it: the route to Temporal
         max_batch=settings.max_batch,
         max_queue=settings.max_queue,
         prompt_cache_bytes=prompt_cache_budget(settings.prompt_cache_bytes),

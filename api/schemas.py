@@ -57,6 +57,7 @@ class NodeOut(BaseModel):
     state: str
     workflow_id: str
     hostname: str | None = None
+    host: str | None = Field(default=None, description="address the node's runners listen on (SHARDLINE_NODE_HOST)")
     backend: str | None = None
     chip: str | None = None
     memory_total: int | None = None

@@ -23,6 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from shardline.discovery import DiscoveryError, lan_settings
 from shardline.ids import InvalidId, parse_workflow_id
 from shardline.lifeline import hold
 from shardline.logs import configure_logging
@@ -65,7 +66,7 @@ def run_piece(main: Callable[[], object], parent_pid: int | None) -> NoReturn:
         main()
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
-    except TemporalConfigError as err:  # a setting that cannot work: say which, without a traceback
+    except (TemporalConfigError, DiscoveryError) as err:  # a setting that cannot work: say which, no traceback
         console.print(f"[red]{err}[/red]")
         code = 2
     except BaseException:  # noqa: BLE001 - reported here, since the process ends here
@@ -122,11 +123,20 @@ def run_api() -> None:
 
 
 @app.command()
-def up() -> None:
+def up(
+    lan: Annotated[
+        bool,
+        typer.Option("--lan", help="Serve Temporal (no auth), its UI, the API, runners on the LAN; advertise by mDNS"),
+    ] = False,
+) -> None:
     """Everything on this machine: Temporal (unless SHARDLINE_TEMPORAL_ADDRESS), control, node, API."""
     from shardline.supervisor import run_all
 
-    run_piece(lambda: sys.exit(run_all(settings_and_logs(process="up"))), None)
+    def main() -> None:
+        settings = settings_and_logs(process="up")
+        sys.exit(run_all(lan_settings(settings) if lan or settings.lan else settings))
+
+    run_piece(main, None)
 
 
 # --- client commands (through the HTTP API) ----------------------------------------------------
@@ -164,12 +174,13 @@ def size(n: int) -> str:
 @app.command()
 def nodes(departed: bool = False) -> None:
     """The nodes of the cluster."""
-    table = Table("node", "state", "backend", "memory free / total", "disk free", "models")
+    table = Table("node", "state", "host", "backend", "memory free / total", "disk free", "models")
     for n in call("GET", "/nodes", params={"departed": departed}):
         mem = f"{gib(n['memory_available'])} / {gib(n['memory_total'])}"
         table.add_row(
             n["node_id"],
             n["state"],
+            n.get("host") or "-",
             n["backend"] or "-",
             mem,
             gib(n["disk_free"]),
@@ -376,6 +387,6 @@ def main() -> None:
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     try:
         app()
-    except TemporalConfigError as err:  # a setting that cannot work: say which, without a traceback
+    except (TemporalConfigError, DiscoveryError) as err:  # a setting that cannot work: say which, no traceback
         console.print(f"[red]{err}[/red]")
         sys.exit(2)

@@ -40,7 +40,11 @@ class Settings(BaseSettings):
         default=None,
         description="This node's id; unset = generated once and kept in <home>/node_id",
     )
-    node_host: str = Field(default="127.0.0.1", description="Address other nodes reach this node's runners at")
+    node_host: str | None = Field(
+        default=None,
+        description="Address other nodes reach this node's runners at; unset = this machine's address on its route "
+        "to Temporal (127.0.0.1 when Temporal is on loopback)",
+    )
     node_memory: int | None = Field(
         default=None, gt=0, description="Bytes of memory shards may use here; unset = what is free"
     )
@@ -99,10 +103,36 @@ class Settings(BaseSettings):
         description="Port a worker serves Temporal SDK Prometheus metrics on; unset = none (one port per process)",
     )
     metrics_host: str = Field(default="127.0.0.1", description="Address the workers' metrics port binds")
+    lan: bool = Field(
+        default=False,
+        description="Same as `up --lan`: serve the embedded Temporal (and UI), the API and the runners on the LAN, "
+        "and advertise the cluster by mDNS",
+    )
+    lan_host: str = Field(
+        default="0.0.0.0",
+        description="Address `up --lan` serves on and advertises; 0.0.0.0 = every interface (every LAN address)",
+    )
+    cluster: str | None = Field(
+        default=None,
+        description="Name `up --lan` advertises the cluster under, and the one a node joins among several found; "
+        "unset = the host name (up), the only cluster found (node)",
+    )
+    discover_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="Seconds `shardline node` browses mDNS for a cluster when SHARDLINE_TEMPORAL_ADDRESS is unset; "
+        "0 = none (127.0.0.1)",
+    )
+
+    @property
+    def bind_host(self) -> str:
+        """Where the embedded dev server (frontend and UI) listens."""
+        return self.lan_host if self.lan else "127.0.0.1"
 
     @property
     def target(self) -> str:
-        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+        local = "127.0.0.1" if self.bind_host == "0.0.0.0" else self.bind_host
+        return self.temporal_address or f"{local}:{self.temporal_port}"
 
     @property
     def embedded(self) -> bool:

@@ -14,12 +14,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
 import structlog
 
+from shardline.discovery import Advertiser
 from shardline.settings import Settings
 from shardline.temporal import connect, ensure_search_attributes, start_devserver
 
@@ -35,11 +36,18 @@ class UpError(RuntimeError):
 
 
 def piece_env(piece: str, settings: Settings) -> dict[str, str]:
-    """Each process serving SDK metrics needs a port of its own: SHARDLINE_METRICS_PORT for control, +1 for the node."""
+    """Each process serving SDK metrics needs a port of its own: SHARDLINE_METRICS_PORT for control, +1 for the node.
+    Our node knows where Temporal is (it browses for no cluster); with --lan, what `lan_settings` chose goes too."""
     env = os.environ.copy()
     offsets = {"control": 0, "node": 1}
     if settings.metrics_port is not None and piece in offsets:
         env["SHARDLINE_METRICS_PORT"] = str(settings.metrics_port + offsets[piece])
+    if piece == "node":
+        env["SHARDLINE_DISCOVER_S"] = "0"
+    if settings.lan:
+        env |= {"SHARDLINE_LAN": "true", "SHARDLINE_API_HOST": settings.api_host,
+                "SHARDLINE_NODE_HOST": settings.node_host or "",
+                "SHARDLINE_TEMPORAL_UI_URL": settings.temporal_ui}  # fmt: skip
     return env
 
 
@@ -102,8 +110,8 @@ def stop_stale_devserver(settings: Settings) -> None:
 def check_ports(settings: Settings) -> None:
     ports = [(settings.api_host, settings.api_port, "SHARDLINE_API_PORT")]
     if settings.embedded:
-        ports += [("127.0.0.1", settings.temporal_port, "SHARDLINE_TEMPORAL_PORT"),
-                  ("127.0.0.1", settings.ui_port, "SHARDLINE_UI_PORT")]  # fmt: skip
+        ports += [(settings.bind_host, settings.temporal_port, "SHARDLINE_TEMPORAL_PORT"),
+                  (settings.bind_host, settings.ui_port, "SHARDLINE_UI_PORT")]  # fmt: skip
     for host, port, variable in ports:
         if not port_free(host, port):
             raise UpError(f"port {port} ({variable}) is taken{holder(port)}: stop that, or set {variable}")
@@ -135,13 +143,23 @@ async def supervise(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     server = start_devserver(settings) if settings.embedded else None  # first: no other thread runs yet
     pieces: dict[str, subprocess.Popen[bytes]] = {}
+    advertiser: Advertiser | None = None
     try:
+        advertiser = Advertiser(settings) if settings.lan else None
         if server:
-            log.info("temporal.started", address=settings.target, ui=f"http://127.0.0.1:{settings.ui_port}")
+            log.info("temporal.started", address=f"{settings.bind_host}:{settings.temporal_port}",
+                     ui=settings.temporal_ui, authentication="none")  # fmt: skip
         if not await until_stopped(prepare(settings), stop):
             return 0
         pieces = {piece: spawn(piece, settings) for piece in PIECES}
         log.info("cluster.up", api=f"http://{settings.api_host}:{settings.api_port}")
+        if advertiser:
+            log.warning("lan.exposed", hosts=list(advertiser.advert.hosts), temporal_port=settings.temporal_port,
+                        ui=settings.temporal_ui, api_port=settings.api_port, api_key=settings.api_key is not None,
+                        note="Temporal and its UI take no authentication: anyone on this network can run the "
+                        "cluster (README: Several machines on a LAN)")  # fmt: skip
+            if not await until_stopped(advertiser.start(), stop):
+                return 0
         while not stop.is_set() and all(p.poll() is None for p in pieces.values()):
             await until_stopped(asyncio.sleep(1), stop)
         failed = [name for name, p in pieces.items() if p.poll() not in (None, 0)]
@@ -149,7 +167,14 @@ async def supervise(settings: Settings) -> int:
             log.error("cluster.piece_exited", pieces=failed)
         return 1 if failed else 0
     finally:
-        await stop_all(pieces, server)
+        await asyncio.gather(stop_all(pieces, server), unadvertise(advertiser))
+
+
+async def unadvertise(advertiser: Advertiser | None) -> None:
+    """The goodbye, so nodes forget the cluster at once; bounded, as `up` stops within 3 s."""
+    if advertiser:
+        with suppress(TimeoutError, OSError):
+            await asyncio.wait_for(advertiser.stop(), SERVER_AFTER_S)
 
 
 async def prepare(settings: Settings) -> None:

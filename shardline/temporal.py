@@ -114,7 +114,7 @@ def temporal_cli() -> str:
 def devserver_command(settings: Settings, *, headless: bool = False) -> list[str]:
     cmd = [
         temporal_cli(), "server", "start-dev",
-        "--ip", "127.0.0.1",
+        "--ip", settings.bind_host,  # the UI too; 0.0.0.0 with `up --lan`
         "--port", str(settings.temporal_port),
         "--ui-port", str(settings.ui_port),
         "--db-filename", str(settings.home / "temporal.db"),

@@ -13,6 +13,7 @@ from activities.download import DownloadActivities
 from activities.presence import PresenceActivities
 from activities.resources import CacheLedger
 from activities.runner import ShardActivities
+from shardline.discovery import joined_settings
 from shardline.ids import node_queue
 from shardline.node_identity import resolve_node_id
 from shardline.settings import Settings
@@ -25,6 +26,7 @@ log = structlog.get_logger(__name__)
 
 
 async def run_node(settings: Settings) -> None:
+    settings = await asyncio.to_thread(joined_settings, settings)  # the cluster on the LAN; the runners' host
     node_id = resolve_node_id(settings.node_id, settings.home)
     structlog.contextvars.bind_contextvars(node_id=node_id)
     client = await connect(settings, wait_s=60, export_metrics=True)
@@ -47,7 +49,7 @@ async def run_node(settings: Settings) -> None:
         max_heartbeat_throttle_interval=timedelta(seconds=2),
     )
     run_id = await join(client, settings, node_id)
-    log.info("node.started", task_queue=node_queue(node_id), home=str(settings.home))
+    log.info("node.started", task_queue=node_queue(node_id), home=str(settings.home), host=settings.node_host)
     rejoin = asyncio.create_task(stay_joined(client, settings, node_id, run_id))
     try:
         await run_until_signal(worker)

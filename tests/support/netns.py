@@ -64,7 +64,53 @@ def taken_numbers() -> set[int]:
     """The link numbers in use on this machine (by any test run: xdist workers, other checkouts)."""
     names = subprocess.run(["ip", "-o", "link"], check=True, capture_output=True, text=True, timeout=10).stdout
     names += "\n".join(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else ""
-    return {int(n) for n in re.findall(r"\bsl[hn]?-?(\d+)\b", names)}
+    return {int(n) for n in re.findall(r"\bsl[hnab]?-?(\d+)\b", names)}
+
+
+class Pair:
+    """Two machines on a LAN of their own: namespaces `sla-<n>` (10.214.<n>.1, interface sla<n>) and `slb-<n>`
+    (10.214.<n>.2, slb<n>) joined by a veth pair, with no link to this machine's network. Multicast (mDNS) sent in
+    either reaches the other and nothing else."""
+
+    def __init__(self, n: int) -> None:
+        self.a, self.b = f"sla-{n}", f"slb-{n}"
+        self.a_if, self.b_if = f"sla{n}", f"slb{n}"
+        self.a_ip, self.b_ip = f"10.214.{n}.1", f"10.214.{n}.2"
+
+    def create(self) -> None:
+        for namespace in (self.a, self.b):
+            ip("netns", "add", namespace)
+        ip("-n", self.a, "link", "add", self.a_if, "type", "veth", "peer", "name", self.b_if, "netns", self.b)
+        for namespace, name, address in ((self.a, self.a_if, self.a_ip), (self.b, self.b_if, self.b_ip)):
+            ip("-n", namespace, "addr", "add", f"{address}/24", "dev", name)
+            ip("-n", namespace, "link", "set", name, "up", "multicast", "on")
+            ip("-n", namespace, "link", "set", "lo", "up")
+
+    def remove(self) -> None:
+        for namespace in (self.a, self.b):  # the veth pair goes with its namespaces
+            with suppress(subprocess.CalledProcessError):
+                ip("netns", "del", namespace)
+
+    def command(self, namespace: str, args: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", namespace, *args]
+
+
+@contextmanager
+def separate_lan() -> Iterator[Pair]:
+    """A Pair of a number nobody else uses now, as separate_network picks one."""
+    for attempt in range(5):
+        pair = Pair(random.choice(sorted(set(range(1, 251)) - taken_numbers())))
+        try:
+            pair.create()
+            break
+        except subprocess.CalledProcessError:
+            pair.remove()
+            if attempt == 4:
+                raise
+    try:
+        yield pair
+    finally:
+        pair.remove()
 
 
 @contextmanager
