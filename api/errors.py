@@ -2,6 +2,8 @@
 endpoints' `type` is shardline's ErrorType, which also picks the status (here, and only here); the inference
 endpoints under /v1 speak OpenAI's (or Anthropic's) error types, as their clients expect."""
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -107,7 +109,14 @@ def typed_error(request: Request, kind: ErrorType, message: str, status: int | N
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """The methods some route takes at this path (Starlette names only those of the first route it tried)."""
+    """The methods of the most specific documented path that matches, as the schema lists them: `/instances/preview`
+    (POST), not `/instances/{instance_id}` (GET, DELETE) too; a path the schema leaves out (the dashboard's `/`):
+    every method some route takes there (Starlette names only those of the first route it tried)."""
+    path = request.url.path
+    documented = [(template.count("{"), ops) for template, ops in request.app.openapi()["paths"].items()
+                  if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), path)]  # fmt: skip
+    if documented:
+        return [m.upper() for m in min(documented, key=lambda entry: entry[0])[1]]
     return [m for m in METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL
                                       for r in request.app.routes)]  # fmt: skip
 

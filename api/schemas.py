@@ -38,7 +38,7 @@ class OllamaErrorOut(BaseModel):
 
 
 # what the handlers of api/errors.py can answer, declared on each router so the OpenAPI document tells the truth
-ADMIN_STATUSES = (401, 403, 404, 409, 422, 500, 502, 503, 507)  # 401: the API key; the rest: the error types
+ADMIN_STATUSES = (400, 401, 403, 404, 409, 422, 500, 502, 503, 507)  # 400: a body that is not JSON; 401: the API key
 INFERENCE_STATUSES = (400, 401, 404, 429, 500, 502, 503)  # 400: what cannot be honoured; 429: a full queue
 OLLAMA_STATUSES = (*INFERENCE_STATUSES, 403, 409, 422, 507)  # pull and delete answer as downloads and deletes do
 

@@ -39,6 +39,7 @@ console = Console()
 FINAL = {WorkState.COMPLETED, WorkState.FAILED, WorkState.CANCELED, WorkState.TERMINATED}
 STOP_TIMEOUT_S = 120  # DELETE /instances waits up to a minute for every runner to stop
 API_STOP_S = 1.5  # requests still open (a long stream) are cut this long after SIGTERM: `up` stops within 3 s
+API_KEEP_ALIVE_S = 75  # longer than any client here leaves a connection idle between requests (the dashboard: 2 s)
 
 
 def settings_and_logs(**bound: str) -> Settings:
@@ -119,6 +120,9 @@ def run_api() -> None:
         port=settings.api_port,
         log_config=None,
         timeout_graceful_shutdown=API_STOP_S,
+        # uvicorn's 5 s default closes idle connections while browsers may still send on them: a POST that
+        # meets the close fails ("Failed to fetch") and browsers do not resend a POST
+        timeout_keep_alive=API_KEEP_ALIVE_S,
     )
 
 

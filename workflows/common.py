@@ -25,6 +25,8 @@ with workflow.unsafe.imports_passed_through():
 T = TypeVar("T")
 # histories recorded before a cancel always won replay the old way: they may have failed, retried or completed
 CANCEL_WINS = "cancel-always-ends-canceled"
+# an online node that did not pick the work up in time (200 downloads starving its cores) gets the next attempt
+UNPICKED_RETRIED = "unpicked-work-retried-while-online"
 
 # calls on the control worker's own queue: short, and retried by the server (the control worker restarts)
 CONTROL_ACTIVITY: dict[str, Any] = {
@@ -123,6 +125,11 @@ def never_started(err: ActivityError) -> bool:
     return isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT and not cause.last_heartbeat_details
 
 
+def not_picked_up(err: ActivityError) -> bool:
+    """The node did not take the work within its wait: gone, or too busy to poll."""
+    return isinstance(err.cause, TimeoutError) and err.cause.type == TimeoutType.SCHEDULE_TO_START
+
+
 async def node_is_online(node_id: str) -> bool:
     state = await workflow.execute_activity(contracts.node_state, node_id, **CONTROL_ACTIVITY)
     return state == NodeState.ONLINE
@@ -171,10 +178,13 @@ async def run_on_node(
             reason, last = failure_reason(err, node_id, wait_s=wait_s, heartbeat_s=heartbeat_s), err
             if attempt == attempts:
                 break
-            # an overloaded server can hand a task to a poll the worker no longer waits on: the attempt is
-            # lost though the node is alive. Try again then, but not for a node that went silent with it.
+            # an overloaded node may not pick the work up in time, and an overloaded server can hand a task to a
+            # poll the worker no longer waits on: the attempt is lost though the node is alive. Try again then,
+            # but not for a node that is gone.
+            # (histories recorded before UNPICKED_RETRIED ended at once when the work was not picked up)
+            lost = never_started(err) or (not_picked_up(err) and workflow.patched(UNPICKED_RETRIED))
             if not worth_retrying(err) and not (
-                never_started(err) and await between_attempts(node_is_online(node_id), node_id, reason)
+                lost and await between_attempts(node_is_online(node_id), node_id, reason)
             ):
                 break
             set_state(WorkState.RETRYING, f"attempt {attempt} of {attempts} failed: {reason}")

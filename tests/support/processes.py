@@ -60,9 +60,13 @@ class Cluster:
 
     def start_all(self) -> "Cluster":
         """Temporal, the control worker and the API: a cluster with no node yet."""
-        self.start_server()
-        self.start_control()
-        self.start_api()
+        try:
+            self.start_server()
+            self.start_control()
+            self.start_api()
+        except BaseException:
+            self.stop_all()  # a cluster that never came up leaves no process behind for later runs to share cores with
+            raise
         return self
 
     def start_control(self) -> None:

@@ -12,7 +12,7 @@ from temporalio.exceptions import (
 )
 
 from shardline.errors import ErrorType, error, error_type
-from workflows.common import failure_reason, failure_type, never_started, worth_retrying
+from workflows.common import failure_reason, failure_type, never_started, not_picked_up, worth_retrying
 
 
 def activity_error(cause: BaseException) -> ActivityError:
@@ -49,6 +49,12 @@ def test_never_started_is_only_a_silent_heartbeat_timeout() -> None:
     assert not never_started(activity_error(timeout(TimeoutType.HEARTBEAT, [Payload(data=b"1")])))
     assert not never_started(activity_error(timeout(TimeoutType.SCHEDULE_TO_START)))
     assert not never_started(activity_error(ApplicationError("connection reset")))
+
+
+def test_not_picked_up_is_only_a_schedule_to_start_timeout() -> None:
+    assert not_picked_up(activity_error(timeout(TimeoutType.SCHEDULE_TO_START)))
+    assert not not_picked_up(activity_error(timeout(TimeoutType.HEARTBEAT)))
+    assert not not_picked_up(activity_error(ApplicationError("connection reset")))
 
 
 def test_application_errors_keep_their_message() -> None:

@@ -54,7 +54,8 @@ def test_validation_errors_are_declared_as_answered() -> None:
 
 def test_starlette_s_own_errors_come_in_each_wire_format() -> None:
     """A body that is not JSON, a method a path does not take: the endpoint's error shape, as documented, and an
-    `Allow` naming every method of the path (Starlette names only those of the first route it tried)."""
+    `Allow` naming every method of the path as the schema lists it (Starlette names only those of the first route
+    it tried)."""
     http = offline_app(None)
     garbage = {"content": b"\x00not json", "headers": {"content-type": "application/json"}}
     assert isinstance(http.post("/api/show", **garbage).json()["error"], str)  # type: ignore[arg-type]
@@ -62,3 +63,6 @@ def test_starlette_s_own_errors_come_in_each_wire_format() -> None:
     assert http.post("/v1/chat/completions", **garbage).json()["error"]["code"] == 400  # type: ignore[arg-type]
     wrong = http.request("PUT", "/instances/abc")
     assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, DELETE" and wrong.json()["error"]
+    literal = http.request("PUT", "/instances/preview")  # a literal path, not the template it also matches
+    assert literal.status_code == 405 and literal.headers["allow"] == "POST"
+    assert http.post("/instances/preview", **garbage).status_code == 400  # type: ignore[arg-type]  (documented)

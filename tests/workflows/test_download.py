@@ -66,6 +66,26 @@ async def test_a_node_that_never_takes_the_work_ends_it_after_the_node_wait(fake
     assert await workflow_clock(handle) < timedelta(seconds=NODE_WAIT_S + LAG)  # one attempt: retrying only waits
 
 
+class SwampedNode(FakeNode):
+    """Online (its presence heartbeats) but too busy to poll its queue: 200 transfers starving its cores."""
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+
+async def test_an_online_node_that_does_not_take_the_work_gets_each_attempt_then_it_ends(
+    fake_cluster: FakeCluster,
+) -> None:
+    node = await fake_cluster.node(SwampedNode, start=False)
+    inp = DownloadInput(node.node_id, new_model(), node_wait_s=NODE_WAIT_S, attempts=3)
+    handle = await fake_cluster.start_download(inp)
+    message = await failure(handle, ErrorType.NODE_UNAVAILABLE)
+    assert message == f"node {node.node_id} unavailable: it did not pick the work up within {NODE_WAIT_S:g} s"
+    clock = await workflow_clock(handle)  # three waits and two back-offs (1 s, 2 s): bounded, and not looping
+    assert timedelta(seconds=3 * NODE_WAIT_S + 1 + 2) <= clock < timedelta(seconds=3 * NODE_WAIT_S + 3 + 3 * LAG)
+
+
 async def test_a_node_dead_mid_way_ends_it_within_heartbeat_and_node_wait(fake_cluster: FakeCluster) -> None:
     node = await fake_cluster.node(download_s=60)
     inp = DownloadInput(node.node_id, new_model(), node_wait_s=NODE_WAIT_S, heartbeat_timeout_s=HEARTBEAT_S)
