@@ -33,28 +33,26 @@ NEVER = "2100-01-01T00:00:00Z"  # an instance stays loaded until someone stops i
 
 @router.post("/chat", response_model=None, responses=streamed(NDJSON))
 async def chat(body: OllamaChat, inference: InferenceDep) -> StreamingResponse | JSONResponse:
-    stream = OllamaStream(body.model, chat=True)
-    if not body.messages:  # a client loading the model: it is loaded while it is served
-        await inference.instance_for(body.served, hold=False)
-        return JSONResponse(loaded(body.model, chat=True))
-    lines = await inference.start(body.served, body.generate_body())
-    if body.stream:
-        return sse_response(lines, stream)
-    done = await gather(lines)
-    return JSONResponse(stream.final(done.final, done.text, done.reasoning, done.tool_calls))
+    return await answer(body, inference, chat=True, empty=not body.messages)
 
 
 @router.post("/generate", response_model=None, responses=streamed(NDJSON))
 async def generate(body: OllamaGenerate, inference: InferenceDep) -> StreamingResponse | JSONResponse:
-    stream = OllamaStream(body.model, chat=False)
-    if not body.prompt and not body.raw:
+    return await answer(body, inference, chat=False, empty=not body.prompt and not body.raw)
+
+
+async def answer(
+    body: OllamaChat | OllamaGenerate, inference: InferenceDep, *, chat: bool, empty: bool
+) -> StreamingResponse | JSONResponse:
+    stream = OllamaStream(body.model, chat=chat)
+    if empty:  # a client loading the model: it is loaded while it is served
         await inference.instance_for(body.served, hold=False)
-        return JSONResponse(loaded(body.model, chat=False))
+        return JSONResponse(loaded(body.model, chat=chat))
     lines = await inference.start(body.served, body.generate_body())
     if body.stream:
         return sse_response(lines, stream)
     done = await gather(lines)
-    return JSONResponse(stream.final(done.final, done.text, done.reasoning))
+    return JSONResponse(stream.final(done.final, done.text, done.reasoning, done.tool_calls if chat else None))
 
 
 def digest(model: str) -> str:
