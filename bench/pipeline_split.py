@@ -60,12 +60,14 @@ def run_variant(variant: str, model_dir: Path, max_tokens: int, runs: int, root:
     command = [sys.executable, "-m", "bench.pipeline_split", "rank", variant, str(model_dir)]
     command += [str(max_tokens), str(runs)]
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile)}
-    peer = subprocess.Popen(command, env={**env, "MLX_RANK": "1"}, stdout=subprocess.DEVNULL)
+    peer_log = root / f"{variant}-rank1.log"
+    with peer_log.open("w") as log:
+        peer = subprocess.Popen(command, env={**env, "MLX_RANK": "1"}, stdout=log, stderr=subprocess.STDOUT)
     out = subprocess.run(command, env={**env, "MLX_RANK": "0"}, capture_output=True, text=True, timeout=1800)
     peer.wait(60)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
-        raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}\nrank 1:\n{peer_log.read_text()[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
