@@ -10,7 +10,6 @@ came back to the plan's `out` file; a model that fails to load or run is written
 import json
 import sys
 import threading
-import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -123,9 +122,8 @@ def main(plan_path: str, rank: int) -> None:
     group = init_group(replace(first, hosts=plan["hosts"]), Path(plan["workdir"]))
     results: dict[str, Any] = {}
     for entry in plan["models"]:
-        started = time.monotonic()
         try:
-            results[entry["name"]] = {**serve_model(entry, rank, group), "seconds": time.monotonic() - started}
+            results[entry["name"]] = serve_model(entry, rank, group)
         except Exception as exc:  # noqa: BLE001 (reported in the results) a rank that fails leaves the ring unusable: the rest of the plan fails too
             traceback.print_exc()
             results[entry["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
