@@ -58,8 +58,7 @@ def run_matrix(cases: list[Case], workdir: Path, name: str) -> list[dict[str, An
     size = len(cases[0].model_dirs)
     assert all(len(c.model_dirs) == size for c in cases)
     hosts = [f"127.0.0.1:{free_port()}" for _ in range(size)]
-    plan = {"models": [plan_entry(c, hosts) for c in cases], "hosts": hosts, "workdir": str(workdir),
-            "out": str(workdir / f"{name}.json")}  # fmt: skip
+    plan = {"models": [plan_entry(c, hosts) for c in cases], "hosts": hosts, "out": str(workdir / f"{name}.json")}
     plan_path = workdir / f"{name}-plan.json"
     plan_path.write_text(json.dumps(plan))
     logs = [workdir / f"{name}.rank{r}.log" for r in range(size)]

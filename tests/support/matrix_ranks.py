@@ -9,6 +9,7 @@ came back to the plan's `out` file; a model that fails to load or run is written
 
 import json
 import sys
+import tempfile
 import threading
 import traceback
 from dataclasses import replace
@@ -119,7 +120,9 @@ def serve_model(entry: dict[str, Any], rank: int, group: Any) -> dict[str, Any]:
 def main(plan_path: str, rank: int) -> None:
     plan = json.loads(Path(plan_path).read_text())
     first = RunnerSpec.from_json(json.dumps(plan["models"][0]["specs"][rank]))
-    group = init_group(replace(first, hosts=plan["hosts"]), Path(plan["workdir"]))
+    # a directory of this rank's own, as the runner uses: ranks writing one shared hostfile raced (one read it empty)
+    with tempfile.TemporaryDirectory(prefix="matrix-ring-") as workdir:
+        group = init_group(replace(first, hosts=plan["hosts"]), Path(workdir))
     results: dict[str, Any] = {}
     for entry in plan["models"]:
         try:
