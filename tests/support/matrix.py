@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,12 @@ def run_matrix(cases: list[Case], workdir: Path, name: str) -> list[dict[str, An
         with logs[rank].open("w") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "tests.support.matrix_ranks", str(plan_path),
                                            str(rank)], stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
-    try:
-        for proc in procs:
-            proc.wait(TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:  # until every rank is done, one has failed (the others would wait for it on the ring), or the deadline
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.5)
     finally:
         for proc in procs:
             proc.kill()
