@@ -46,7 +46,7 @@ def get_metrics(request: Request) -> Metrics:
 
 def get_inference(request: Request) -> Inference:
     state = request.app.state
-    return Inference(state.instances, state.http, state.metrics, state.in_flight)
+    return Inference(state.instances, state.http, state.metrics, state.in_flight, state.settings)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,19 +1,28 @@
 """One generation on rank 0's runner, whatever wire format asked for it: pick the instance, stream its events,
 count them in the metrics, and gather them for a non-streamed answer."""
 
+import asyncio
+import time
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import structlog
 from fastapi import HTTPException
 
 from api.instances import InstanceCache
 from api.metrics import Metrics
-from api.runners import InFlight, RunnerUnreachable, generate, tokenize
-from api.streaming import Events
+from api.runners import InFlight, RunnerLost, RunnerUnreachable, generate, tokenize
+from api.streaming import KEEPALIVE_S, Events
+from shardline.settings import Settings
 from shardline.states import InstanceState
 from workflows.serve import InstanceStatus
+
+log = structlog.get_logger(__name__)
+WAITING = {429, 503}
+RESUME_POLL_S = 0.5  # while resuming: a full queue, an instance not ready (yet) or unreachable
 
 
 @dataclass
@@ -24,16 +33,69 @@ class Inference:
     http: httpx.AsyncClient
     metrics: Metrics
     in_flight: InFlight
+    settings: Settings
 
     async def start(self, model: str, body: dict[str, Any]) -> Events:
-        """The runner's events for `body`, counted in the metrics as they pass."""
+        """The runner's events for `body`, counted in the metrics as they pass, resumed on a lost runner."""
         watch = self.metrics.chat(model)
         try:
             events = await self.runner_events(model, body)
         except Exception as exc:
             watch.failed(exc)
             raise
-        return watch.passing(events)
+        return watch.passing(self.resuming(model, body, events))
+
+    async def resuming(self, model: str, body: dict[str, Any], events: Events) -> Events:
+        """`events`, and if their runner is lost, the rest of the generation from wherever the model is ready
+        next: the prompt and the tokens already passed on go there, with the same seed, and it goes on from the
+        next token (greedy or seeded, the same text as if nothing had happened). None while it waits."""
+        body, sent, lost = dict(body), [], 0
+        while True:
+            try:
+                async with aclosing(events):
+                    async for event in events:
+                        if event is not None and event.get("accepted"):
+                            if body.get("seed") is None:  # a sampled request draws on from the same random stream
+                                body["seed"] = event.get("seed")
+                            if lost:
+                                continue  # the client has had its opening
+                        elif event is not None and "token" in event:
+                            sent.append(int(event["token"]))
+                        yield event
+                return
+            except RunnerLost as exc:
+                lost += 1
+                if lost > self.settings.resume_attempts:
+                    raise RunnerLost(f"{exc.detail} (the generation was resumed {lost - 1} times: given up)") from exc
+                log.warning("generation.resuming", model=model, tokens=len(sent), reason=exc.detail, attempt=lost)
+                self.metrics.resumed.labels(model).inc()
+                resumed = self.resume(model, {**body, "resume": list(sent)}, exc)
+                async with aclosing(resumed):
+                    async for waiting in resumed:
+                        if waiting is None:
+                            yield None
+                        else:
+                            events = waiting
+
+    async def resume(self, model: str, body: dict[str, Any], lost: RunnerLost) -> AsyncGenerator[Events | None, None]:
+        """None while no instance of `model` takes the resumed request (up to SHARDLINE_RESUME_TIMEOUT), then
+        its events; an instance that is not coming back (stopped, failed) or the deadline ends it with the reason."""
+        deadline = time.monotonic() + self.settings.resume_timeout
+        told = time.monotonic()
+        while True:
+            try:
+                yield await self.runner_events(model, body)
+                return
+            except HTTPException as exc:
+                if exc.status_code not in WAITING or time.monotonic() >= deadline:
+                    waited = f"{self.settings.resume_timeout:.0f} s" if exc.status_code in WAITING else "resuming"
+                    status = exc.status_code if exc.status_code < 500 else 503
+                    raise HTTPException(status, f"{lost.detail}; after {waited}: {exc.detail}") from exc
+            if time.monotonic() - told >= KEEPALIVE_S:
+                told = time.monotonic()
+                yield None
+            await asyncio.sleep(RESUME_POLL_S)
+            await self.instances.refresh()
 
     async def count_tokens(self, model: str, request: dict[str, Any]) -> int:
         """How many prompt tokens `request` makes for `model` (a count holds no place in the batch)."""
@@ -59,23 +121,30 @@ class Inference:
         the last lookup) is looked up again, once."""
         instance = await self.instance_for(model)
         try:
-            return await first_event(generate(self.http, instance, body, self.in_flight))
+            return await first_event(self.generate(instance, body), self.settings.runner_silence)
         except RunnerUnreachable:
             await self.instances.refresh()
             moved = await self.instance_for(model)
             if moved.endpoint == instance.endpoint:
                 self.in_flight.release(str(moved.endpoint))  # picked, never sent
                 raise
-            return await first_event(generate(self.http, moved, body, self.in_flight))
+            return await first_event(self.generate(moved, body), self.settings.runner_silence)
+
+    def generate(self, instance: InstanceStatus, body: dict[str, Any]) -> Events:
+        return generate(self.http, instance, body, self.in_flight, self.settings.runner_silence)
 
 
-async def first_event(lines: Events) -> Events:
-    """Wait for the runner's first event (or the first keep-alive), then stream everything from there. The first is
-    the runner's `accepted` (sent before the prefill): the request is valid and queued, so the response starts."""
+async def first_event(lines: Events, within: float) -> Events:
+    """Wait for the runner's first event, then stream everything from there. The first is the runner's `accepted`,
+    sent at once, before the prefill: the request is valid and queued, so the response starts. A runner that says
+    nothing `within` seconds is unreachable (its host froze: the connection opens, nothing answers)."""
     try:
-        first = await anext(lines)
+        first = await asyncio.wait_for(anext(lines), within)
     except StopAsyncIteration:
         return lines
+    except TimeoutError as exc:
+        await lines.aclose()
+        raise RunnerUnreachable(f"the model's runner did not answer within {within:.0f} s") from exc
     except BaseException:
         await lines.aclose()
         raise

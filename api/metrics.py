@@ -52,6 +52,8 @@ class Metrics:
                                 ["model"], buckets=RATE_BUCKETS, registry=r)  # fmt: skip
         self.cached_tokens = Counter("shardline_prompt_cached_tokens", "Prompt tokens served from the prefix cache",
                                      ["model"], registry=r)  # fmt: skip
+        self.resumed = Counter("shardline_resumed_requests", "Generations carried over to another runner (or the same "
+                               "one, restarted) after theirs was lost mid-request", ["model"], registry=r)  # fmt: skip
         self.runner = {
             name: Gauge(f"shardline_runner_{name}", help_, ["instance", "model"], registry=r)
             for name, help_ in RUNNER_GAUGES.items()

@@ -2,6 +2,7 @@
 its tokenizer."""
 
 import json
+import time
 from collections import Counter
 from contextlib import aclosing
 from typing import Any
@@ -9,17 +10,24 @@ from typing import Any
 import httpx
 from fastapi import HTTPException
 
-from api.streaming import Events, with_keepalives
+from api.streaming import KEEPALIVE_S, Events, with_keepalives
 from workflows.serve import InstanceStatus
 
 # a runner's host that is gone (partitioned, powered off) is a 503 within seconds, not after the OS gives up
 RUNNER_TIMEOUT = httpx.Timeout(None, connect=10.0)
 STATS_TIMEOUT = 2.0
+LISTEN_S = 1.0  # how often a stream's silence is looked at (runners send an empty line every second)
 
 
-class RunnerUnreachable(HTTPException):
+class RunnerLost(HTTPException):
+    """The runner went away, froze or was cut off: a generation can go on elsewhere (a 503 if it cannot)."""
+
     def __init__(self, detail: str) -> None:
         super().__init__(503, detail)
+
+
+class RunnerUnreachable(RunnerLost):
+    """Not even connected: nothing was sent."""
 
 
 class InFlight:
@@ -61,10 +69,11 @@ def auth(instance: InstanceStatus) -> dict[str, str]:
 
 
 async def generate(
-    http: httpx.AsyncClient, instance: InstanceStatus, body: dict[str, Any], in_flight: InFlight
+    http: httpx.AsyncClient, instance: InstanceStatus, body: dict[str, Any], in_flight: InFlight, silence: float
 ) -> Events:
-    """The runner's NDJSON events; None while nothing came for a while. An error event ends the stream with an
-    HTTPException. Closing this generator closes the connection, and the runner drops the request."""
+    """The runner's NDJSON events; None while none came for KEEPALIVE_S. An error event ends the stream with an
+    HTTPException; a runner that went away, or (if it says it sends heartbeats) sent nothing at all for `silence`
+    seconds, with RunnerLost. Closing this generator closes the connection, and the runner drops the request."""
     endpoint = str(instance.endpoint)
     try:  # started at once by its caller, right after `pick`, so the release always runs
         try:
@@ -73,16 +82,28 @@ async def generate(
             ) as response:
                 if response.status_code != 200:
                     raise refusal(response, await response.aread())
-                async with aclosing(with_keepalives(response.aiter_lines())) as lines:
+                heard = told = time.monotonic()
+                bound: float | None = None  # a runner from before heartbeats is never timed out
+                async with aclosing(with_keepalives(response.aiter_lines(), LISTEN_S)) as lines:
                     async for line in lines:
-                        if line is None:
+                        now = time.monotonic()
+                        if line is not None:
+                            heard = now
+                        elif bound is not None and now - heard > bound:
+                            raise RunnerLost(f"the model's runner at {endpoint} has sent nothing for {now - heard:.0f}"
+                                             " s: its node froze or was cut off")  # fmt: skip
+                        if line and line.strip():
+                            event = runner_event(line)
+                            bound = silence if event.get("heartbeat_s") else bound
+                            told = now
+                            yield event
+                        elif now - told >= KEEPALIVE_S:
+                            told = now
                             yield None
-                        elif line.strip():
-                            yield runner_event(line)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise RunnerUnreachable(f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
         except httpx.TransportError as exc:
-            raise HTTPException(503, f"the model's runner went away ({exc}); the instance is recovering") from exc
+            raise RunnerLost(f"the model's runner went away ({exc}); the instance is recovering") from exc
     finally:
         in_flight.release(endpoint)
 
@@ -90,7 +111,10 @@ async def generate(
 def runner_event(line: str) -> dict[str, Any]:
     event = json.loads(line)
     if "error" in event:
-        raise HTTPException(int(event.get("status", 500)), str(event["error"]))
+        status = int(event.get("status", 500))
+        if status == 503:  # the runner is shutting down (its instance is being re-placed, or stopped)
+            raise RunnerLost(str(event["error"]))
+        raise HTTPException(status, str(event["error"]))
     return dict(event)
 
 

@@ -94,6 +94,24 @@ class Settings(BaseSettings):
         ge=0,
         description="Prefix-cache bytes per runner; unset = 1/8 of the node's memory (at most 8 GiB); 0 = off",
     )
+    resume_timeout: float = Field(
+        default=120.0,
+        ge=0,
+        description="Seconds a generation whose runner was lost waits (its client's stream kept open) for a ready "
+        "instance of its model to go on from where it stopped",
+    )
+    resume_attempts: int = Field(
+        default=3,
+        ge=0,
+        description="Times one generation is resumed after a lost runner before it fails; 0 = a lost runner's "
+        "requests fail at once (503)",
+    )
+    runner_silence: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a runner may send nothing at all (it says it is alive every second) before the API "
+        "counts it as lost (a frozen or cut-off node) and resumes its generations elsewhere",
+    )
     log_level: str = Field(default="info", description="Log level")
     log_json: bool | None = Field(default=None, description="JSON logs; unset = JSON unless stderr is a terminal")
     metrics_port: int | None = Field(

@@ -126,7 +126,8 @@ class Batch:
             extra = max((c.offset for c in caches if isinstance(getattr(c, "offset", None), int)), default=0)
             if extra > join.reuse:  # only a trimmable model's entries are ever longer than what is reused
                 trim_prompt_cache(caches, extra - join.reuse)
-        processors = processors_for(join.sampling, self.grammars)
+        output = join.tokens[len(join.tokens) - join.sampling.resumed :] if join.sampling.resumed else []
+        processors = processors_for(join.sampling, self.grammars, output)
         (uid,) = self.generator.insert(
             [join.tokens[join.reuse :]],
             max_tokens=[join.sampling.max_tokens],

@@ -47,6 +47,11 @@ class Job:
     tools: list[dict[str, Any]] | None = None  # given: the model's tool calls are parsed out of its text
     thinking: bool = False  # the prompt left the model inside its reasoning
     logprobs: int | None = None  # None = none; n = the sampled token's and the n likeliest
+    resumed: list[int] = field(default_factory=list)  # output already delivered: `tokens` ends with it
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.tokens) - len(self.resumed)
 
 
 @dataclass
@@ -174,7 +179,9 @@ class Scheduler:
         """One forward pass's results: the requests that joined, the prefixes kept, the tokens made."""
         for uid, join, job in zip(out.joined, step.joins, joined, strict=True):
             channels = Channels(self.tokenizer, job.tools, job.thinking)
-            self.running[uid] = Running(job, self.tokenizer.detokenizer, StopMatcher(job.stop), channels, join.reuse)
+            run = Running(job, self.tokenizer.detokenizer, StopMatcher(job.stop), channels, join.reuse)
+            replay(run)
+            self.running[uid] = run
             self.stats.requests += 1
         self.remember(out.kept)
         for response in out.responses:
@@ -237,14 +244,14 @@ class Scheduler:
         if reason != "cancelled":
             run.job.emit({
                 "finish_reason": reason,
-                "prompt_tokens": len(run.job.tokens),
+                "prompt_tokens": run.job.prompt_tokens,
                 "completion_tokens": run.count,
                 "cached_tokens": run.cached,
                 **({"stop_sequence": run.stops.matched} if run.stops.matched else {}),
             })  # fmt: skip
         log.info(
-            "request.done", finish_reason=reason, prompt_tokens=len(run.job.tokens), completion_tokens=run.count,
-            cached_tokens=run.cached,
+            "request.done", finish_reason=reason, prompt_tokens=run.job.prompt_tokens, completion_tokens=run.count,
+            cached_tokens=run.cached, resumed=len(run.job.resumed),
         )  # fmt: skip
 
     def fail_all(self, message: str) -> None:
@@ -252,6 +259,16 @@ class Scheduler:
             run.job.emit({"error": message, "status": 503})
         self.stats.failed += len(self.running)
         self.running.clear()
+
+
+def replay(run: Running) -> None:
+    """A resumed request's output so far through its detokenizer, stop strings and channels, unsent (the client
+    has it): they then stand where they stood when its stream broke, text held back for a stop string included."""
+    for token in run.job.resumed:
+        run.count += 1
+        run.detokenizer.add_token(token)
+        text, _ = run.stops.feed(run.detokenizer.last_segment)
+        run.tool_calls += len(run.channels.feed(text, final=False).get("tool_calls", ()))
 
 
 def follow(batch: Batch, group: mx.distributed.Group) -> None:

@@ -101,9 +101,13 @@ class Grammars:
             self._lltok = llguidance.hf.from_tokenizer(self.tokenizer._tokenizer, eos_token=eos)
         return self._lltok
 
-    def processor(self, grammar: str) -> "GrammarProcessor":
+    def processor(self, grammar: str, matched: list[int] | None = None) -> "GrammarProcessor":
+        """`matched`: output the grammar has already accepted (a resumed request's), consumed before the first mask."""
         eos = sorted(self.tokenizer.eos_token_ids)
-        return GrammarProcessor(llguidance.LLMatcher(self.lltok, grammar, log_level=0), self.lltok.vocab_size, eos)
+        matcher = llguidance.LLMatcher(self.lltok, grammar, log_level=0)
+        if matched:
+            matcher.consume_tokens(matched)
+        return GrammarProcessor(matcher, self.lltok.vocab_size, eos)
 
     def check(self, grammar: str) -> None:
         """Raises ValueError when this vocabulary cannot even start an output the grammar allows."""

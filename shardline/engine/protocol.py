@@ -50,6 +50,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs
     grammar: str = ""  # an llguidance grammar the output must match; "" = free
+    resumed: int = 0  # the last this many of the join's tokens are the request's own output, already delivered
 
     def options(self) -> dict[str, object]:
         """The fields past the fixed four that differ from their defaults."""

@@ -22,6 +22,8 @@ class SeededSampler:
     def __init__(self, sampling: Sampling) -> None:
         self.s = sampling
         self.key = mx.random.key(sampling.seed)
+        for _ in range(sampling.resumed):  # a resumed request draws on where it left off, not afresh
+            self.key, _ = mx.random.split(self.key)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         # mlx_lm's make_sampler order: top_p, min_p, top_k
@@ -42,8 +44,9 @@ def sampler_for(sampling: Sampling) -> Callable[[mx.array], mx.array]:
     return SeededSampler(sampling)
 
 
-def processors_for(sampling: Sampling, grammars: Grammars) -> list[Processor]:
-    """The request's logits processors: mlx_lm's (bias, penalties), then its grammar, which has the last word."""
+def processors_for(sampling: Sampling, grammars: Grammars, output: list[int] | None = None) -> list[Processor]:
+    """The request's logits processors: mlx_lm's (bias, penalties), then its grammar, which has the last word.
+    `output`: what a resumed request already generated, which its grammar has already matched."""
     processors: list[Processor] = make_logits_processors(
         dict(sampling.logit_bias) or None,
         sampling.repetition_penalty or None,
@@ -51,5 +54,5 @@ def processors_for(sampling: Sampling, grammars: Grammars) -> list[Processor]:
         frequency_penalty=sampling.frequency_penalty or None,
     )
     if sampling.grammar:
-        processors.append(grammars.processor(sampling.grammar))
+        processors.append(grammars.processor(sampling.grammar, output or []))
     return processors

@@ -26,6 +26,7 @@ from shardline.engine.protocol import Sampling
 
 MAX_SEED = 2**64
 RETRY_AFTER_S = 1
+HEARTBEAT_S = 1.0  # an empty line this often while a stream has nothing to say
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class GenerateBody(BaseModel):
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools, for the chat template and the parser
     tool_required: bool = False  # the answer must call one of `tools` (tool_choice required, or a named one)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # the API's, resuming a generation whose runner was lost: the tokens its client already has (with the same
+    # seed, the rest is what the lost runner would have made)
+    resume: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def one_input(self) -> Self:
@@ -131,10 +135,11 @@ def make_job(
                 detail=f"the prompt is {len(tokens)} tokens but the model's context is {limits.context}: shorten it",
             )
         max_tokens = min(max_tokens, limits.context - len(tokens))  # ends with finish_reason "length"
+    thinking = in_thinking(tokenizer, tokens)
     try:
         grammar = grammar_for(body.response_format) if body.response_format else ""
         if body.tool_required and body.tools and body.messages is not None:
-            grammar = forced_call(tokenizer, body.tools, in_thinking(tokenizer, tokens)) or grammar
+            grammar = forced_call(tokenizer, body.tools, thinking) or grammar
         if grammar:
             grammars.check(grammar)  # a format this vocabulary cannot start fails before anything is generated
     except ValueError as error:
@@ -145,16 +150,24 @@ def make_job(
     vocab = len(tokenizer.get_vocab())
     top_k = body.top_k if body.top_k < vocab else 0  # the whole vocabulary is no top-k (and fits the ring's int32)
     sampling = Sampling(
-        max_tokens, body.temperature, body.top_p, seed, top_k=top_k, min_p=body.min_p,
+        max_tokens - len(body.resume), body.temperature, body.top_p, seed, top_k=top_k, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, logit_bias=tuple(sorted(body.logit_bias.items())), grammar=grammar,
+        resumed=len(body.resume),
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     return Job(
-        tokens, sampling, body.stop, emit=lambda item: loop.call_soon_threadsafe(lines.put_nowait, item),
-        tools=body.tools if body.messages is not None else None, thinking=in_thinking(tokenizer, tokens),
-        logprobs=body.logprobs,
+        tokens + body.resume, sampling, body.stop, emit=lambda item: loop.call_soon_threadsafe(lines.put_nowait, item),
+        tools=body.tools if body.messages is not None else None, thinking=thinking, logprobs=body.logprobs,
+        resumed=list(body.resume),
     )  # fmt: skip
+
+
+def resumed_to_the_end(job: Job, eos: set[int]) -> str | None:
+    """How a resumed generation had already ended (at its end-of-sequence token, or at max_tokens), or None."""
+    if job.resumed and job.resumed[-1] in eos:
+        return "stop"
+    return "length" if job.sampling.max_tokens <= 0 else None
 
 
 def forced_call(tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], thinking: bool) -> str:
@@ -177,7 +190,11 @@ def in_thinking(tokenizer: TokenizerWrapper, tokens: list[int]) -> bool:
 async def stream_lines(job: Job, lines: asyncio.Queue) -> AsyncIterator[str]:
     try:
         while True:
-            item = await lines.get()
+            try:
+                item = await asyncio.wait_for(lines.get(), HEARTBEAT_S)
+            except TimeoutError:
+                yield "\n"  # alive, only busy (a long prefill, a full batch): the API tells it from a frozen host
+                continue
             yield json.dumps(item) + "\n"
             if "finish_reason" in item or "error" in item:
                 return
@@ -215,7 +232,14 @@ def create_app(
         job = make_job(tokenizer, body, lines, limits, grammars)
         # the first line at once, before the prefill: the API opens its client's stream on it (an agent with an
         # idle timeout must not wait out a long prompt in silence)
-        lines.put_nowait({"accepted": True, "prompt_tokens": len(job.tokens)})
+        # with the seed, so that the API can resume a sampled request the same way; and the heartbeat it can expect
+        lines.put_nowait({"accepted": True, "prompt_tokens": job.prompt_tokens, "seed": job.sampling.seed,
+                          "heartbeat_s": HEARTBEAT_S})  # fmt: skip
+        finished = resumed_to_the_end(job, tokenizer.eos_token_ids)
+        if finished:  # the lost runner had made every token: only the stream's end was lost
+            lines.put_nowait({"finish_reason": finished, "prompt_tokens": job.prompt_tokens,
+                              "completion_tokens": len(job.resumed)})  # fmt: skip
+            return StreamingResponse(stream_lines(job, lines), media_type="application/x-ndjson")
         # queued here, in the same turn of the event loop as the check above: a burst of requests cannot all
         # pass the check before any of them is queued (they would, queued when their responses start)
         jobs.put_nowait(job)

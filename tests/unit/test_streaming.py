@@ -88,7 +88,7 @@ async def test_every_stream_opens_once_the_runner_accepts_before_any_token() -> 
         yield TOKEN
 
     for name, stream in streams().items():
-        lines = await asyncio.wait_for(first_event(accepted_then_prefill()), 1)
+        lines = await asyncio.wait_for(first_event(accepted_then_prefill(), 5), 1)
         frames = sse(lines, stream)
         if firsts[name] is not None:
             assert firsts[name] in await asyncio.wait_for(anext(frames), 1), name

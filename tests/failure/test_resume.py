@@ -1,0 +1,241 @@
+"""No generation lost to a failure: a stream whose runner is lost (killed, its node killed or frozen) goes on
+where the instance is ready next, and its client sees one stream equal to an undisturbed run."""
+
+import asyncio
+import contextlib
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from anthropic import AsyncAnthropic
+from ollama import AsyncClient as Ollama
+from openai import APIError, AsyncOpenAI
+
+from tests.conftest import QWEN, TINY, Cluster
+from tests.support.processes import free_port, wait_http
+from tests.support.serving import MESSAGES, runners, running_nodes, start_instance, stop, wait_state
+from tests.support.waits import eventually
+
+pytestmark = pytest.mark.slow(90)
+LONG = 600  # tokens: a few seconds of decoding, so that the failure lands mid-stream
+CUT_AT = 20  # content chunks every stream has before the failure
+
+
+@dataclass
+class Streamed:
+    text: str = ""
+    chunks: int = 0
+    ids: set[str] = field(default_factory=set)
+    finish: str | None = None
+    completion_tokens: int = 0
+
+
+async def stream(cluster: Cluster, model: str, at: asyncio.Barrier | None = None, **sampling: Any) -> Streamed:
+    """One streamed chat completion through the official client, as a user's app reads it; waits at `at` once it
+    has CUT_AT chunks (the test fails something there)."""
+    openai = AsyncOpenAI(base_url=f"{cluster.api}/v1", api_key="unused", max_retries=0, timeout=300)
+    out = Streamed()
+    events = await openai.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=LONG, stream=True, stream_options={"include_usage": True},
+        **{"temperature": 0, **sampling},
+    )  # fmt: skip
+    async for event in events:
+        out.ids.add(event.id)
+        if event.usage:
+            out.completion_tokens = event.usage.completion_tokens
+        if not event.choices:
+            continue
+        out.text += event.choices[0].delta.content or ""
+        out.finish = event.choices[0].finish_reason or out.finish
+        out.chunks += 1
+        if at is not None and out.chunks == CUT_AT:
+            await at.wait()
+    return out
+
+
+async def anthropic_stream(cluster: Cluster, model: str, at: asyncio.Barrier | None = None) -> Streamed:
+    client = AsyncAnthropic(base_url=cluster.api, api_key="unused", max_retries=0, timeout=300)
+    out = Streamed()
+    async with client.messages.stream(
+        model=model, max_tokens=LONG, messages=MESSAGES, extra_body={"temperature": 0}
+    ) as events:  # type: ignore[arg-type]
+        async for text in events.text_stream:
+            out.text += text
+            out.chunks += 1
+            if at is not None and out.chunks == CUT_AT:
+                await at.wait()
+        final = await events.get_final_message()
+    out.ids, out.finish, out.completion_tokens = {final.id}, final.stop_reason, final.usage.output_tokens
+    return out
+
+
+async def ollama_stream(cluster: Cluster, model: str, at: asyncio.Barrier | None = None) -> Streamed:
+    out = Streamed()
+    async for part in await Ollama(host=cluster.api).chat(
+        model=model, messages=MESSAGES, stream=True, options={"temperature": 0, "num_predict": LONG}
+    ):
+        out.text += part.message.content or ""
+        out.chunks += 1
+        if part.done:
+            out.ids, out.finish, out.completion_tokens = {"ollama"}, part.done_reason, part.eval_count or 0
+        if at is not None and out.chunks == CUT_AT:
+            await at.wait()
+    return out
+
+
+async def unstreamed(cluster: Cluster, model: str) -> Streamed:
+    openai = AsyncOpenAI(base_url=f"{cluster.api}/v1", api_key="unused", max_retries=0, timeout=300)
+    reply = await openai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=LONG, temperature=0)  # type: ignore[arg-type]
+    usage = reply.usage.completion_tokens if reply.usage else 0
+    return Streamed(reply.choices[0].message.content or "", 0, {reply.id}, reply.choices[0].finish_reason, usage)
+
+
+async def every_api(cluster: Cluster, model: str, at: asyncio.Barrier | None = None) -> list[Streamed]:
+    """REQUESTS through OpenAI's chat streams, and one request each through Anthropic's and Ollama's streams and a
+    non-streamed chat (it is on its way when the others have CUT_AT chunks)."""
+    return list(await asyncio.gather(
+        *(stream(cluster, model, at, **r) for r in REQUESTS), anthropic_stream(cluster, model, at),
+        ollama_stream(cluster, model, at), unstreamed(cluster, model),
+    ))  # fmt: skip
+
+
+REQUESTS: list[dict[str, Any]] = [{}] * 8 + [{"temperature": 1.2, "seed": 11}, {"temperature": 0.9, "seed": 12}]
+
+
+async def streams(cluster: Cluster, model: str, at: asyncio.Barrier | None = None) -> list[Streamed]:
+    return list(await asyncio.gather(*(stream(cluster, model, at, **r) for r in REQUESTS)))
+
+
+def resumed_count(text: str, model: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'shardline_resumed_requests_total{{model="{model}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def same(got: list[Streamed], expected: list[Streamed]) -> None:
+    assert [len(s.ids) for s in got] == [1] * len(got)  # one stream each, one id
+    for g, e in zip(got, expected, strict=True):
+        assert e.completion_tokens > 2 * CUT_AT and e.finish in ("length", "stop", "max_tokens", "end_turn")
+        assert (g.text, g.finish, g.completion_tokens) == (e.text, e.finish, e.completion_tokens)
+
+
+def freeze(proc: psutil.Process, sig: signal.Signals) -> list[psutil.Process]:
+    """`sig` to a node worker and every process under it (its runners): the whole node, frozen or thawed."""
+    family = [proc, *proc.children(recursive=True)]
+    for p in family:
+        p.send_signal(sig)
+    return family
+
+
+async def test_streams_outlive_a_runner_killed_mid_stream(cluster: Cluster, api: httpx.AsyncClient) -> None:
+    node_id = f"resume-one-{id(api) % 10000}"
+    async with running_nodes(cluster, api, [node_id]) as homes:
+        instance = await start_instance(api, TINY, nodes=[node_id])
+        assert (await wait_state(api, instance, {"ready", "failed"}))["state"] == "ready"
+        expected = await every_api(cluster, TINY)
+        before = resumed_count((await api.get("/metrics")).text, TINY)
+
+        at = asyncio.Barrier(len(REQUESTS) + 3)
+        running = asyncio.create_task(every_api(cluster, TINY, at))
+        await at.wait()
+        (runner,) = runners(homes)
+        runner.kill()
+        same(await running, expected)
+
+        healed = (await api.get(f"/instances/{instance}")).json()
+        assert healed["state"] == "ready" and healed["recoveries"] == 1, healed
+        assert resumed_count((await api.get("/metrics")).text, TINY) - before == len(expected)
+        await stop(api, instance, homes)
+
+
+@pytest.mark.parametrize("failure", ["kill", "freeze"])
+async def test_streams_outlive_a_pipeline_node(cluster: Cluster, api: httpx.AsyncClient, failure: str) -> None:
+    node_ids = [f"resume-{failure}-{i}-{id(api) % 10000}" for i in range(2)]
+    async with running_nodes(cluster, api, node_ids) as homes:
+        instance = await start_instance(api, QWEN, strategy="pipeline", nodes=node_ids)
+        ready = await wait_state(api, instance, {"ready", "failed"})
+        assert ready["state"] == "ready" and len(ready["shards"]) == 2, ready
+        expected = await streams(cluster, QWEN)
+
+        # killed: the node that does not face the API (rank 0's runner loses its ring peer); frozen: the one that
+        # does (the API hears nothing from it, not even its heartbeat)
+        by_rank = {s["rank"]: s["node_id"] for s in ready["shards"]}
+        victim = by_rank[1] if failure == "kill" else by_rank[0]
+        at = asyncio.Barrier(len(REQUESTS) + 1)
+        running = asyncio.gather(*(stream(cluster, QWEN, at, **r) for r in REQUESTS))
+        await at.wait()
+        worker = psutil.Process(cluster.procs[f"node-{victim}"].pid)
+        frozen = freeze(worker, signal.SIGKILL if failure == "kill" else signal.SIGSTOP)
+        try:
+            same(await running, expected)
+        finally:
+            for p in frozen:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+        healed = (await api.get(f"/instances/{instance}")).json()
+        assert healed["state"] == "ready" and victim not in [s["node_id"] for s in healed["shards"]], healed
+        await stop(api, instance, [h for n, h in zip(node_ids, homes, strict=True) if n != victim])
+
+
+async def test_a_resume_gives_up_after_its_bound_and_says_why(cluster: Cluster, api: httpx.AsyncClient) -> None:
+    """An API that resumes a generation once, and waits 5 s for a ready instance: a runner killed twice under one
+    stream, then a node that does not come back."""
+    node_id = f"resume-bound-{id(api) % 10000}"
+    port = free_port()
+    strict = f"http://127.0.0.1:{port}"
+    cluster.spawn("api-strict", [sys.executable, "-m", "shardline", "api"], SHARDLINE_API_PORT=str(port),
+                  SHARDLINE_RESUME_ATTEMPTS="1", SHARDLINE_RESUME_TIMEOUT="5")  # fmt: skip
+    try:
+        wait_http(strict + "/healthz")
+        async with running_nodes(cluster, api, [node_id]) as homes:
+            instance = await start_instance(api, TINY, nodes=[node_id])
+            assert (await wait_state(api, instance, {"ready", "failed"}))["state"] == "ready"
+            openai = AsyncOpenAI(base_url=f"{strict}/v1", api_key="unused", max_retries=0, timeout=300)
+
+            async def read(chunks: list[str]) -> APIError:
+                with pytest.raises(APIError) as failed:
+                    async for event in await openai.chat.completions.create(
+                        model=TINY,
+                        messages=MESSAGES,
+                        max_tokens=3000,
+                        temperature=0,
+                        stream=True,  # type: ignore[arg-type]
+                    ):
+                        chunks += [c.delta.content or "" for c in event.choices]
+                return failed.value
+
+            async def past(chunks: list[str], n: int) -> bool | None:
+                return len(chunks) > n or None
+
+            async def runner() -> psutil.Process | None:
+                found = runners(homes)
+                return found[0] if found else None
+
+            chunks: list[str] = []
+            reading = asyncio.create_task(read(chunks))
+            for _ in range(2):
+                seen = len(chunks)
+                await eventually(lambda: past(chunks, seen + CUT_AT), 120, "the stream goes on")  # noqa: B023
+                (await eventually(runner, 60, "a runner")).kill()
+            failed = await reading
+            assert "was resumed 1 times: given up" in failed.message, failed.message
+
+            async def healed_twice() -> bool | None:
+                now = (await api.get(f"/instances/{instance}")).json()
+                return (now["state"] == "ready" and now["recoveries"] == 2) or None
+
+            await eventually(healed_twice, 120, "ready again")
+            chunks = []
+            reading = asyncio.create_task(read(chunks))
+            await eventually(lambda: past(chunks, CUT_AT), 60, "the stream goes on")
+            cluster.signal(f"node-{node_id}", signal.SIGKILL)  # its runner dies with it; nothing else can serve
+            failed = await reading
+            assert "after 5 s" in failed.message and "not ready" in failed.message, failed.message
+            await api.delete(f"/instances/{instance}")
+    finally:
+        cluster.stop("api-strict")
