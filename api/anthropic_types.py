@@ -115,6 +115,11 @@ class MessagesRequest(CountRequest):
     metadata: dict[str, Any] | None = None  # accepted: it changes nothing in the output
     service_tier: str | None = None  # likewise
 
+    def conversation(self) -> str | None:
+        """Claude Code names its session in `metadata.user_id`."""
+        user = (self.metadata or {}).get("user_id")
+        return str(user) if user else None
+
     def generate_body(self) -> dict[str, Any]:
         return {
             "messages": self.chat(),

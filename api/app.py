@@ -23,7 +23,7 @@ from api.routes import (
     responses,
     workflows,
 )
-from api.runners import InFlight
+from api.routing import Balancer
 from shardline.settings import Settings
 from shardline.temporal import connect
 
@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="shardline", lifespan=lifespan)
     app.state.metrics = Metrics()  # this app's own registry
-    app.state.in_flight = InFlight()
+    app.state.in_flight = Balancer(settings.route_slack)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(dashboard.page)  # the page is public; it asks for the key the data wants

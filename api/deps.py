@@ -10,7 +10,7 @@ from temporalio.client import Client
 from api.inference import Inference
 from api.instances import InstanceCache
 from api.metrics import Metrics
-from api.runners import InFlight
+from api.routing import Balancer
 from shardline.settings import Settings
 
 
@@ -34,8 +34,8 @@ def get_http(request: Request) -> httpx.AsyncClient:
     return http
 
 
-def get_in_flight(request: Request) -> InFlight:
-    in_flight: InFlight = request.app.state.in_flight
+def get_in_flight(request: Request) -> Balancer:
+    in_flight: Balancer = request.app.state.in_flight
     return in_flight
 
 
@@ -54,7 +54,7 @@ InstancesDep = Annotated[InstanceCache, Depends(get_instances)]
 HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
 ClientDep = Annotated[Client, Depends(get_client)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-InFlightDep = Annotated[InFlight, Depends(get_in_flight)]
+InFlightDep = Annotated[Balancer, Depends(get_in_flight)]
 InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 

@@ -14,7 +14,8 @@ from fastapi import HTTPException
 
 from api.instances import InstanceCache
 from api.metrics import Metrics
-from api.runners import InFlight, RunnerLost, RunnerUnreachable, generate, tokenize
+from api.routing import Balancer, prefixes
+from api.runners import RunnerLost, RunnerUnreachable, generate, tokenize
 from api.streaming import KEEPALIVE_S, Events
 from shardline.settings import Settings
 from shardline.states import InstanceState
@@ -32,20 +33,21 @@ class Inference:
     instances: InstanceCache
     http: httpx.AsyncClient
     metrics: Metrics
-    in_flight: InFlight
+    in_flight: Balancer
     settings: Settings
 
-    async def start(self, model: str, body: dict[str, Any]) -> Events:
-        """The runner's events for `body`, counted in the metrics as they pass, resumed on a lost runner."""
+    async def start(self, model: str, body: dict[str, Any], key: str | None = None) -> Events:
+        """The runner's events for `body`, counted in the metrics as they pass, resumed on a lost runner. `key`: the
+        client's name for the conversation, if it gives one (routing.py)."""
         watch = self.metrics.chat(model)
         try:
-            events = await self.runner_events(model, body)
+            events = await self.runner_events(model, body, key)
         except Exception as exc:
             watch.failed(exc)
             raise
-        return watch.passing(self.resuming(model, body, events))
+        return watch.passing(self.resuming(model, body, key, events))
 
-    async def resuming(self, model: str, body: dict[str, Any], events: Events) -> Events:
+    async def resuming(self, model: str, body: dict[str, Any], key: str | None, events: Events) -> Events:
         """`events`, and if their runner is lost, the rest of the generation from wherever the model is ready
         next: the prompt and the tokens already passed on go there, with the same seed, and it goes on from the
         next token (greedy or seeded, the same text as if nothing had happened). None while it waits."""
@@ -69,7 +71,7 @@ class Inference:
                     raise RunnerLost(f"{exc.detail} (the generation was resumed {lost - 1} times: given up)") from exc
                 log.warning("generation.resuming", model=model, tokens=len(sent), reason=exc.detail, attempt=lost)
                 self.metrics.resumed.labels(model).inc()
-                resumed = self.resume(model, {**body, "resume": list(sent)}, exc)
+                resumed = self.resume(model, {**body, "resume": list(sent)}, key, exc)
                 async with aclosing(resumed):
                     async for waiting in resumed:
                         if waiting is None:
@@ -77,14 +79,16 @@ class Inference:
                         else:
                             events = waiting
 
-    async def resume(self, model: str, body: dict[str, Any], lost: RunnerLost) -> AsyncGenerator[Events | None, None]:
+    async def resume(
+        self, model: str, body: dict[str, Any], key: str | None, lost: RunnerLost
+    ) -> AsyncGenerator[Events | None, None]:
         """None while no instance of `model` takes the resumed request (up to SHARDLINE_RESUME_TIMEOUT), then
         its events; an instance that is not coming back (stopped, failed) or the deadline ends it with the reason."""
         deadline = time.monotonic() + self.settings.resume_timeout
         told = time.monotonic()
         while True:
             try:
-                yield await self.runner_events(model, body)
+                yield await self.runner_events(model, body, key)
                 return
             except HTTPException as exc:
                 if exc.status_code not in WAITING or time.monotonic() >= deadline:
@@ -99,15 +103,18 @@ class Inference:
 
     async def count_tokens(self, model: str, request: dict[str, Any]) -> int:
         """How many prompt tokens `request` makes for `model` (a count holds no place in the batch)."""
-        return await tokenize(self.http, await self.instance_for(model, hold=False), request)
+        return await tokenize(self.http, await self.instance_for(model), request)
 
-    async def instance_for(self, model: str, hold: bool = True) -> InstanceStatus:
-        """The ready instance of `model` with the fewest requests in flight from this API; with `hold`, counted
-        in flight from now on (the generation releases it)."""
+    async def instance_for(
+        self, model: str, body: dict[str, Any] | None = None, key: str | None = None
+    ) -> InstanceStatus:
+        """The ready instance of `model` for `body`: the one that was sent its prefix (or conversation `key`) unless
+        it is clearly busier, else the one with the fewest requests in flight from this API (routing.py). With a
+        `body`, counted in flight from now on (the generation releases it)."""
         candidates = await self.instances.for_model(model)
         ready = [i for i in candidates if i.state == InstanceState.READY and i.endpoint]
         if ready:
-            return self.in_flight.pick(ready) if hold else self.in_flight.least_busy(ready)
+            return self.in_flight.least_busy(ready) if body is None else self.in_flight.pick(ready, prefixes(body), key)
         if not candidates:
             raise HTTPException(
                 404, f"model {model!r} is not served: start it with POST /instances or `shardline serve`"
@@ -115,16 +122,16 @@ class Inference:
         states = ", ".join(f"{i.instance_id} is {i.state}" + (f" ({i.reason})" if i.reason else "") for i in candidates)
         raise HTTPException(503, f"model {model!r} is not ready: {states}")
 
-    async def runner_events(self, model: str, body: dict[str, Any]) -> Events:
+    async def runner_events(self, model: str, body: dict[str, Any], key: str | None = None) -> Events:
         """One generation's events, from the first on: so a runner that is gone, or a request it refuses, is an
         error before any response starts, not a 200 cut short. A runner that moved (its instance recovered since
         the last lookup) is looked up again, once."""
-        instance = await self.instance_for(model)
+        instance = await self.instance_for(model, body, key)
         try:
             return await first_event(self.generate(instance, body), self.settings.runner_silence)
         except RunnerUnreachable:
             await self.instances.refresh()
-            moved = await self.instance_for(model)
+            moved = await self.instance_for(model, body, key)
             if moved.endpoint == instance.endpoint:
                 self.in_flight.release(str(moved.endpoint))  # picked, never sent
                 raise

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from api.runners import InFlight
+from api.routing import Balancer
 from api.streaming import Events
 from shardline.states import Kind
 from workflows.serve import InstanceStatus
@@ -89,7 +89,7 @@ class Metrics:
                 gauge.labels(state).set(n)
         return True
 
-    def set_runners(self, figures: list[tuple[InstanceStatus, dict[str, Any] | None]], in_flight: InFlight) -> None:
+    def set_runners(self, figures: list[tuple[InstanceStatus, dict[str, Any] | None]], in_flight: Balancer) -> None:
         """Each ready instance's runner figures as read at this scrape; a runner that did not answer is left out."""
         for gauge in (*self.runner.values(), self.in_flight):
             gauge.clear()

@@ -195,6 +195,10 @@ class ChatRequest(SamplingOptions):
         tools_for(self.tools, self.tool_choice)
         return self
 
+    def conversation(self) -> str | None:
+        """The client's own name for the conversation, which keeps it on one instance (routing.py)."""
+        return self.prompt_cache_key or self.user
+
     def generate_body(self) -> dict[str, Any]:
         """What rank 0's runner takes on /generate."""
         return {
@@ -231,6 +235,9 @@ class CompletionRequest(SamplingOptions):
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("one prompt per request (a list of several is a batch: send them as separate requests)")
         return value
+
+    def conversation(self) -> str | None:
+        return self.user
 
     def generate_body(self) -> dict[str, Any]:
         return {

@@ -136,6 +136,10 @@ class ResponsesRequest(BaseModel):
             return {"type": "json_schema", "json_schema": {"name": fmt.get("name", ""), "schema": fmt.get("schema")}}
         return {"type": fmt.get("type")}
 
+    def conversation(self) -> str | None:
+        """The client's own name for the conversation (Codex sends its session as `prompt_cache_key`)."""
+        return self.prompt_cache_key or self.user
+
     def generate_body(self) -> dict[str, Any]:
         return {
             "messages": self.chat(),

@@ -1,15 +1,14 @@
-"""Talking to rank 0's runner: which one gets a request (fewest in flight), its NDJSON stream, its /stats,
-its tokenizer."""
+"""Talking to rank 0's runner: its NDJSON stream, its /stats, its tokenizer."""
 
 import json
 import time
-from collections import Counter
 from contextlib import aclosing
 from typing import Any
 
 import httpx
 from fastapi import HTTPException
 
+from api.routing import Balancer
 from api.streaming import KEEPALIVE_S, Events, with_keepalives
 from workflows.serve import InstanceStatus
 
@@ -30,27 +29,6 @@ class RunnerUnreachable(RunnerLost):
     """Not even connected: nothing was sent."""
 
 
-class InFlight:
-    """Requests this API has open on each runner endpoint, so a model's requests spread over its instances."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def least_busy(self, ready: list[InstanceStatus]) -> InstanceStatus:
-        return min(ready, key=lambda i: self.counts[str(i.endpoint)])
-
-    def pick(self, ready: list[InstanceStatus]) -> InstanceStatus:
-        """The instance with the fewest in flight, counted from now on: `generate` releases it."""
-        chosen = self.least_busy(ready)
-        self.counts[str(chosen.endpoint)] += 1
-        return chosen
-
-    def release(self, endpoint: str) -> None:
-        self.counts[endpoint] -= 1
-        if self.counts[endpoint] <= 0:
-            del self.counts[endpoint]
-
-
 def refusal(response: httpx.Response, body: bytes) -> HTTPException:
     """The runner's 4xx/5xx as the API's own: the client's mistakes and a full queue keep their status."""
     try:
@@ -69,7 +47,7 @@ def auth(instance: InstanceStatus) -> dict[str, str]:
 
 
 async def generate(
-    http: httpx.AsyncClient, instance: InstanceStatus, body: dict[str, Any], in_flight: InFlight, silence: float
+    http: httpx.AsyncClient, instance: InstanceStatus, body: dict[str, Any], in_flight: Balancer, silence: float
 ) -> Events:
     """The runner's NDJSON events; None while none came for KEEPALIVE_S. An error event ends the stream with an
     HTTPException; a runner that went away, or (if it says it sends heartbeats) sent nothing at all for `silence`

@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         description="Times one generation is resumed after a lost runner before it fails; 0 = a lost runner's "
         "requests fail at once (503)",
     )
+    route_slack: int = Field(
+        default=4,
+        ge=-1,
+        description="How many more requests in flight than the least loaded instance of a model the instance that "
+        "holds a request's prefix may have and still get it; -1 = every request to the least loaded",
+    )
     runner_silence: float = Field(
         default=10.0,
         gt=0,

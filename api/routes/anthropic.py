@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1", tags=["anthropic"], responses=error_responses(A
 
 @router.post("/messages", response_model=None, responses=streamed("text/event-stream"))
 async def messages(body: MessagesRequest, inference: InferenceDep) -> StreamingResponse | JSONResponse:
-    lines = await inference.start(body.model, body.generate_body())
+    lines = await inference.start(body.model, body.generate_body(), body.conversation())
     if body.stream:
         return sse_response(lines, MessageStream(body.model))
     done = await gather(lines)

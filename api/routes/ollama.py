@@ -46,7 +46,7 @@ async def answer(
 ) -> StreamingResponse | JSONResponse:
     stream = OllamaStream(body.model, chat=chat)
     if empty:  # a client loading the model: it is loaded while it is served
-        await inference.instance_for(body.served, hold=False)
+        await inference.instance_for(body.served)
         return JSONResponse(loaded(body.model, chat=chat))
     lines = await inference.start(body.served, body.generate_body())
     if body.stream:

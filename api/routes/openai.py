@@ -47,7 +47,7 @@ async def list_models(instances: InstancesDep, http: HttpDep) -> ModelList:
 
 @router.post("/chat/completions", response_model=None, responses=streamed("text/event-stream"))
 async def chat_completions(body: ChatRequest, inference: InferenceDep) -> StreamingResponse | JSONResponse:
-    lines = await inference.start(body.model, body.generate_body())
+    lines = await inference.start(body.model, body.generate_body(), body.conversation())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(lines, ChatStream(body.model, include_usage))
@@ -66,7 +66,7 @@ async def chat_completions(body: ChatRequest, inference: InferenceDep) -> Stream
 @router.post("/completions", response_model=None, responses=streamed("text/event-stream"))
 async def completions(body: CompletionRequest, inference: InferenceDep) -> StreamingResponse | JSONResponse:
     """A raw prompt, no chat template: what editors' code completion sends."""
-    lines = await inference.start(body.model, body.generate_body())
+    lines = await inference.start(body.model, body.generate_body(), body.conversation())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(lines, TextStream(body.model, body.logprobs is not None, include_usage))

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1", tags=["responses"], responses=error_responses(E
 
 @router.post("/responses", response_model=None, responses=streamed("text/event-stream"))
 async def responses(body: ResponsesRequest, inference: InferenceDep) -> StreamingResponse | JSONResponse:
-    lines = await inference.start(body.model, body.generate_body())
+    lines = await inference.start(body.model, body.generate_body(), body.conversation())
     if body.stream:
         return sse_response(lines, ResponseStream(body))
     done = await gather(lines)
