@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import structlog
 from fastapi import HTTPException
+from temporalio.service import RPCError
 
 from api.instances import InstanceCache
 from api.metrics import Metrics
@@ -19,11 +20,13 @@ from api.runners import RunnerLost, RunnerUnreachable, generate, tokenize
 from api.streaming import KEEPALIVE_S, Events
 from shardline.settings import Settings
 from shardline.states import InstanceState
+from workflows import client as workflows
 from workflows.serve import InstanceStatus
 
 log = structlog.get_logger(__name__)
-WAITING = {429, 503}
-RESUME_POLL_S = 0.5  # while resuming: a full queue, an instance not ready (yet) or unreachable
+WAITING = {429, 503}  # while resuming: a full queue, an instance not ready (yet) or unreachable
+RESUME_POLL_S = 0.5
+TELLING: set[asyncio.Task[None]] = set()  # signals on their way (a task nobody holds may be collected)
 
 
 @dataclass
@@ -71,6 +74,8 @@ class Inference:
                     raise RunnerLost(f"{exc.detail} (the generation was resumed {lost - 1} times: given up)") from exc
                 log.warning("generation.resuming", model=model, tokens=len(sent), reason=exc.detail, attempt=lost)
                 self.metrics.resumed.labels(model).inc()
+                if exc.instance_id is not None:
+                    self.tell(exc.instance_id)
                 resumed = self.resume(model, {**body, "resume": list(sent)}, key, exc)
                 async with aclosing(resumed):
                     async for waiting in resumed:
@@ -78,6 +83,19 @@ class Inference:
                             yield None
                         else:
                             events = waiting
+
+    def tell(self, instance_id: str) -> None:
+        """The instance's count of carried-over generations, in the background (it may be mid-recovery, or
+        Temporal down: the stream does not wait for it, and a lost count only costs a figure)."""
+        task = asyncio.create_task(self.signal_carried(instance_id))
+        TELLING.add(task)
+        task.add_done_callback(TELLING.discard)
+
+    async def signal_carried(self, instance_id: str) -> None:
+        try:
+            await workflows.carried_over(self.instances.client, instance_id, 1)
+        except RPCError as err:
+            log.warning("generation.carried_over_unrecorded", instance_id=instance_id, reason=str(err))
 
     async def resume(
         self, model: str, body: dict[str, Any], key: str | None, lost: RunnerLost

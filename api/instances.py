@@ -57,6 +57,7 @@ async def failed(client: Client, workflow_id: str, ended: InstanceStatus) -> Non
         if details and isinstance(details[0], dict):
             ended.recoveries = int(details[0].get("recoveries") or 0)
             ended.incidents = [str(i) for i in details[0].get("incidents") or []]
+            ended.carried_over = int(details[0].get("carried_over") or 0)
 
 
 async def list_instances(

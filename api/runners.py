@@ -19,10 +19,12 @@ LISTEN_S = 1.0  # how often a stream's silence is looked at (runners send an emp
 
 
 class RunnerLost(HTTPException):
-    """The runner went away, froze or was cut off: a generation can go on elsewhere (a 503 if it cannot)."""
+    """The runner went away, froze or was cut off: a generation can go on elsewhere (a 503 if it cannot).
+    `instance_id`: whose runner it was, where known."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, instance_id: str | None = None) -> None:
         super().__init__(503, detail)
+        self.instance_id = instance_id
 
 
 class RunnerUnreachable(RunnerLost):
@@ -69,9 +71,9 @@ async def generate(
                             heard = now
                         elif bound is not None and now - heard > bound:
                             raise RunnerLost(f"the model's runner at {endpoint} has sent nothing for {now - heard:.0f}"
-                                             " s: its node froze or was cut off")  # fmt: skip
+                                             " s: its node froze or was cut off", instance.instance_id)  # fmt: skip
                         if line and line.strip():
-                            event = runner_event(line)
+                            event = runner_event(line, instance.instance_id)
                             bound = silence if event.get("heartbeat_s") else bound
                             told = now
                             yield event
@@ -81,17 +83,18 @@ async def generate(
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise RunnerUnreachable(f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
         except httpx.TransportError as exc:
-            raise RunnerLost(f"the model's runner went away ({exc}); the instance is recovering") from exc
+            detail = f"the model's runner went away ({exc}); the instance is recovering"
+            raise RunnerLost(detail, instance.instance_id) from exc
     finally:
         in_flight.release(endpoint)
 
 
-def runner_event(line: str) -> dict[str, Any]:
+def runner_event(line: str, instance_id: str | None = None) -> dict[str, Any]:
     event = json.loads(line)
     if "error" in event:
         status = int(event.get("status", 500))
         if status == 503:  # the runner is shutting down (its instance is being re-placed, or stopped)
-            raise RunnerLost(str(event["error"]))
+            raise RunnerLost(str(event["error"]), instance_id)
         raise HTTPException(status, str(event["error"]))
     return dict(event)
 

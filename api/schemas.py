@@ -183,6 +183,7 @@ class InstanceOut(BaseModel):
     reason: str | None = None
     error_type: ErrorType | None = None  # why it failed, as a program reads it
     incidents: list[str] = Field(default_factory=list, description="why it recovered, newest last")
+    carried_over: int = Field(0, description="generations the API resumed after a runner of this instance was lost")
 
     @classmethod
     def of(cls, instance_id: str, model: str, state: str, strategy: str) -> "InstanceOut":
@@ -197,4 +198,5 @@ class InstanceOut(BaseModel):
         kind = ErrorType(s.error_type) if s.error_type else None
         return out.model_copy(update={"shards": shards, "endpoint": s.endpoint, "recoveries": s.recoveries,
                                       "reason": s.reason, "error_type": kind, "incidents": list(s.incidents),
-                                      "strategy_reason": s.strategy_reason or None})  # fmt: skip
+                                      "strategy_reason": s.strategy_reason or None,
+                                      "carried_over": s.carried_over})  # fmt: skip

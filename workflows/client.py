@@ -74,6 +74,12 @@ async def instance_status(client: Client, instance_id: str) -> InstanceStatus:
     return await handle.query(ServingWorkflow.status)
 
 
+async def carried_over(client: Client, instance_id: str, count: int) -> None:
+    """Tell an instance that the API resumed `count` of its generations elsewhere after losing its runner."""
+    handle = client.get_workflow_handle_for(ServingWorkflow.run, serve_workflow_id(instance_id))
+    await handle.signal(ServingWorkflow.carried_over, count)
+
+
 async def cancel(client: Client, workflow_id: str, wait_s: float = 0.0) -> None:
     """Ask the workflow to cancel (it ends CANCELED once its work has really stopped), and wait up to `wait_s`
     for it to end."""

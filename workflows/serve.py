@@ -69,6 +69,7 @@ class ServeInput:
     recent_recoveries: list[float] = field(default_factory=list)  # their times (epoch s), carried likewise
     excluded: list[str] = field(default_factory=list)  # nodes just lost: not placed on next time
     incidents: list[str] = field(default_factory=list)  # carried across continue-as-new
+    carried_over: int = 0  # likewise
     download_attempts: int = 5  # of each node's download (histories from before it was carried replay with 5)
 
 
@@ -96,6 +97,7 @@ class InstanceStatus:
     incidents: list[str] = field(default_factory=list)  # why each recovery happened, the last few
     secret: str = ""  # what the API sends rank 0's runner (never shown by the API)
     strategy_reason: str = ""  # why that strategy and those nodes, once placed
+    carried_over: int = 0  # generations resumed elsewhere (or here, restarted) after a runner of this one was lost
 
 
 @dataclass
@@ -131,7 +133,8 @@ class ServingWorkflow:
     @workflow.run
     async def run(self, inp: ServeInput) -> InstanceStatus:
         self._status = InstanceStatus(inp.instance_id, inp.model_id, InstanceState.PLACING, inp.strategy,
-                                      recoveries=inp.recoveries, incidents=list(inp.incidents))  # fmt: skip
+                                      recoveries=inp.recoveries, incidents=list(inp.incidents),
+                                      carried_over=inp.carried_over)  # fmt: skip
         self._generation = inp.recoveries
         self._recent = list(inp.recent_recoveries)
         try:
@@ -181,6 +184,7 @@ class ServingWorkflow:
                         recoveries=self._status.recoveries,
                         excluded=excluded,
                         incidents=self._status.incidents,
+                        carried_over=self._status.carried_over,
                         recent_recoveries=self._recent,
                     )
                 )
@@ -365,6 +369,11 @@ class ServingWorkflow:
             if shard.rank == ready.rank:
                 shard.ready = True
 
+    @workflow.signal
+    def carried_over(self, count: int) -> None:
+        """The API resumed `count` generations that a lost runner of this instance was making."""
+        self._status.carried_over += count
+
     @workflow.query
     def status(self) -> InstanceStatus:
         return self._status
@@ -374,7 +383,8 @@ class ServingWorkflow:
         self._set(InstanceState.FAILED, reason)
         self._status.error_type = kind.value
         # what the API shows of an ended instance, which no longer answers its status query
-        last = {"recoveries": self._status.recoveries, "incidents": self._status.incidents}
+        last = {"recoveries": self._status.recoveries, "incidents": self._status.incidents,
+                "carried_over": self._status.carried_over}  # fmt: skip
         return error(kind, reason, cause, non_retryable=True, details=[last])
 
     def _set(self, state: InstanceState, details: str) -> None:

@@ -1,7 +1,9 @@
-"""Failure drills on a cluster of its own: Temporal down for 20 s, the API restarted. The data path
-does not go through Temporal, so a ready instance keeps answering, and nothing is lost."""
+"""Failure drills on a cluster of its own: Temporal down for 20 s and the control worker restarted under an open
+stream, the API restarted. The data path does not go through Temporal, so a ready instance keeps answering, and
+nothing is lost."""
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from tests.support.waits import scheduled_activities, start_download, wait_downl
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(80)]  # slow: s alone
 OUTAGE_S = 20.0
+STREAM_TOKENS, STREAM_PAUSE_S = 400, 0.1  # a stream that lasts 40 s or more
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,20 @@ async def chat(api: httpx.AsyncClient) -> str:
     return str(response.json()["choices"][0]["message"]["content"])
 
 
+async def slow_stream(api: httpx.AsyncClient, pause: float) -> str:
+    body = {"model": QWEN, "messages": MESSAGES, "max_tokens": STREAM_TOKENS, "temperature": 0, "stream": True}
+    text = ""
+    async with api.stream("POST", "/v1/chat/completions", json=body, timeout=300) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line.removeprefix("data: "))
+                assert "error" not in chunk, chunk
+                text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+                await asyncio.sleep(pause)
+    return text
+
+
 async def test_temporal_down_20s_loses_nothing(
     drill_cluster: Cluster,
     drill_api: httpx.AsyncClient,
@@ -63,10 +80,13 @@ async def test_temporal_down_20s_loses_nothing(
     instance = drill_instance
     expected = reference(model_dirs[QWEN])
     assert await chat(drill_api) == expected
+    undisturbed = await slow_stream(drill_api, pause=0)
     await start_nodes(drill_cluster, drill_api, ["drill-dl"], hub=slow_link.endpoint)
     download = await start_download(drill_api, CHUNKY, "drill-dl")
     await wait_progress(drill_api, download)
 
+    # a stream read slowly (as a client on a slow link would), open through the outage and a control restart
+    spanning = asyncio.create_task(slow_stream(drill_api, pause=STREAM_PAUSE_S))
     drill_cluster.stop("temporal")
     down_at, answered = time.monotonic(), 0
     while time.monotonic() - down_at < OUTAGE_S:
@@ -75,6 +95,9 @@ async def test_temporal_down_20s_loses_nothing(
         await asyncio.sleep(1)
     drill_cluster.start_server()
     back_at = time.monotonic()
+    drill_cluster.stop("control")
+    drill_cluster.start_control()
+    assert not spanning.done()
 
     assert answered >= 10
     done = await wait_download(drill_api, download, timeout=120)
@@ -88,6 +111,7 @@ async def test_temporal_down_20s_loses_nothing(
     after = await wait_state(drill_api, instance, {"ready"}, timeout=60)
     assert after["recoveries"] == 0  # the runners never stopped
     assert await chat(drill_api) == expected
+    assert await spanning == undisturbed  # the stream open through it all, whole
 
 
 async def test_api_restart_finds_everything_again(

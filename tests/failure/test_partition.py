@@ -2,6 +2,7 @@
 while it downloads and while it serves. The same outcomes as a killed node; once the link is back up the
 node (still running all along) returns as itself and is used again."""
 
+import asyncio
 import random
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from tests.support.hub_mirror import HubMirror
 from tests.support.netns import Link, can_make_namespaces, separate_network
 from tests.support.relay import Relay
 from tests.support.serving import greedy, reference, runners, start_instance, start_nodes, stop, wait_state
+from tests.support.streams import REQUESTS, same, streams
 from tests.support.waits import download, eventually, start_download, wait_download, wait_node, wait_progress
 
 WHY_NOT = can_make_namespaces()
@@ -117,6 +119,10 @@ async def test_cut_off_while_serving(
         instance = await start_instance(api, QWEN, nodes=[*here, away])
         ready = await wait_state(api, instance, {"ready", "failed"})
         assert ready["state"] == "ready" and len(ready["shards"]) == 3, ready
+        undisturbed = await streams(cluster, QWEN)
+        at = asyncio.Barrier(len(REQUESTS) + 1)
+        running = asyncio.ensure_future(streams(cluster, QWEN, at))
+        await at.wait()  # every stream is under way
 
         remote.link.cut()
         cut_at = time.monotonic()
@@ -128,6 +134,7 @@ async def test_cut_off_while_serving(
         assert sorted(s["node_id"] for s in healed["shards"]) == sorted(here), healed
         assert f"node {away} unavailable" in healed["incidents"][0], healed["incidents"]
         assert await greedy(cluster, QWEN, stream=False) == expected
+        same(await running, undisturbed)  # the streams open at the cut went on where the instance healed
 
         remote.link.mend()
         mended_at = time.monotonic()

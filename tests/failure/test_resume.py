@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import signal
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -18,43 +17,10 @@ from openai import APIError, AsyncOpenAI
 from tests.conftest import QWEN, TINY, Cluster
 from tests.support.processes import free_port, wait_http
 from tests.support.serving import MESSAGES, runners, running_nodes, start_instance, stop, wait_state
+from tests.support.streams import CUT_AT, LONG, REQUESTS, Streamed, same, stream, streams
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.slow(90)
-LONG = 600  # tokens: a few seconds of decoding, so that the failure lands mid-stream
-CUT_AT = 20  # content chunks every stream has before the failure
-
-
-@dataclass
-class Streamed:
-    text: str = ""
-    chunks: int = 0
-    ids: set[str] = field(default_factory=set)
-    finish: str | None = None
-    completion_tokens: int = 0
-
-
-async def stream(cluster: Cluster, model: str, at: asyncio.Barrier | None = None, **sampling: Any) -> Streamed:
-    """One streamed chat completion through the official client, as a user's app reads it; waits at `at` once it
-    has CUT_AT chunks (the test fails something there)."""
-    openai = AsyncOpenAI(base_url=f"{cluster.api}/v1", api_key="unused", max_retries=0, timeout=300)
-    out = Streamed()
-    events = await openai.chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=LONG, stream=True, stream_options={"include_usage": True},
-        **{"temperature": 0, **sampling},
-    )  # fmt: skip
-    async for event in events:
-        out.ids.add(event.id)
-        if event.usage:
-            out.completion_tokens = event.usage.completion_tokens
-        if not event.choices:
-            continue
-        out.text += event.choices[0].delta.content or ""
-        out.finish = event.choices[0].finish_reason or out.finish
-        out.chunks += 1
-        if at is not None and out.chunks == CUT_AT:
-            await at.wait()
-    return out
 
 
 async def anthropic_stream(cluster: Cluster, model: str, at: asyncio.Barrier | None = None) -> Streamed:
@@ -103,13 +69,6 @@ async def every_api(cluster: Cluster, model: str, at: asyncio.Barrier | None = N
     ))  # fmt: skip
 
 
-REQUESTS: list[dict[str, Any]] = [{}] * 8 + [{"temperature": 1.2, "seed": 11}, {"temperature": 0.9, "seed": 12}]
-
-
-async def streams(cluster: Cluster, model: str, at: asyncio.Barrier | None = None) -> list[Streamed]:
-    return list(await asyncio.gather(*(stream(cluster, model, at, **r) for r in REQUESTS)))
-
-
 def resumed_count(text: str, model: str) -> float:
     for line in text.splitlines():
         if line.startswith(f'shardline_resumed_requests_total{{model="{model}"}}'):
@@ -117,11 +76,16 @@ def resumed_count(text: str, model: str) -> float:
     return 0.0
 
 
-def same(got: list[Streamed], expected: list[Streamed]) -> None:
-    assert [len(s.ids) for s in got] == [1] * len(got)  # one stream each, one id
-    for g, e in zip(got, expected, strict=True):
-        assert e.completion_tokens > 2 * CUT_AT and e.finish in ("length", "stop", "max_tokens", "end_turn")
-        assert (g.text, g.finish, g.completion_tokens) == (e.text, e.finish, e.completion_tokens)
+async def carried_over(api: httpx.AsyncClient, instance: str, count: int) -> dict[str, Any]:
+    """The instance once it says it had `count` generations carried over (the API tells it in the background)."""
+
+    async def told() -> dict[str, Any] | None:
+        now: dict[str, Any] = (await api.get(f"/instances/{instance}")).json()
+        return now if now["carried_over"] >= count else None
+
+    found = await eventually(told, 30, f"{instance} counts {count} carried over")
+    assert found["carried_over"] == count, found
+    return found
 
 
 def freeze(proc: psutil.Process, sig: signal.Signals) -> list[psutil.Process]:
@@ -147,7 +111,7 @@ async def test_streams_outlive_a_runner_killed_mid_stream(cluster: Cluster, api:
         runner.kill()
         same(await running, expected)
 
-        healed = (await api.get(f"/instances/{instance}")).json()
+        healed = await carried_over(api, instance, len(expected))
         assert healed["state"] == "ready" and healed["recoveries"] == 1, healed
         assert resumed_count((await api.get("/metrics")).text, TINY) - before == len(expected)
         await stop(api, instance, homes)
@@ -177,7 +141,7 @@ async def test_streams_outlive_a_pipeline_node(cluster: Cluster, api: httpx.Asyn
             for p in frozen:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.kill()
-        healed = (await api.get(f"/instances/{instance}")).json()
+        healed = await carried_over(api, instance, len(REQUESTS))
         assert healed["state"] == "ready" and victim not in [s["node_id"] for s in healed["shards"]], healed
         await stop(api, instance, [h for n, h in zip(node_ids, homes, strict=True) if n != victim])
 

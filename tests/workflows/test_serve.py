@@ -212,7 +212,8 @@ async def test_recoveries_beyond_the_limit_within_the_window_fail(fake_cluster: 
     assert error.message == f"gave up after 3 recoveries within 3600 s; last: {crash}"
     final = await status(handle)  # 3 recoveries made; the 4th loss was not recovered
     assert (final.state, final.recoveries, final.incidents) == ("failed", 3, [crash] * 4)
-    assert error.details == ({"recoveries": 3, "incidents": [crash] * 4},)  # what the API shows once it ended
+    # what the API shows once it ended
+    assert error.details == ({"recoveries": 3, "incidents": [crash] * 4, "carried_over": 0},)
     assert len(node.runners) == 4
 
 
@@ -233,7 +234,7 @@ async def test_a_model_mlx_refuses_fails_at_once(fake_cluster: FakeCluster) -> N
     assert (failed.type, failed.message, failed.non_retryable) == ("bad_input", reason, True)
     final = await status(handle)
     assert (final.state, final.recoveries, final.incidents, final.reason) == ("failed", 0, [], reason)
-    assert failed.details == ({"recoveries": 0, "incidents": []},)
+    assert failed.details == ({"recoveries": 0, "incidents": [], "carried_over": 0},)
     assert len(node.runners) == 1  # not retried
     assert await states_seen(handle) == ["placing", "downloading", "loading", "failed"]
 
