@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python -m bench.batching
 	$(BIN)/python -m bench.grammar
 	$(BIN)/python -m bench.pipeline_split
+	$(BIN)/python -m bench.idle_first_token
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

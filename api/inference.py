@@ -129,10 +129,15 @@ class Inference:
         """The ready instance of `model` for `body`: the one that was sent its prefix (or conversation `key`) unless
         it is clearly busier, else the one with the fewest requests in flight from this API (routing.py). With a
         `body`, counted in flight from now on (the generation releases it)."""
+        ready = await self.ready(model)
+        return self.in_flight.least_busy(ready) if body is None else self.in_flight.pick(ready, prefixes(body), key)
+
+    async def ready(self, model: str) -> list[InstanceStatus]:
+        """The ready instances of `model`: at least one, or a 404 (none) or 503 (none ready) saying why."""
         candidates = await self.instances.for_model(model)
         ready = [i for i in candidates if i.state == InstanceState.READY and i.endpoint]
         if ready:
-            return self.in_flight.least_busy(ready) if body is None else self.in_flight.pick(ready, prefixes(body), key)
+            return ready
         if not candidates:
             raise HTTPException(
                 404, f"model {model!r} is not served: start it with POST /instances or `shardline serve`"
@@ -143,7 +148,7 @@ class Inference:
     async def runner_events(self, model: str, body: dict[str, Any], key: str | None = None) -> Events:
         """One generation's events, from the first on: so a runner that is gone, or a request it refuses, is an
         error before any response starts, not a 200 cut short. A runner that moved (its instance recovered since
-        the last lookup) is looked up again, once."""
+        the last lookup) is looked up again, once; a full one (429) gives way to the least busy other instance."""
         instance = await self.instance_for(model, body, key)
         try:
             return await first_event(self.generate(instance, body), self.settings.runner_silence)
@@ -154,6 +159,12 @@ class Inference:
                 self.in_flight.release(str(moved.endpoint))  # picked, never sent
                 raise
             return await first_event(self.generate(moved, body), self.settings.runner_silence)
+        except HTTPException as exc:
+            others = [i for i in await self.ready(model) if i.endpoint != instance.endpoint]
+            if exc.status_code != 429 or not others:
+                raise
+            other = self.in_flight.hold(self.in_flight.least_busy(others))
+            return await first_event(self.generate(other, body), self.settings.runner_silence)
 
     def generate(self, instance: InstanceStatus, body: dict[str, Any]) -> Events:
         return generate(self.http, instance, body, self.in_flight, self.settings.runner_silence)

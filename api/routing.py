@@ -59,6 +59,7 @@ class Balancer:
         self.counts: Counter[str] = Counter()
         self.seen: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()  # endpoint -> prefixes sent there
         self.keys: OrderedDict[str, str] = OrderedDict()  # conversation key -> endpoint
+        self.batch: dict[str, int] = {}  # endpoint -> requests its runner decodes together, as it said
 
     def least_busy(self, ready: list[InstanceStatus]) -> InstanceStatus:
         return min(ready, key=lambda i: self.counts[endpoint_of(i)])
@@ -71,13 +72,22 @@ class Balancer:
         seen = self.seen.get(endpoint, {})
         return next((n for n in range(len(chain), 0, -1) if chain[n - 1] in seen), 0)
 
+    def learn(self, endpoint: str, max_batch: object) -> None:
+        if isinstance(max_batch, int) and max_batch > 0:
+            self.batch[endpoint] = max_batch
+            trim_dict(self.batch, ENDPOINTS_KEPT)
+
     def choose(self, ready: list[InstanceStatus], chain: list[str], key: str | None = None) -> InstanceStatus:
+        """Clearly busier: `slack` more in flight than the least loaded, or a full batch (a request sent there
+        would wait its turn while another instance has room)."""
         least = self.least_busy(ready)
         affine = max(ready, key=lambda i: (self.depth(i, chain, key), -self.counts[endpoint_of(i)]))
-        if self.depth(affine, chain, key) == 0:
+        if self.depth(affine, chain, key) == 0 or affine is least:
             return least
-        busier = self.counts[endpoint_of(affine)] - self.counts[endpoint_of(least)]
-        return affine if busier <= self.slack else least
+        endpoint = endpoint_of(affine)
+        busier = self.counts[endpoint] - self.counts[endpoint_of(least)]
+        full = self.counts[endpoint] >= self.batch.get(endpoint, self.counts[endpoint] + 1)
+        return affine if busier <= self.slack and not full else least
 
     def pick(self, ready: list[InstanceStatus], chain: list[str], key: str | None = None) -> InstanceStatus:
         """The instance for a request, counted in flight from now on (`release` ends that) and remembered as
@@ -98,6 +108,11 @@ class Balancer:
             trim(self.keys, KEYS_KEPT)
         return chosen
 
+    def hold(self, instance: InstanceStatus) -> InstanceStatus:
+        """`instance`, counted in flight from now on (chosen by other means than `pick`)."""
+        self.counts[endpoint_of(instance)] += 1
+        return instance
+
     def release(self, endpoint: str) -> None:
         self.counts[endpoint] -= 1
         if self.counts[endpoint] <= 0:
@@ -107,3 +122,8 @@ class Balancer:
 def trim(kept: OrderedDict[str, Any], size: int) -> None:
     while len(kept) > size:
         kept.popitem(last=False)
+
+
+def trim_dict(kept: dict[str, Any], size: int) -> None:
+    while len(kept) > size:
+        del kept[next(iter(kept))]

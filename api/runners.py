@@ -74,7 +74,9 @@ async def generate(
                                              " s: its node froze or was cut off", instance.instance_id)  # fmt: skip
                         if line and line.strip():
                             event = runner_event(line, instance.instance_id)
-                            bound = silence if event.get("heartbeat_s") else bound
+                            if event.get("accepted"):
+                                bound = silence if event.get("heartbeat_s") else None
+                                in_flight.learn(endpoint, event.get("max_batch"))
                             told = now
                             yield event
                         elif now - told >= KEEPALIVE_S:

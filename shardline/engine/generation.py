@@ -9,6 +9,7 @@ decoding steps of the others.
 """
 
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import mlx.core as mx
 import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from shardline.engine import protocol
+from shardline.engine import protocol, wake
 from shardline.engine.batch import Batch, Kept, Output, Response
 from shardline.engine.channels import Channels
 from shardline.engine.prefix_cache import PrefixIndex
@@ -96,6 +97,7 @@ class Scheduler:
         max_batch: int,
         index: PrefixIndex | None,
         scale: float = 1.0,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.batch = batch
         self.tokenizer = tokenizer
@@ -104,6 +106,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.index = index
         self.scale = scale
+        self.wake = wake  # the other ranks, napping while idle (wake.py)
         self.running: dict[int, Running] = {}
         self.leaving: list[int] = []
         self.drops: list[int] = []
@@ -122,6 +125,8 @@ class Scheduler:
                 if self.group is not None:
                     protocol.send_idle(self.group)  # keeps the others listening, and noticing a lost rank
                 continue
+            if quiet and admitted:
+                self.wake()
             self.run_step(step, [job for _, job in admitted])
         if self.group is not None:
             protocol.send_shutdown(self.group)
@@ -271,15 +276,16 @@ def replay(run: Running) -> None:
         run.tool_calls += len(run.channels.feed(text, final=False).get("tool_calls", ()))
 
 
-def follow(batch: Batch, group: mx.distributed.Group) -> None:
-    """Ranks other than 0: apply what rank 0 sends until it says shut down."""
+def follow(batch: Batch, group: mx.distributed.Group, alarm: socket.socket | None = None) -> None:
+    """Ranks other than 0: apply what rank 0 sends until it says shut down. `alarm`: where rank 0 wakes this rank
+    from its naps (wake.py)."""
     check = 0
     while True:
         kind, step, expected, steps = protocol.receive(group)
         if kind == SHUTDOWN:
             return
         if kind == IDLE:
-            time.sleep(protocol.NAP_S)
+            wake.nap(alarm, protocol.NAP_S)
             continue
         # Ranks on different hardware could round differently and sample different tokens;
         # going on would feed the pipeline tokens rank 0 never reported.

@@ -14,7 +14,7 @@ from typing import Any
 import mlx.nn as nn
 import structlog
 
-from shardline.engine import protocol
+from shardline.engine import protocol, wake
 from shardline.engine.batch import Batch, trimmable
 from shardline.engine.generation import Job, Scheduler, follow
 from shardline.engine.loading import init_group, load_shard, parameter_bytes
@@ -50,7 +50,12 @@ class Rank:
                 self.serve(self.sock, report)
             else:
                 report(ready_event(self.spec.rank, self.model, None))
-                follow(self.batch, self.group)
+                alarm = wake.listen(self.spec.hosts[self.spec.rank])
+                try:
+                    follow(self.batch, self.group, alarm)
+                finally:
+                    if alarm is not None:
+                        alarm.close()
         finally:
             self.batch.close()  # the prefix cache's memory goes with the instance
         log.info("runner.stopped")
@@ -62,10 +67,12 @@ class Rank:
         spec = self.spec
         index = PrefixIndex(spec.prompt_cache_bytes, trimmable(self.model)) if spec.prompt_cache_bytes else None
         jobs: Queue[Job] = Queue()
+        waker = wake.Waker(spec.hosts) if self.group is not None else None
         scheduler = Scheduler(
-            self.batch, self.tokenizer, self.group, jobs, max_batch=spec.max_batch, index=index, scale=cache_scale(spec)
-        )
-        limits = Limits(context_length(Path(spec.model_path)), spec.max_queue, spec.secret)
+            self.batch, self.tokenizer, self.group, jobs, max_batch=spec.max_batch, index=index,
+            scale=cache_scale(spec), wake=waker or (lambda: None),
+        )  # fmt: skip
+        limits = Limits(context_length(Path(spec.model_path)), spec.max_queue, spec.secret, spec.max_batch)
         http = start_http(
             create_app(self.tokenizer, jobs, limits, lambda: stats(scheduler) | {"context": limits.context}), sock
         )
@@ -73,7 +80,11 @@ class Rank:
         endpoint = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         report(ready_event(0, self.model, endpoint) | {"context": limits.context})
         log.info("runner.ready", endpoint=endpoint, max_batch=spec.max_batch, cache_bytes=spec.prompt_cache_bytes)
-        scheduler.serve(stop)
+        try:
+            scheduler.serve(stop)
+        finally:
+            if waker is not None:
+                waker.close()
         http.should_exit = True
 
 

@@ -34,6 +34,7 @@ class Limits:
     context: int | None  # tokens the model attends to (max_position_embeddings); None = unknown
     max_queue: int  # requests waiting for the batch before 429
     secret: str = ""  # the instance's; "" = no check
+    max_batch: int = 0  # requests decoded together (told to the API, which routes by it); 0 = not said
 
 
 def bearer_check(secret: str) -> Callable[..., None]:
@@ -232,9 +233,10 @@ def create_app(
         job = make_job(tokenizer, body, lines, limits, grammars)
         # the first line at once, before the prefill: the API opens its client's stream on it (an agent with an
         # idle timeout must not wait out a long prompt in silence)
-        # with the seed, so that the API can resume a sampled request the same way; and the heartbeat it can expect
+        # with the seed, so that the API can resume a sampled request the same way; the heartbeat it can expect; and
+        # how many requests this instance decodes together, so that it is not sent more than that for its cache
         lines.put_nowait({"accepted": True, "prompt_tokens": job.prompt_tokens, "seed": job.sampling.seed,
-                          "heartbeat_s": HEARTBEAT_S})  # fmt: skip
+                          "heartbeat_s": HEARTBEAT_S, "max_batch": limits.max_batch})  # fmt: skip
         finished = resumed_to_the_end(job, tokenizer.eos_token_ids)
         if finished:  # the lost runner had made every token: only the stream's end was lost
             lines.put_nowait({"finish_reason": finished, "prompt_tokens": job.prompt_tokens,

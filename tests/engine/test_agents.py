@@ -161,3 +161,22 @@ async def test_a_top_k_past_the_vocabulary_is_no_top_k(single_qwen: Served) -> N
     huge, _ = await generate(single_qwen.endpoint, body(PROMPT, 6, temperature=1.0, seed=4, top_k=10**12))
     off, _ = await generate(single_qwen.endpoint, body(PROMPT, 6, temperature=1.0, seed=4, top_k=0))
     assert huge == off
+
+
+async def test_a_tool_call_resumed_mid_arguments_comes_out_whole(tool_runner: Served) -> None:
+    """The API resumes a generation whose runner was lost from the tokens its client has: the call's parser and
+    its grammar go on from where they stood, and the client sees each delta once."""
+    cities = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}]  # fmt: skip
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    request = body(asked, 128, temperature=1.0, seed=3, tools=cities, tool_required=True)
+    whole = [e for e in await raw_events(tool_runner.endpoint, request) if not e.get("accepted")]
+    tokens = [e for e in whole if "token" in e]
+    deltas = [d for e in tokens for d in e.get("tool_call_deltas", [])]
+    assert len(deltas) > 3  # a call written a piece at a time
+    for cut in (len(tokens) // 3, len(tokens) // 2):  # inside the call's arguments
+        resumed = {**request, "resume": [e["token"] for e in tokens[:cut]]}
+        rest = [e for e in await raw_events(tool_runner.endpoint, resumed) if not e.get("accepted")]
+        assert tokens[:cut] + rest[:-1] == tokens
+        assert {k: rest[-1][k] for k in ("finish_reason", "completion_tokens")} == {
+            "finish_reason": "tool_calls", "completion_tokens": len(tokens)}  # fmt: skip

@@ -5,6 +5,8 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -23,7 +25,7 @@ from tests.support.waits import eventually
 pytestmark = pytest.mark.slow(90)
 
 
-async def anthropic_stream(cluster: Cluster, model: str, at: asyncio.Barrier | None = None) -> Streamed:
+async def anthropic_stream(cluster: Cluster, model: str, at: asyncio.Barrier | None, tokens: int) -> Streamed:
     client = AsyncAnthropic(base_url=cluster.api, api_key="unused", max_retries=0, timeout=300)
     out = Streamed()
     async with client.messages.stream(
@@ -39,10 +41,10 @@ async def anthropic_stream(cluster: Cluster, model: str, at: asyncio.Barrier | N
     return out
 
 
-async def ollama_stream(cluster: Cluster, model: str, at: asyncio.Barrier | None = None) -> Streamed:
+async def ollama_stream(cluster: Cluster, model: str, at: asyncio.Barrier | None, tokens: int) -> Streamed:
     out = Streamed()
     async for part in await Ollama(host=cluster.api).chat(
-        model=model, messages=MESSAGES, stream=True, options={"temperature": 0, "num_predict": LONG}
+        model=model, messages=MESSAGES, stream=True, options={"temperature": 0, "num_predict": tokens}
     ):
         out.text += part.message.content or ""
         out.chunks += 1
@@ -53,19 +55,20 @@ async def ollama_stream(cluster: Cluster, model: str, at: asyncio.Barrier | None
     return out
 
 
-async def unstreamed(cluster: Cluster, model: str) -> Streamed:
+async def unstreamed(cluster: Cluster, model: str, tokens: int) -> Streamed:
     openai = AsyncOpenAI(base_url=f"{cluster.api}/v1", api_key="unused", max_retries=0, timeout=300)
-    reply = await openai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=LONG, temperature=0)  # type: ignore[arg-type]
+    reply = await openai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=tokens, temperature=0)  # type: ignore[arg-type]
     usage = reply.usage.completion_tokens if reply.usage else 0
     return Streamed(reply.choices[0].message.content or "", 0, {reply.id}, reply.choices[0].finish_reason, usage)
 
 
 async def every_api(cluster: Cluster, model: str, at: asyncio.Barrier | None = None) -> list[Streamed]:
+    tokens = 2 * LONG  # a small model on one rank is quick: longer streams, for the kill to land mid-stream
     """REQUESTS through OpenAI's chat streams, and one request each through Anthropic's and Ollama's streams and a
     non-streamed chat (it is on its way when the others have CUT_AT chunks)."""
     return list(await asyncio.gather(
-        *(stream(cluster, model, at, **r) for r in REQUESTS), anthropic_stream(cluster, model, at),
-        ollama_stream(cluster, model, at), unstreamed(cluster, model),
+        *(stream(cluster, model, at, tokens, **r) for r in REQUESTS), anthropic_stream(cluster, model, at, tokens),
+        ollama_stream(cluster, model, at, tokens), unstreamed(cluster, model, tokens),
     ))  # fmt: skip
 
 
@@ -147,59 +150,67 @@ async def test_streams_outlive_a_pipeline_node(cluster: Cluster, api: httpx.Asyn
 
 
 async def test_a_resume_gives_up_after_its_bound_and_says_why(cluster: Cluster, api: httpx.AsyncClient) -> None:
-    """An API that resumes a generation once, and waits 5 s for a ready instance: a runner killed twice under one
-    stream, then a node that does not come back."""
+    """An API that resumes a generation once: a runner killed twice under one stream. One that waits 5 s for a ready
+    instance: a node that does not come back."""
     node_id = f"resume-bound-{id(api) % 10000}"
+    async with (
+        strict_api(cluster, "once", SHARDLINE_RESUME_ATTEMPTS="1") as once,
+        strict_api(cluster, "impatient", SHARDLINE_RESUME_TIMEOUT="5") as impatient,
+        running_nodes(cluster, api, [node_id]) as homes,
+    ):
+        instance = await start_instance(api, TINY, nodes=[node_id])
+        assert (await wait_state(api, instance, {"ready", "failed"}))["state"] == "ready"
+
+        async def read(url: str, chunks: list[str]) -> APIError:
+            openai = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+            with pytest.raises(APIError) as failed:
+                async for event in await openai.chat.completions.create(
+                    model=TINY,
+                    messages=MESSAGES,
+                    max_tokens=3000,
+                    temperature=0,
+                    stream=True,  # type: ignore[arg-type]
+                ):
+                    chunks += [c.delta.content or "" for c in event.choices]
+            return failed.value
+
+        async def past(chunks: list[str], n: int) -> bool | None:
+            return len(chunks) > n or None
+
+        async def runner() -> psutil.Process | None:
+            found = runners(homes)
+            return found[0] if found else None
+
+        chunks: list[str] = []
+        reading = asyncio.create_task(read(once, chunks))
+        for _ in range(2):
+            seen = len(chunks)
+            await eventually(lambda: past(chunks, seen + CUT_AT), 120, "the stream goes on")  # noqa: B023
+            (await eventually(runner, 60, "a runner")).kill()
+        failed = await reading
+        assert "was resumed 1 times: given up" in failed.message, failed.message
+
+        async def healed_twice() -> bool | None:
+            now = (await api.get(f"/instances/{instance}")).json()
+            return (now["state"] == "ready" and now["recoveries"] == 2) or None
+
+        await eventually(healed_twice, 120, "ready again")
+        chunks = []
+        reading = asyncio.create_task(read(impatient, chunks))
+        await eventually(lambda: past(chunks, CUT_AT), 60, "the stream goes on")
+        cluster.signal(f"node-{node_id}", signal.SIGKILL)  # its runner dies with it; nothing else can serve
+        failed = await reading
+        assert "after 5 s" in failed.message and "not ready" in failed.message, failed.message
+        await api.delete(f"/instances/{instance}")
+
+
+@asynccontextmanager
+async def strict_api(cluster: Cluster, name: str, **env: str) -> AsyncIterator[str]:
+    """Another API process on the same cluster, with settings of its own."""
     port = free_port()
-    strict = f"http://127.0.0.1:{port}"
-    cluster.spawn("api-strict", [sys.executable, "-m", "shardline", "api"], SHARDLINE_API_PORT=str(port),
-                  SHARDLINE_RESUME_ATTEMPTS="1", SHARDLINE_RESUME_TIMEOUT="5")  # fmt: skip
+    cluster.spawn(f"api-{name}", [sys.executable, "-m", "shardline", "api"], SHARDLINE_API_PORT=str(port), **env)
     try:
-        wait_http(strict + "/healthz")
-        async with running_nodes(cluster, api, [node_id]) as homes:
-            instance = await start_instance(api, TINY, nodes=[node_id])
-            assert (await wait_state(api, instance, {"ready", "failed"}))["state"] == "ready"
-            openai = AsyncOpenAI(base_url=f"{strict}/v1", api_key="unused", max_retries=0, timeout=300)
-
-            async def read(chunks: list[str]) -> APIError:
-                with pytest.raises(APIError) as failed:
-                    async for event in await openai.chat.completions.create(
-                        model=TINY,
-                        messages=MESSAGES,
-                        max_tokens=3000,
-                        temperature=0,
-                        stream=True,  # type: ignore[arg-type]
-                    ):
-                        chunks += [c.delta.content or "" for c in event.choices]
-                return failed.value
-
-            async def past(chunks: list[str], n: int) -> bool | None:
-                return len(chunks) > n or None
-
-            async def runner() -> psutil.Process | None:
-                found = runners(homes)
-                return found[0] if found else None
-
-            chunks: list[str] = []
-            reading = asyncio.create_task(read(chunks))
-            for _ in range(2):
-                seen = len(chunks)
-                await eventually(lambda: past(chunks, seen + CUT_AT), 120, "the stream goes on")  # noqa: B023
-                (await eventually(runner, 60, "a runner")).kill()
-            failed = await reading
-            assert "was resumed 1 times: given up" in failed.message, failed.message
-
-            async def healed_twice() -> bool | None:
-                now = (await api.get(f"/instances/{instance}")).json()
-                return (now["state"] == "ready" and now["recoveries"] == 2) or None
-
-            await eventually(healed_twice, 120, "ready again")
-            chunks = []
-            reading = asyncio.create_task(read(chunks))
-            await eventually(lambda: past(chunks, CUT_AT), 60, "the stream goes on")
-            cluster.signal(f"node-{node_id}", signal.SIGKILL)  # its runner dies with it; nothing else can serve
-            failed = await reading
-            assert "after 5 s" in failed.message and "not ready" in failed.message, failed.message
-            await api.delete(f"/instances/{instance}")
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        yield f"http://127.0.0.1:{port}"
     finally:
-        cluster.stop("api-strict")
+        cluster.stop(f"api-{name}")

@@ -10,8 +10,8 @@ from openai import AsyncOpenAI
 from tests.support.processes import Cluster
 from tests.support.serving import MESSAGES
 
-LONG = 600  # tokens: a few seconds of decoding, so that the failure lands mid-stream
-CUT_AT = 20  # content chunks every stream has before the failure
+LONG = 200  # tokens: seconds of decoding on a pipeline, so that the failure lands mid-stream
+CUT_AT = 8  # content chunks every stream has before the failure
 
 
 @dataclass
@@ -23,13 +23,15 @@ class Streamed:
     completion_tokens: int = 0
 
 
-async def stream(cluster: Cluster, model: str, at: asyncio.Barrier | None = None, **sampling: Any) -> Streamed:
+async def stream(
+    cluster: Cluster, model: str, at: asyncio.Barrier | None = None, tokens: int = LONG, **sampling: Any
+) -> Streamed:
     """One streamed chat completion through the official client, as a user's app reads it; waits at `at` once it
     has CUT_AT chunks (the test fails something there)."""
     openai = AsyncOpenAI(base_url=f"{cluster.api}/v1", api_key="unused", max_retries=0, timeout=300)
     out = Streamed()
     events = await openai.chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=LONG, stream=True, stream_options={"include_usage": True},
+        model=model, messages=MESSAGES, max_tokens=tokens, stream=True, stream_options={"include_usage": True},
         **{"temperature": 0, **sampling},
     )  # fmt: skip
     async for event in events:

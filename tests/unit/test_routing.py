@@ -59,3 +59,11 @@ def test_memory_is_bounded() -> None:
         balancer.pick([A], [f"p{i}"])
     assert len(balancer.seen[str(A.endpoint)]) == PREFIXES_KEPT and "p0" not in balancer.seen[str(A.endpoint)]
     assert balancer.counts[str(A.endpoint)] == PREFIXES_KEPT + 10
+
+
+def test_an_instance_whose_batch_is_full_is_clearly_busier() -> None:
+    balancer = Balancer(slack=4)
+    home = balancer.pick([A, B], prefixes(chat("hi")))
+    balancer.learn(str(home.endpoint), 2)  # its runner decodes 2 at once, as its first answer said
+    assert balancer.pick([A, B], prefixes(chat("hi", "a", "b"))) == home  # 1 in flight of 2: room
+    assert balancer.pick([A, B], prefixes(chat("hi", "a", "b", "c", "d"))) != home  # 2 of 2: it would wait
