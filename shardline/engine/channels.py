@@ -66,7 +66,8 @@ class Channels:
             self.markers[REASONING] = (tokenizer.think_end, NORMAL)
         if self.parser is not None:
             opens.append((tokenizer.tool_call_start, TOOL))
-            self.markers[TOOL] = (tokenizer.tool_call_end, NORMAL)
+            if tokenizer.tool_call_end:  # Mistral's family has none: its calls run to the end of the output
+                self.markers[TOOL] = (tokenizer.tool_call_end, NORMAL)
         self.opens = opens
         self.state = REASONING if thinking and tokenizer.has_thinking else NORMAL
         self.pending = ""
@@ -100,12 +101,14 @@ class Channels:
     def _watched(self) -> list[str]:
         if self.state == NORMAL:
             return [marker for marker, _ in self.opens]
-        return [self.markers[self.state][0]]
+        return [self.markers[self.state][0]] if self.state in self.markers else []
 
     def _next_marker(self) -> tuple[int, str, str] | None:
         if self.state == NORMAL:
             hits = [(at, m, s) for m, s in self.opens if (at := self.pending.find(m)) >= 0]
             return min(hits, default=None)
+        if self.state not in self.markers:
+            return None
         marker, state = self.markers[self.state]
         at = self.pending.find(marker)
         return (at, marker, state) if at >= 0 else None

@@ -45,7 +45,8 @@ def grammar_for(response_format: dict[str, Any]) -> str:
 
 # the separators json.dumps writes, as the json_tools family (Qwen, Hermes) writes its calls
 CALL_JSON: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-CALL_FORMATS = ("mlx_lm.tool_parsers.json_tools",)  # the families whose calls a grammar can force
+JSON_TOOLS, MISTRAL = "mlx_lm.tool_parsers.json_tools", "mlx_lm.tool_parsers.mistral"
+CALL_FORMATS = (JSON_TOOLS, MISTRAL)  # the families whose calls a grammar can force
 
 
 def marker(text: str, ids: tuple[int, ...] | None) -> str:
@@ -75,12 +76,29 @@ def tool_call_grammar(
     ]  # fmt: skip
     schema = {"anyOf": calls, "x-guidance": CALL_JSON}
     newline = json.dumps("\n")
-    lark = "\n".join([
+    return checked_lark([
         f"start: call ({newline} call)*",
         f"call: {marker(start, start_ids)} {newline} body {newline} {marker(end, end_ids)}",
         f"body: %json {json.dumps(schema)}",
     ])  # fmt: skip
-    grammar: str = llguidance.grammar_from("lark", lark)
+
+
+def mistral_call_grammar(
+    tools: list[dict[str, Any]], start_ids: tuple[int, ...] | None = None, args_ids: tuple[int, ...] | None = None
+) -> str:
+    """One or more calls of `tools` as Mistral's family writes them (`[TOOL_CALLS]name[ARGS]{...}`, no end marker),
+    each call's arguments valid for its tool."""
+    lines = ["start: call+", "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+    for i, tool in enumerate(tools):
+        params = tool["function"].get("parameters") or {"type": "object"}
+        lines += [f"call_{i}: {marker('[TOOL_CALLS]', start_ids)} {json.dumps(tool['function']['name'])} "
+                  f"{marker('[ARGS]', args_ids)} args_{i}",
+                  f"args_{i}: %json {json.dumps({**params, 'x-guidance': CALL_JSON})}"]  # fmt: skip
+    return checked_lark(lines)
+
+
+def checked_lark(lines: list[str]) -> str:
+    grammar: str = llguidance.grammar_from("lark", "\n".join(lines))
     error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if error:
         raise ValueError(f"the tools' parameters cannot be enforced: {'; '.join(messages)}")

@@ -21,7 +21,14 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, Field, model_validator
 
 from shardline.engine.generation import Job, random_seed
-from shardline.engine.grammar import CALL_FORMATS, Grammars, grammar_for, tool_call_grammar
+from shardline.engine.grammar import (
+    CALL_FORMATS,
+    MISTRAL,
+    Grammars,
+    grammar_for,
+    mistral_call_grammar,
+    tool_call_grammar,
+)
 from shardline.engine.protocol import Sampling
 
 MAX_SEED = 2**64
@@ -177,6 +184,9 @@ def forced_call(tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], thinki
     parser = getattr(tokenizer.tool_parser, "__module__", "")
     if thinking or parser not in CALL_FORMATS:
         return ""
+    if parser == MISTRAL:
+        args = tuple(tokenizer.encode("[ARGS]", add_special_tokens=False))
+        return mistral_call_grammar(tools, tokenizer.tool_call_start_tokens, args)
     return tool_call_grammar(tools, tokenizer.tool_call_start, tokenizer.tool_call_end,
                              tokenizer.tool_call_start_tokens, tokenizer.tool_call_end_tokens)  # fmt: skip
 

@@ -10,7 +10,7 @@ import pytest
 from mlx_lm import load, stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from tests.support.model_factory import TOOL_ANSWER, TOOL_CALL, make_tool_model
+from tests.support.model_factory import TOOL_ANSWER, TOOL_CALL, make_mistral_tool_model, make_tool_model
 from tests.support.runners import PROMPT, Served, body, generate, rank_specs, serving
 
 SCHEMA = {
@@ -180,3 +180,26 @@ async def test_a_tool_call_resumed_mid_arguments_comes_out_whole(tool_runner: Se
         assert tokens[:cut] + rest[:-1] == tokens
         assert {k: rest[-1][k] for k in ("finish_reason", "completion_tokens")} == {
             "finish_reason": "tool_calls", "completion_tokens": len(tokens)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mistral_runner(workdir: Path) -> Iterator[Served]:
+    model_dir = make_mistral_tool_model(workdir / "mistral-tools")
+    with serving(rank_specs([model_dir], "single"), workdir, "mistral-tools") as served:
+        yield served
+
+
+async def test_a_required_call_is_enforced_in_mistral_s_format(mistral_runner: Served) -> None:
+    """Mistral's family writes `[TOOL_CALLS]name[ARGS]{...}` with no end marker: forced, each call is in that
+    format, and the calls come back parsed (they run to the end of the output)."""
+    cities = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}]  # fmt: skip
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    for seed in (1, 2, 3):
+        forced = await raw_events(mistral_runner.endpoint, body(asked, 64, temperature=1.0, seed=seed, tools=cities,
+                                                                tool_required=True))  # fmt: skip
+        calls = [c for e in forced for c in e.get("tool_calls", [])]
+        assert calls and all(c["name"] == "get_weather" for c in calls), forced
+        assert all(json.loads(c["arguments"])["city"] in ("Paris", "Rome") for c in calls), calls
+        assert "".join(e.get("text", "") for e in forced) == ""
+        assert forced[-1]["finish_reason"] == "tool_calls", forced[-1]

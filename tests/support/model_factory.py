@@ -452,3 +452,28 @@ def write_chain_weights(dest: Path, vocab: int, chain: dict[int, int]) -> None:
     index = json.loads((dest / INDEX_FILE).read_text())
     index["metadata"]["total_size"] = sum(w.nbytes for w in weights.values())
     write_json(dest / INDEX_FILE, index)
+
+
+MISTRAL_TEMPLATE = (
+    "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}[INST]{{ message['content'] }}[/INST]"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}{% for call in message['tool_calls'] %}"
+    "[TOOL_CALLS]{{ call.function.name }}[ARGS]{{ call.function.arguments | tojson }}{% endfor %}</s>"
+    "{%- elif message['role'] == 'tool' %}[TOOL_RESULTS]{{ message['content'] }}[/TOOL_RESULTS]"
+    "{%- else %}{{ message['content'] or '' }}</s>{%- endif %}{%- endfor %}"
+)
+
+
+def make_mistral_tool_model(dest: Path) -> Path:
+    """A tiny llama with a Mistral-style tool template (mlx-lm reads it as the `mistral` family: `[TOOL_CALLS]name
+    [ARGS]{...}`, no end marker) and both markers single special tokens, as in Mistral's own tokenizers. Its
+    weights say nothing: what it writes is whatever a grammar lets through."""
+    make_tiny_model(dest, num_layers=2, num_files=1, vocab_size=512, hidden_size=64)
+    tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
+    tokenizer.add_special_tokens(["[TOOL_CALLS]", "[ARGS]"])
+    tokenizer.save(str(dest / "tokenizer.json"))
+    config_path = dest / "tokenizer_config.json"
+    write_json(config_path, {**json.loads(config_path.read_text()), "chat_template": MISTRAL_TEMPLATE})
+    write_chain_weights(dest, tokenizer.get_vocab_size(), {})
+    return dest
