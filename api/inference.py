@@ -116,8 +116,7 @@ class Inference:
             if time.monotonic() - told >= KEEPALIVE_S:
                 told = time.monotonic()
                 yield None
-            await asyncio.sleep(RESUME_POLL_S)
-            await self.instances.refresh()
+            await asyncio.sleep(RESUME_POLL_S)  # the instance cache asks Temporal again when it is a second old
 
     async def count_tokens(self, model: str, request: dict[str, Any]) -> int:
         """How many prompt tokens `request` makes for `model` (a count holds no place in the batch)."""
