@@ -59,7 +59,7 @@ class Balancer:
         self.counts: Counter[str] = Counter()
         self.seen: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()  # endpoint -> prefixes sent there
         self.keys: OrderedDict[str, str] = OrderedDict()  # conversation key -> endpoint
-        self.batch: dict[str, int] = {}  # endpoint -> requests its runner decodes together, as it said
+        self.batch: OrderedDict[str, int] = OrderedDict()  # endpoint -> requests its runner decodes together
 
     def least_busy(self, ready: list[InstanceStatus]) -> InstanceStatus:
         return min(ready, key=lambda i: self.counts[endpoint_of(i)])
@@ -75,14 +75,15 @@ class Balancer:
     def learn(self, endpoint: str, max_batch: object) -> None:
         if isinstance(max_batch, int) and max_batch > 0:
             self.batch[endpoint] = max_batch
-            trim_dict(self.batch, ENDPOINTS_KEPT)
+            trim(self.batch, ENDPOINTS_KEPT)
 
     def choose(self, ready: list[InstanceStatus], chain: list[str], key: str | None = None) -> InstanceStatus:
         """Clearly busier: `slack` more in flight than the least loaded, or a full batch (a request sent there
         would wait its turn while another instance has room)."""
         least = self.least_busy(ready)
-        affine = max(ready, key=lambda i: (self.depth(i, chain, key), -self.counts[endpoint_of(i)]))
-        if self.depth(affine, chain, key) == 0 or affine is least:
+        depth, _, affine = max(((self.depth(i, chain, key), -self.counts[endpoint_of(i)], i) for i in ready),
+                               key=lambda d: d[:2])  # fmt: skip
+        if depth == 0 or affine is least:
             return least
         endpoint = endpoint_of(affine)
         busier = self.counts[endpoint] - self.counts[endpoint_of(least)]
@@ -122,8 +123,3 @@ class Balancer:
 def trim(kept: OrderedDict[str, Any], size: int) -> None:
     while len(kept) > size:
         kept.popitem(last=False)
-
-
-def trim_dict(kept: dict[str, Any], size: int) -> None:
-    while len(kept) > size:
-        del kept[next(iter(kept))]

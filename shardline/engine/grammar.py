@@ -47,6 +47,7 @@ def grammar_for(response_format: dict[str, Any]) -> str:
 CALL_JSON: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 JSON_TOOLS, MISTRAL = "mlx_lm.tool_parsers.json_tools", "mlx_lm.tool_parsers.mistral"
 CALL_FORMATS = (JSON_TOOLS, MISTRAL)  # the families whose calls a grammar can force
+MISTRAL_ARGS = "[ARGS]"  # between a Mistral call's name and its arguments
 
 
 def marker(text: str, ids: tuple[int, ...] | None) -> str:
@@ -84,15 +85,18 @@ def tool_call_grammar(
 
 
 def mistral_call_grammar(
-    tools: list[dict[str, Any]], start_ids: tuple[int, ...] | None = None, args_ids: tuple[int, ...] | None = None
+    tools: list[dict[str, Any]],
+    start: str,
+    start_ids: tuple[int, ...] | None = None,
+    args_ids: tuple[int, ...] | None = None,
 ) -> str:
     """One or more calls of `tools` as Mistral's family writes them (`[TOOL_CALLS]name[ARGS]{...}`, no end marker),
     each call's arguments valid for its tool."""
     lines = ["start: call+", "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
     for i, tool in enumerate(tools):
         params = tool["function"].get("parameters") or {"type": "object"}
-        lines += [f"call_{i}: {marker('[TOOL_CALLS]', start_ids)} {json.dumps(tool['function']['name'])} "
-                  f"{marker('[ARGS]', args_ids)} args_{i}",
+        lines += [f"call_{i}: {marker(start, start_ids)} {json.dumps(tool['function']['name'])} "
+                  f"{marker(MISTRAL_ARGS, args_ids)} args_{i}",
                   f"args_{i}: %json {json.dumps({**params, 'x-guidance': CALL_JSON})}"]  # fmt: skip
     return checked_lark(lines)
 

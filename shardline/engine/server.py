@@ -24,6 +24,7 @@ from shardline.engine.generation import Job, random_seed
 from shardline.engine.grammar import (
     CALL_FORMATS,
     MISTRAL,
+    MISTRAL_ARGS,
     Grammars,
     grammar_for,
     mistral_call_grammar,
@@ -185,8 +186,8 @@ def forced_call(tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], thinki
     if thinking or parser not in CALL_FORMATS:
         return ""
     if parser == MISTRAL:
-        args = tuple(tokenizer.encode("[ARGS]", add_special_tokens=False))
-        return mistral_call_grammar(tools, tokenizer.tool_call_start_tokens, args)
+        args = tuple(tokenizer.encode(MISTRAL_ARGS, add_special_tokens=False))
+        return mistral_call_grammar(tools, tokenizer.tool_call_start, tokenizer.tool_call_start_tokens, args)
     return tool_call_grammar(tools, tokenizer.tool_call_start, tokenizer.tool_call_end,
                              tokenizer.tool_call_start_tokens, tokenizer.tool_call_end_tokens)  # fmt: skip
 
@@ -251,10 +252,10 @@ def create_app(
         if finished:  # the lost runner had made every token: only the stream's end was lost
             lines.put_nowait({"finish_reason": finished, "prompt_tokens": job.prompt_tokens,
                               "completion_tokens": len(job.resumed)})  # fmt: skip
-            return StreamingResponse(stream_lines(job, lines), media_type="application/x-ndjson")
-        # queued here, in the same turn of the event loop as the check above: a burst of requests cannot all
-        # pass the check before any of them is queued (they would, queued when their responses start)
-        jobs.put_nowait(job)
+        else:
+            # queued here, in the same turn of the event loop as the check above: a burst of requests cannot all
+            # pass the check before any of them is queued (they would, queued when their responses start)
+            jobs.put_nowait(job)
         return StreamingResponse(stream_lines(job, lines), media_type="application/x-ndjson")
 
     @app.post("/tokenize", dependencies=authorized)
