@@ -9,12 +9,15 @@ import json
 import re
 from typing import Any
 
+import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from shardline.engine.stops import held_back
 
+log = structlog.get_logger(__name__)
+
 NORMAL, REASONING, TOOL = "text", "reasoning", "tool"
-STREAMED_FORMATS = ("mlx_lm.tool_parsers.json_tools",)  # calls written as {"name": ..., "arguments": {...}}
+PARSERS = "mlx_lm.tool_parsers."
 CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
 
@@ -54,6 +57,64 @@ class ArgumentStream:
             self.depth -= 1
             self.done = self.depth == 0
 
+    def finish(self, call_text: str, arguments: str) -> tuple[str, str]:
+        """(what is left to send, the arguments as the call has them): the model's own text of them, when whole."""
+        return "", written(call_text, self) or arguments
+
+
+class TaggedArguments:
+    """A call whose parameters are written one per pair of tags (Qwen3-Coder's, GLM's, LongCat's formats): its
+    name once its header is written, then its arguments as JSON, a parameter at a time as each one's closing tag
+    comes (the family's own parser reads each value, with the tool's types), and the closing brace at the end."""
+
+    def __init__(self, parser: Any, tools: list[dict[str, Any]] | None, header: str, closed: str, tail: str) -> None:
+        self.parser, self.tools = parser, tools
+        self.header = re.compile(header)
+        self.closed, self.tail = closed, tail  # a parameter's closing tag; what makes a call of the text so far
+        self.named = False
+        self.sent = ""
+
+    def feed(self, call_text: str) -> tuple[str | None, str]:
+        name = None
+        if not self.named:
+            head = self.header.match(call_text)
+            if head is None:
+                return None, ""
+            self.named, name = True, head.group(1)
+        cut = call_text.rfind(self.closed)
+        if cut < 0:
+            return name, ""
+        try:
+            arguments = self.parser(call_text[: cut + len(self.closed)] + self.tail, self.tools)["arguments"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return name, ""
+        text = json.dumps(arguments, ensure_ascii=False)[:-1]  # all but the closing brace
+        if not text.startswith(self.sent) or len(text) == len(self.sent):
+            return name, ""
+        piece, self.sent = text[len(self.sent) :], text
+        return name, piece
+
+    def finish(self, call_text: str, arguments: str) -> tuple[str, str]:
+        if not arguments.startswith(self.sent):  # the parser read the whole call otherwise than its parts
+            log.warning("channels.stream_mismatch", sent=self.sent, arguments=arguments)
+        return arguments[len(self.sent) :] if arguments.startswith(self.sent) else "", arguments
+
+
+def argument_stream(parser: Any, tools: list[dict[str, Any]] | None) -> ArgumentStream | TaggedArguments | None:
+    """How this family's calls are passed on as they are written; None: whole, once each call is parsed (the
+    families that write several calls inside one pair of markers, or arguments no JSON follows piece by piece)."""
+    family = getattr(parser, "__module__", "").removeprefix(PARSERS)
+    if family == "json_tools":
+        return ArgumentStream()
+    if family == "qwen3_coder":
+        return TaggedArguments(parser, tools, r"\s*<function=([^\s<>]+)>", "</parameter>", "\n</function>")
+    if family in ("glm47", "longcat"):
+        tag = "<longcat_arg_key>" if family == "longcat" else "<arg_key>"
+        return TaggedArguments(
+            parser, tools, rf"\s*([^\s<{{]+)\s*{tag}", tag.replace("key", "value").replace("<", "</"), ""
+        )
+    return None
+
 
 class Channels:
     def __init__(self, tokenizer: TokenizerWrapper, tools: list[dict[str, Any]] | None, thinking: bool) -> None:
@@ -73,8 +134,7 @@ class Channels:
         self.pending = ""
         self.tool_text = ""
         self.calls = 0
-        streamed = getattr(self.parser, "__module__", "") in STREAMED_FORMATS
-        self.arguments: ArgumentStream | None = ArgumentStream() if streamed else None
+        self.arguments = argument_stream(self.parser, tools)
 
     def feed(self, text: str, final: bool = False) -> dict[str, Any]:
         """What `text` adds to each channel: {"text", "reasoning", "tool_calls"} (only those that grew)."""
@@ -134,7 +194,7 @@ class Channels:
 
     def _end_tool(self, out: dict[str, Any]) -> None:
         text, self.tool_text = self.tool_text, ""
-        streamed, self.arguments = self.arguments, (ArgumentStream() if self.arguments is not None else None)
+        streamed, self.arguments = self.arguments, argument_stream(self.parser, self.tools)
         try:
             parsed = self.parser(text, self.tools)  # type: ignore[misc]
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -147,8 +207,10 @@ class Channels:
                 arguments = json.dumps(arguments, ensure_ascii=False)
             done = {"index": self.calls, "name": call["name"], "arguments": arguments}
             if streamed is not None and streamed.named and len(calls) == 1:
-                done["streamed"] = True  # its name and arguments went out as tool_call_deltas: the text written
-                done["arguments"] = written(text, streamed) or arguments
+                done["streamed"] = True  # its name and arguments went out as tool_call_deltas
+                rest, done["arguments"] = streamed.finish(text, arguments)
+                if rest:
+                    out.setdefault("tool_call_deltas", []).append({"index": self.calls, "arguments": rest})
             out.setdefault("tool_calls", []).append(done)
             self.calls += 1
 

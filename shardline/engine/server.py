@@ -21,16 +21,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, Field, model_validator
 
 from shardline.engine.generation import Job, random_seed
-from shardline.engine.grammar import (
-    CALL_FORMATS,
-    MISTRAL,
-    MISTRAL_ARGS,
-    Grammars,
-    grammar_for,
-    mistral_call_grammar,
-    tool_call_grammar,
-)
+from shardline.engine.grammar import Grammars, grammar_for
 from shardline.engine.protocol import Sampling
+from shardline.engine.tool_grammars import forced_call
 
 MAX_SEED = 2**64
 RETRY_AFTER_S = 1
@@ -148,7 +141,7 @@ def make_job(
     try:
         grammar = grammar_for(body.response_format) if body.response_format else ""
         if body.tool_required and body.tools and body.messages is not None:
-            grammar = forced_call(tokenizer, body.tools, thinking) or grammar
+            grammar = forced_call(tokenizer, body.tools, thinking)
         if grammar:
             grammars.check(grammar)  # a format this vocabulary cannot start fails before anything is generated
     except ValueError as error:
@@ -177,19 +170,6 @@ def resumed_to_the_end(job: Job, eos: set[int]) -> str | None:
     if job.resumed and job.resumed[-1] in eos:
         return "stop"
     return "length" if job.sampling.max_tokens <= 0 else None
-
-
-def forced_call(tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], thinking: bool) -> str:
-    """The grammar that makes the answer a call of `tools` in the model family's format; "" where none is known
-    (the family's format has no grammar here, or the model is to think first), and the call is then only asked."""
-    parser = getattr(tokenizer.tool_parser, "__module__", "")
-    if thinking or parser not in CALL_FORMATS:
-        return ""
-    if parser == MISTRAL:
-        args = tuple(tokenizer.encode(MISTRAL_ARGS, add_special_tokens=False))
-        return mistral_call_grammar(tools, tokenizer.tool_call_start, tokenizer.tool_call_start_tokens, args)
-    return tool_call_grammar(tools, tokenizer.tool_call_start, tokenizer.tool_call_end,
-                             tokenizer.tool_call_start_tokens, tokenizer.tool_call_end_tokens)  # fmt: skip
 
 
 def in_thinking(tokenizer: TokenizerWrapper, tokens: list[int]) -> bool:

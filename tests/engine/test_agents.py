@@ -10,7 +10,14 @@ import pytest
 from mlx_lm import load, stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from tests.support.model_factory import TOOL_ANSWER, TOOL_CALL, make_mistral_tool_model, make_tool_model
+from tests.support.model_factory import (
+    QWEN3_CODER_TEMPLATE,
+    TOOL_ANSWER,
+    TOOL_CALL,
+    make_family_tool_model,
+    make_mistral_tool_model,
+    make_tool_model,
+)
 from tests.support.runners import PROMPT, Served, body, generate, rank_specs, serving
 
 SCHEMA = {
@@ -202,4 +209,35 @@ async def test_a_required_call_is_enforced_in_mistral_s_format(mistral_runner: S
         assert calls and all(c["name"] == "get_weather" for c in calls), forced
         assert all(json.loads(c["arguments"])["city"] in ("Paris", "Rome") for c in calls), calls
         assert "".join(e.get("text", "") for e in forced) == ""
+        assert forced[-1]["finish_reason"] == "tool_calls", forced[-1]
+
+
+@pytest.fixture(scope="module")
+def qwen3_coder_runner(workdir: Path) -> Iterator[Served]:
+    model_dir = make_family_tool_model(workdir / "coder-tools", QWEN3_CODER_TEMPLATE, ["<tool_call>", "</tool_call>"])
+    with serving(rank_specs([model_dir], "single"), workdir, "coder-tools") as served:
+        yield served
+
+
+async def test_a_required_call_is_enforced_and_streamed_in_qwen3_coder_s_format(qwen3_coder_runner: Served) -> None:
+    """Qwen3-Coder's family writes each parameter between XML-like tags: forced, the calls are of the named tool
+    with its parameters' types (an integer read back as one), and each parameter goes out as it is closed."""
+    alarm = [{"type": "function", "function": {"name": "set_alarm", "parameters": {"type": "object", "properties": {
+        "hour": {"type": "integer", "minimum": 0, "maximum": 23}, "loud": {"type": "boolean"},
+        "day": {"enum": ["mon", "tue"]}}, "required": ["hour", "loud", "day"], "additionalProperties": False}}},
+    ]  # fmt: skip
+    asked = [{"role": "user", "content": "Wake me up"}]
+    for seed in (1, 2, 3):
+        forced = await raw_events(qwen3_coder_runner.endpoint, body(asked, 400, temperature=1.0, seed=seed,
+                                                                    tools=alarm, tool_required=True))  # fmt: skip
+        calls = [c for e in forced for c in e.get("tool_calls", [])]
+        assert calls and all(c["name"] == "set_alarm" for c in calls), forced
+        for call in calls:
+            arguments = json.loads(call["arguments"])
+            assert set(arguments) == {"hour", "loud", "day"} and 0 <= arguments["hour"] <= 23, arguments
+            assert isinstance(arguments["hour"], int) and isinstance(arguments["loud"], bool), arguments
+        first = [d for e in forced for d in e.get("tool_call_deltas", []) if d["index"] == 0]
+        assert first[0] == {"index": 0, "name": "set_alarm"} and len(first) >= 4, first  # name, then 3 parameters
+        assert "".join(d.get("arguments", "") for d in first) == calls[0]["arguments"]
+        assert "".join(e.get("text", "") for e in forced).strip() == ""  # at most the newlines between calls
         assert forced[-1]["finish_reason"] == "tool_calls", forced[-1]

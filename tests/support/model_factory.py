@@ -469,11 +469,26 @@ def make_mistral_tool_model(dest: Path) -> Path:
     """A tiny llama with a Mistral-style tool template (mlx-lm reads it as the `mistral` family: `[TOOL_CALLS]name
     [ARGS]{...}`, no end marker) and both markers single special tokens, as in Mistral's own tokenizers. Its
     weights say nothing: what it writes is whatever a grammar lets through."""
+    return make_family_tool_model(dest, MISTRAL_TEMPLATE, ["[TOOL_CALLS]", "[ARGS]"])
+
+
+QWEN3_CODER_TEMPLATE = (
+    "{%- if tools %}<tools>{{ tools | tojson }}</tools>Call as <tool_call>\n<function=name>\n"
+    "<parameter=key>\nvalue\n</parameter>\n</function>\n</tool_call>{%- endif %}"
+    "{%- for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] or '' }}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def make_family_tool_model(dest: Path, template: str, markers: list[str]) -> Path:
+    """A tiny llama whose chat template mlx-lm reads as one tool-call family, its markers single special tokens
+    as in that family's own tokenizers. Its weights say nothing (every logit equal): what it writes is whatever
+    a grammar lets through."""
     make_tiny_model(dest, num_layers=2, num_files=1, vocab_size=512, hidden_size=64)
     tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
-    tokenizer.add_special_tokens(["[TOOL_CALLS]", "[ARGS]"])
+    tokenizer.add_special_tokens(markers)
     tokenizer.save(str(dest / "tokenizer.json"))
     config_path = dest / "tokenizer_config.json"
-    write_json(config_path, {**json.loads(config_path.read_text()), "chat_template": MISTRAL_TEMPLATE})
+    write_json(config_path, {**json.loads(config_path.read_text()), "chat_template": template})
     write_chain_weights(dest, tokenizer.get_vocab_size(), {})
     return dest
