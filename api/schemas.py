@@ -1,11 +1,30 @@
 """Request and response models of the admin endpoints."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, Field, field_validator
 
 from shardline.errors import ErrorType
-from shardline.ids import check_model_id, check_node_id, serve_workflow_id
+from shardline.ids import (
+    DOWNLOAD_ID,
+    MODEL_ID,
+    NODE_ID,
+    WORKFLOW_ID,
+    anchored,
+    check_model_id,
+    check_node_id,
+    serve_workflow_id,
+)
+
+# What the OpenAPI document says of ids: the patterns the API checks them against (shardline/ids.py), its own
+# checks giving the message
+ModelId = Annotated[str, Field(json_schema_extra={"pattern": anchored(MODEL_ID)})]
+NodeId = Annotated[str, Field(json_schema_extra={"pattern": anchored(NODE_ID)})]
+NodePath = Annotated[str, Path(json_schema_extra={"pattern": anchored(NODE_ID)})]
+ModelPath = Annotated[str, Path(json_schema_extra={"pattern": anchored(MODEL_ID)})]
+DownloadPath = Annotated[str, Path(json_schema_extra={"pattern": anchored(DOWNLOAD_ID)})]
+WorkflowPath = Annotated[str, Path(json_schema_extra={"pattern": anchored(WORKFLOW_ID)})]
 
 
 class ErrorBody(BaseModel):
@@ -71,8 +90,8 @@ class NodeOut(BaseModel):
 
 
 class DownloadCreate(BaseModel):
-    model: str
-    node_id: str | None = None
+    model: ModelId
+    node_id: NodeId | None = None
     revision: str | None = None
 
     @field_validator("model")
@@ -124,8 +143,8 @@ class Accepted(BaseModel):
 
 
 class InstanceCreate(BaseModel):
-    model: str
-    nodes: list[str] | None = None
+    model: ModelId
+    nodes: list[NodeId] | None = None
     strategy: Literal["auto", "pipeline", "tensor"] | None = Field(
         None, description="omitted, null or auto: placement picks what the architecture supports and fits"
     )

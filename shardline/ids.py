@@ -7,8 +7,20 @@ from shardline.states import Kind
 
 CONTROL_QUEUE = "shardline-control"
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_MODEL_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# The patterns of ids, as the checks below apply them (whole strings) and the API's OpenAPI document declares them
+# (anchored, ECMA flavour: the same here)
+NODE_ID = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+MODEL_PART = r"(?![^/]*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,95}"  # no ".." inside
+MODEL_ID = rf"{MODEL_PART}/{MODEL_PART}"
+DOWNLOAD_ID = rf"download:{NODE_ID}:{MODEL_ID}"
+WORKFLOW_ID = rf"(?:download|delete):{NODE_ID}:{MODEL_ID}|(?:node|serve|preview):[\s\S]+"
+_NODE_ID = re.compile(NODE_ID)
+_MODEL_PART = re.compile(MODEL_PART)
+
+
+def anchored(pattern: str) -> str:
+    """A pattern as a JSON schema's `pattern` (which matches anywhere) for the whole string."""
+    return f"^(?:{pattern})$"
 
 
 class InvalidId(ValueError):
@@ -16,7 +28,7 @@ class InvalidId(ValueError):
 
 
 def check_node_id(node_id: str) -> str:
-    if not _NODE_ID.match(node_id):
+    if not _NODE_ID.fullmatch(node_id):
         raise InvalidId(
             f"invalid node id {node_id!r}: use 1-64 letters, digits, '-' or '_', starting with a letter or digit"
         )
@@ -34,7 +46,7 @@ def check_model_id(model_id: str) -> str:
             f"got {len(parts)} part{'s' if len(parts) != 1 else ''}"
         )
     for part in parts:
-        if ".." in part or not _MODEL_PART.match(part):
+        if not _MODEL_PART.fullmatch(part):
             raise InvalidId(
                 f"invalid model id {model_id!r}: each part must be 1-96 letters, digits, '.', '-' or '_', "
                 "start with a letter or digit, and not contain '..'"

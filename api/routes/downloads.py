@@ -3,7 +3,15 @@ from temporalio.client import WorkflowExecutionStatus
 
 from api import views
 from api.deps import ClientDep, SettingsDep
-from api.schemas import ADMIN_STATUSES, DownloadCreate, DownloadOut, DownloadsStarted, ErrorOut, error_responses
+from api.schemas import (
+    ADMIN_STATUSES,
+    DownloadCreate,
+    DownloadOut,
+    DownloadPath,
+    DownloadsStarted,
+    ErrorOut,
+    error_responses,
+)
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, parse_workflow_id
 from shardline.states import Kind, NodeState, WorkState
@@ -70,7 +78,7 @@ def checked_download_id(workflow_id: str) -> str:
 
 
 @router.get("/{workflow_id:path}", response_model=DownloadOut)
-async def get_download(workflow_id: str, client: ClientDep) -> DownloadOut:
+async def get_download(workflow_id: DownloadPath, client: ClientDep) -> DownloadOut:
     found = await views.download_detail(client, checked_download_id(workflow_id))
     if found is None:
         raise ShardlineError(ErrorType.NOT_FOUND, f"no download {workflow_id}: see GET /downloads")
@@ -83,7 +91,7 @@ async def get_download(workflow_id: str, client: ClientDep) -> DownloadOut:
     response_model=DownloadOut,
     responses={200: {"model": DownloadOut, "description": "the download had already ended: left as it is"}},
 )
-async def cancel_download(workflow_id: str, client: ClientDep, response: Response) -> DownloadOut:
+async def cancel_download(workflow_id: DownloadPath, client: ClientDep, response: Response) -> DownloadOut:
     found = await views.download_detail(client, checked_download_id(workflow_id))
     if found is None:
         raise ShardlineError(ErrorType.NOT_FOUND, f"no download {workflow_id}: see GET /downloads")

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 
 from api import views
 from api.deps import ClientDep, SettingsDep
-from api.schemas import ADMIN_STATUSES, Accepted, ErrorOut, NodeOut, error_responses
+from api.schemas import ADMIN_STATUSES, Accepted, ErrorOut, ModelPath, NodeOut, NodePath, error_responses
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, check_model_id, check_node_id
 from shardline.states import WorkState
@@ -24,7 +24,7 @@ async def list_nodes(client: ClientDep, departed: bool = False) -> list[NodeOut]
 
 @router.delete("/{node_id}/models/{model_id:path}", response_model=Accepted)
 async def delete_model(
-    node_id: str, model_id: str, client: ClientDep, settings: SettingsDep, force: bool = False
+    node_id: NodePath, model_id: ModelPath, client: ClientDep, settings: SettingsDep, force: bool = False
 ) -> Accepted:
     """Delete a model's files from a node; refused (in_use, naming the workflow) while a running download or
     instance uses them there, unless `force=true`. A failed delete answers with its type (api/errors.py)."""

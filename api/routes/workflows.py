@@ -5,7 +5,7 @@ from fastapi import APIRouter, Response, status
 from temporalio.client import WorkflowExecutionStatus
 
 from api.deps import ClientDep
-from api.schemas import ADMIN_STATUSES, Accepted, ErrorOut, error_responses
+from api.schemas import ADMIN_STATUSES, Accepted, ErrorOut, WorkflowPath, error_responses
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import InvalidId, parse_workflow_id
 from shardline.states import Kind, WorkState
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/workflows", tags=["workflows"], responses=error_resp
     response_model=Accepted,
     responses={200: {"model": Accepted, "description": "the workflow had already ended: left as it is"}},
 )
-async def cancel_workflow(workflow_id: str, client: ClientDep, response: Response) -> Accepted:
+async def cancel_workflow(workflow_id: WorkflowPath, client: ClientDep, response: Response) -> Accepted:
     """Ask a running workflow to cancel (202, state `canceling`); one that already ended is left as it is (200)."""
     try:
         kind, _ = parse_workflow_id(workflow_id)

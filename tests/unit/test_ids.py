@@ -1,9 +1,14 @@
+import re
 from collections.abc import Callable
 
 import pytest
 
 from shardline.ids import (
+    MODEL_ID,
+    NODE_ID,
+    WORKFLOW_ID,
     InvalidId,
+    anchored,
     check_model_id,
     check_node_id,
     download_workflow_id,
@@ -14,6 +19,7 @@ from shardline.ids import (
     parse_workflow_id,
     serve_workflow_id,
 )
+from shardline.states import Kind
 
 
 @pytest.mark.parametrize("good", ["org/name", "mlx-community/Llama-3.2-1B-Instruct-4bit", "a.b/c_d-1.5"])
@@ -66,3 +72,37 @@ WRONG_KIND = [(node_of, "serve:n1"), (node_of, "node:"), (instance_of, "node:x")
 def test_a_workflow_id_of_another_kind_is_refused(parse: Callable[[str], str], wrong: str) -> None:
     with pytest.raises(InvalidId, match="invalid workflow id"):
         parse(wrong)
+
+
+MODEL_SAMPLES = ["org/name", "a.b/c_d-1.5", "..", "org/..", "a/b..c", "a/b/c", "gpt2", "a/b\n", "x" * 96 + "/y",
+                 "x" * 97 + "/y", "-a/b", "a/.b", "a./b."]  # fmt: skip
+NODE_SAMPLES = ["n1", "n1\n", "", "a:b", "x" * 64, "x" * 65, "-n", "n_1-2"]
+
+
+def accepts(check: Callable[[str], str], value: str) -> bool:
+    try:
+        check(value)
+    except InvalidId:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("value", MODEL_SAMPLES)
+def test_the_documented_model_id_pattern_is_the_check(value: str) -> None:
+    """The OpenAPI document declares these patterns (api/schemas.py): a JSON schema's `$` is the string's end."""
+    assert bool(re.fullmatch(MODEL_ID, value)) == bool(re.search(anchored(MODEL_ID).replace("$", r"\Z"), value))
+    assert bool(re.fullmatch(MODEL_ID, value)) == accepts(check_model_id, value)
+
+
+@pytest.mark.parametrize("value", NODE_SAMPLES)
+def test_the_documented_node_id_pattern_is_the_check(value: str) -> None:
+    assert bool(re.fullmatch(NODE_ID, value)) == accepts(check_node_id, value)
+
+
+@pytest.mark.parametrize(("value", "valid"), [("download:n1:org/m", True), ("download:n1:org", False),
+                                              ("delete:n1:a/b", True), ("serve:x", True), ("serve:", False),
+                                              ("node:n1", True), ("preview:p", True), ("other:x", False)])  # fmt: skip
+def test_the_documented_workflow_id_pattern(value: str, valid: bool) -> None:
+    assert bool(re.fullmatch(WORKFLOW_ID, value)) == valid
+    parsed = accepts(lambda v: str(parse_workflow_id(v)), value) and value.split(":")[0] in set(Kind)
+    assert parsed == valid
