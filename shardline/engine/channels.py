@@ -18,26 +18,34 @@ log = structlog.get_logger(__name__)
 
 NORMAL, REASONING, TOOL = "text", "reasoning", "tool"
 PARSERS = "mlx_lm.tool_parsers."
-CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')  # json_tools'
+MISTRAL_HEAD = re.compile(r"\s*([\w-]+)\s*\[ARGS\]\s*")
+KIMI_HEAD = re.compile(r"\s*<\|tool_call_begin\|>\s*(?:functions\.)?([^\s:<]+):\d+\s*<\|tool_call_argument_begin\|>\s*")
+# families that write several calls inside one pair of markers: where each call ends, and whether that text is its
+# own (Mistral's calls run until the next one's marker)
+SPLITS = {"kimi_k2": ("<|tool_call_end|>", True), "minimax_m2": ("</invoke>", True), "mistral": ("[TOOL_CALLS]", False)}
 
 
 class ArgumentStream:
-    """A json_tools call's arguments as they are written: its name once `"arguments":` follows it, then each piece
-    of the arguments object up to where it closes (strings and escapes followed, so a `}` inside one is text)."""
+    """A call whose arguments are a JSON object, as it is written: its name once the head before the arguments is
+    whole (json_tools' `{"name": ..., "arguments": `, Mistral's `name[ARGS]`, Kimi's `functions.name:0` and its
+    marker), then each piece of the arguments up to where they close (strings and escapes followed, so a `}`
+    inside one is text)."""
 
-    def __init__(self) -> None:
+    def __init__(self, head: re.Pattern[str] = CALL_HEAD, quoted: bool = True) -> None:
+        self.head, self.quoted = head, quoted  # quoted: the name is a JSON string's inside
         self.named = False
         self.sent = 0  # characters of the arguments already passed on
         self.depth, self.in_string, self.escaped, self.done = 0, False, False, False
 
     def feed(self, call_text: str) -> tuple[str | None, str]:
         """(the name, the first time it is known; the arguments' new text) for the call's text so far."""
-        head = CALL_HEAD.match(call_text)
+        head = self.head.match(call_text)
         if head is None:
             return None, ""
         name = None
         if not self.named:
-            self.named, name = True, json.loads(f'"{head.group(1)}"')
+            self.named, name = True, json.loads(f'"{head.group(1)}"') if self.quoted else head.group(1)
         rest = call_text[head.end() :]
         start, end = self.sent, self.sent
         while end < len(rest) and not self.done:
@@ -101,11 +109,17 @@ class TaggedArguments:
 
 
 def argument_stream(parser: Any, tools: list[dict[str, Any]] | None) -> ArgumentStream | TaggedArguments | None:
-    """How this family's calls are passed on as they are written; None: whole, once each call is parsed (the
-    families that write several calls inside one pair of markers, or arguments no JSON follows piece by piece)."""
+    """How this family's calls are passed on as they are written; None: whole, once each call is parsed (Python
+    calls in a list, Gemma 4's own syntax)."""
     family = getattr(parser, "__module__", "").removeprefix(PARSERS)
     if family == "json_tools":
         return ArgumentStream()
+    if family == "mistral":
+        return ArgumentStream(MISTRAL_HEAD, quoted=False)
+    if family == "kimi_k2":
+        return ArgumentStream(KIMI_HEAD, quoted=False)
+    if family == "minimax_m2":
+        return TaggedArguments(parser, tools, r'\s*<invoke name="?([^">]+)"?>', "</parameter>", "</invoke>")
     if family == "qwen3_coder":
         return TaggedArguments(parser, tools, r"\s*<function=([^\s<>]+)>", "</parameter>", "\n</function>")
     if family in ("glm47", "longcat"):
@@ -135,6 +149,7 @@ class Channels:
         self.tool_text = ""
         self.calls = 0
         self.arguments = argument_stream(self.parser, tools)
+        self.split = SPLITS.get(getattr(self.parser, "__module__", "").removeprefix(PARSERS))
 
     def feed(self, text: str, final: bool = False) -> dict[str, Any]:
         """What `text` adds to each channel: {"text", "reasoning", "tool_calls"} (only those that grew)."""
@@ -178,6 +193,7 @@ class Channels:
             return
         if self.state == TOOL:
             self.tool_text += text
+            self._split_calls(out)
             self._stream_arguments(out)
         else:
             out[self.state] = out.get(self.state, "") + text
@@ -192,9 +208,23 @@ class Channels:
         if piece:
             out.setdefault("tool_call_deltas", []).append({"index": self.calls, "arguments": piece})
 
+    def _split_calls(self, out: dict[str, Any]) -> None:
+        """Each call that ends inside the markers is parsed (and its stream closed) as it ends, before the next."""
+        if self.split is None:
+            return
+        end, own = self.split
+        while (at := self.tool_text.find(end, 0 if own else 1)) >= 0:
+            cut = at + len(end)
+            call, rest = self.tool_text[: cut if own else at], self.tool_text[cut:]
+            self.tool_text = call
+            self._end_tool(out)
+            self.tool_text = rest
+
     def _end_tool(self, out: dict[str, Any]) -> None:
         text, self.tool_text = self.tool_text, ""
         streamed, self.arguments = self.arguments, argument_stream(self.parser, self.tools)
+        if not text.strip():
+            return  # the space between calls
         try:
             parsed = self.parser(text, self.tools)  # type: ignore[misc]
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -217,7 +247,7 @@ class Channels:
 
 def written(call_text: str, streamed: ArgumentStream) -> str:
     """The arguments as the model wrote them (what the deltas added up to), when they are a whole JSON value."""
-    head = CALL_HEAD.match(call_text)
+    head = streamed.head.match(call_text)
     text = call_text[head.end() :][: streamed.sent] if head else ""
     try:
         json.loads(text)

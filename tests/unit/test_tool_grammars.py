@@ -32,7 +32,15 @@ MARKERS = {
     "pythonic": ["<|tool_call_start|>", "<|tool_call_end|>"],
     "gemma4": ["<|tool_call>", "<tool_call|>", '<|"|>'],
 }  # fmt: skip
-STREAMED = {"json_tools", "qwen3_coder", "glm47", "longcat"}  # the families whose arguments are streamed
+STREAMED = {
+    "json_tools",
+    "qwen3_coder",
+    "glm47",
+    "longcat",
+    "mistral",
+    "kimi_k2",
+    "minimax_m2",
+}  # the families whose arguments are streamed
 # text that ends a free value in some family: the walk leans towards it, or free text would run for ever
 CLOSERS = ["\n</parameter>\n", "</parameter>\n", "</longcat_arg_value>", "</think>", '"', "]", ")", "}"]
 TOOLS: list[dict[str, Any]] = [
