@@ -3,7 +3,7 @@ the messages made of the runner's events, streamed or not."""
 
 import json
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,16 +23,74 @@ class Strict(BaseModel):
 SERVER_TOOLS = ("web_search_", "web_fetch_", "code_execution_", "tool_search_tool_")
 
 
-class Message(Strict):
-    role: Literal["user", "assistant", "system"]  # system: Claude Code's mid-conversation system messages
-    content: str | list[dict[str, Any]]
+class Hinted(BaseModel):
+    """A block whose other keys (`cache_control`, `citations`, `signature`...) are hints: they change nothing."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class TextBlock(Hinted):
+    type: Literal["text"]
+    text: str
+
+
+class TextSource(Hinted):
+    type: Literal["text"]
+    data: str
+
+
+class DocumentBlock(Hinted):
+    type: Literal["document"]
+    source: TextSource  # a plain-text document; the served models take text only
+
+
+class ToolUseBlock(Hinted):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+TextLike = Annotated[TextBlock | DocumentBlock, Field(discriminator="type")]
+
+
+class ToolResultBlock(Hinted):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextLike] = ""
+
+
+class ThinkingBlock(Hinted):  # earlier reasoning: chat templates drop it too
+    type: Literal["thinking", "redacted_thinking"]
+
+
+class UserMessage(Strict):
+    role: Literal["user"]
+    content: str | list[Annotated[TextBlock | DocumentBlock | ToolResultBlock, Field(discriminator="type")]]
+
+
+class AssistantMessage(Strict):
+    role: Literal["assistant"]
+    content: (
+        str | list[Annotated[TextBlock | DocumentBlock | ToolUseBlock | ThinkingBlock, Field(discriminator="type")]]
+    )
+
+
+class SystemMessage(Strict):  # Claude Code's mid-conversation system messages
+    role: Literal["system"]
+    content: str | list[TextLike]
+
+
+Message = Annotated[UserMessage | AssistantMessage | SystemMessage, Field(discriminator="role")]
+SERVER_TOOL = "^(?:" + "|".join(SERVER_TOOLS) + ")"
 
 
 class AnthropicTool(BaseModel):
     name: str
     description: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-    type: str | None = None  # "custom" or absent; server tools are dropped, other typed tools refused below
+    # "custom" or absent; server tools are dropped (the model is not shown them), any other type is refused
+    type: Literal["custom"] | Annotated[str, Field(pattern=SERVER_TOOL)] | None = None
     cache_control: dict[str, Any] | None = None  # a caching hint: the prefix cache works without it
 
     @property
@@ -40,33 +98,57 @@ class AnthropicTool(BaseModel):
         return (self.type or "").startswith(SERVER_TOOLS)
 
 
+class AutoChoice(Hinted):  # disable_parallel_tool_use: the model decides how many calls it makes
+    type: Literal["auto", "any", "none"]
+
+
+class NamedChoice(Hinted):
+    type: Literal["tool"]
+    name: str
+
+
+class Thinking(Hinted):  # budget_tokens: a hint
+    type: Literal["enabled", "disabled", "adaptive"]
+
+
+class OutputFormat(Hinted):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(Hinted):  # effort: a hint
+    format: OutputFormat | None = None
+
+
 class CountRequest(Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
-    system: str | list[dict[str, Any]] | None = None
+    system: str | list[TextLike] | None = None
     tools: list[AnthropicTool] | None = None
-    tool_choice: dict[str, Any] | None = None
-    thinking: dict[str, Any] | None = None
+    tool_choice: Annotated[AutoChoice | NamedChoice, Field(discriminator="type")] | None = None
+    thinking: Thinking | None = None
     context_management: dict[str, Any] | None = None  # server-side context editing: nothing is stored to edit
-    output_config: dict[str, Any] | None = None  # `effort` is a hint; `format` (a JSON schema) is enforced
+    output_config: OutputConfig | None = None  # `format` (a JSON schema) is enforced
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, data: Any) -> Any:
+        """Say which tool is refused, and why, before the types are checked."""
+        tools = data.get("tools") if isinstance(data, dict) else None
+        for tool in tools if isinstance(tools, list) else []:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if isinstance(kind, str) and kind != "custom" and not kind.startswith(SERVER_TOOLS):
+                raise ValueError(f"tool type {kind!r} is not supported: only client tools (custom) are")
+        return data
 
     @model_validator(mode="after")
-    def _supported(self) -> "CountRequest":
-        for tool in self.tools or []:
-            if tool.type not in (None, "custom") and not tool.server_side:
-                raise ValueError(f"tool type {tool.type!r} is not supported: only client tools (custom) are")
-        fmt = (self.output_config or {}).get("format")
-        if fmt is not None and fmt.get("type") != "json_schema":
-            raise ValueError(f"output_config.format type {fmt.get('type')!r} is not supported: only json_schema")
-        kind = (self.tool_choice or {}).get("type")
-        if kind not in (None, "auto", "any", "tool", "none"):
-            raise ValueError(f"tool_choice type {kind!r} is not supported")
+    def _translates(self) -> "CountRequest":
         self.chat()  # every block must translate
         return self
 
     def chat(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        system = block_text(self.system, "system") if self.system else ""
+        system = block_text(dumped(self.system), "system") if self.system else ""
         if system:
             out.append({"role": "system", "content": system})
         for i, message in enumerate(self.messages):
@@ -74,7 +156,7 @@ class CountRequest(Strict):
         return out
 
     def openai_tools(self) -> list[dict[str, Any]] | None:
-        kind = (self.tool_choice or {}).get("type")
+        kind = self.tool_choice.type if self.tool_choice else None
         client_tools = [t for t in self.tools or [] if not t.server_side]
         if not client_tools or kind == "none":
             return None
@@ -85,8 +167,8 @@ class CountRequest(Strict):
             }
             for t in client_tools
         ]
-        if kind == "tool":
-            name = (self.tool_choice or {}).get("name")
+        if isinstance(self.tool_choice, NamedChoice):
+            name = self.tool_choice.name
             tools = [t for t in tools if t["function"]["name"] == name]
             if not tools:
                 raise ValueError(f"tool_choice names {name!r}, which is not in tools")
@@ -95,14 +177,14 @@ class CountRequest(Strict):
     def template_kwargs(self) -> dict[str, Any]:
         """`enabled` and `disabled` switch a template's thinking; `adaptive` (Claude Code's) leaves the template's
         default."""
-        kind = (self.thinking or {}).get("type")
+        kind = self.thinking.type if self.thinking else None
         return {"enable_thinking": kind == "enabled"} if kind in ("enabled", "disabled") else {}
 
     def response_format(self) -> dict[str, Any] | None:
-        fmt = (self.output_config or {}).get("format")
+        fmt = self.output_config.format if self.output_config else None
         if fmt is None:
             return None
-        return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema")}}
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.schema_}}
 
 
 class MessagesRequest(CountRequest):
@@ -129,10 +211,14 @@ class MessagesRequest(CountRequest):
             "top_k": self.top_k,
             "stop": [s for s in self.stop_sequences or [] if s],
             "tools": self.openai_tools(),
-            "tool_required": (self.tool_choice or {}).get("type") in ("any", "tool"),
+            "tool_required": self.tool_choice is not None and self.tool_choice.type in ("any", "tool"),
             "chat_template_kwargs": self.template_kwargs(),
             "response_format": self.response_format(),
         }
+
+
+def dumped(content: str | list[Any]) -> str | list[dict[str, Any]]:
+    return content if isinstance(content, str) else [block.model_dump(by_alias=True) for block in content]
 
 
 def block_text(content: str | list[dict[str, Any]], where: str) -> str:
@@ -159,12 +245,13 @@ def text_of(block: dict[str, Any]) -> str | None:
     return None
 
 
-def translate(message: Message, where: str) -> list[dict[str, Any]]:
+def translate(message: UserMessage | AssistantMessage | SystemMessage, where: str) -> list[dict[str, Any]]:
     """One Anthropic message as chat messages: tool results become `tool` messages, tool uses `tool_calls`."""
-    if isinstance(message.content, str) or message.role == "system":
-        return [{"role": message.role, "content": block_text(message.content, where)}]
+    content = dumped(message.content)
+    if isinstance(content, str) or message.role == "system":
+        return [{"role": message.role, "content": block_text(content, where)}]
     text, calls, results = "", [], []
-    for block in message.content:
+    for block in content:
         kind = block.get("type")
         if text_of(block) is not None:
             text += str(text_of(block))

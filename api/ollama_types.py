@@ -6,12 +6,12 @@ import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.openai_types import MAX_TOKENS
+from api.openai_types import MAX_TOKENS, FunctionDef
 from api.streaming import Stream
 
 VERSION = "0.12.6"  # the Ollama API version these endpoints follow (clients check it before using tools, think)
@@ -24,6 +24,16 @@ MACHINE_OPTIONS = ("numa", "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_v
 # sampling options mlx_lm does not have: accepted only at the value that turns them off
 NEUTRAL = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "penalize_newline": False}
 IGNORED_WITH_DEFAULT = ("repeat_last_n", "mirostat_tau", "mirostat_eta")  # mean nothing unless the above are on
+
+
+def only(*values: object) -> Any:
+    """A field whose other values are refused by a validator (which says why): the schema says which it takes."""
+    return Field(default=None, json_schema_extra={"enum": [*values, None]})
+
+
+def unsupported(kind: str) -> Any:
+    """A field taken only empty (a validator says why anything else is refused)."""
+    return Field(default=None, json_schema_extra={"maxLength" if kind == "string" else "maxItems": 0})
 
 
 def served_name(model: str) -> str:
@@ -48,10 +58,10 @@ class Options(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     stop: list[str] | None = None
-    typical_p: float | None = None
-    tfs_z: float | None = None
-    mirostat: int | None = None
-    penalize_newline: bool | None = None
+    typical_p: float | None = only(1.0)
+    tfs_z: float | None = only(1.0)
+    mirostat: int | None = only(0)
+    penalize_newline: bool | None = only(False)
     repeat_last_n: int | None = None
     mirostat_tau: float | None = None
     mirostat_eta: float | None = None
@@ -103,14 +113,14 @@ class Common(BaseModel):
 
     model: str
     stream: bool = True  # Ollama streams unless told not to
-    format: str | dict[str, Any] | None = None  # "json", or a JSON schema: enforced by the grammar
+    format: Literal["", "json"] | dict[str, Any] | None = None  # "json", or a JSON schema: enforced by the grammar
     options: Options = Field(default_factory=Options)
     keep_alive: float | str | None = None  # instances stay until stopped: a hint about memory, not the output
     think: bool | str | None = None  # True or "low"/"medium"/"high": the template's thinking on; False: off
 
-    @field_validator("format")
+    @field_validator("format", mode="before")
     @classmethod
-    def _format(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    def _format(cls, value: Any) -> Any:
         if isinstance(value, str) and value not in ("", "json"):
             raise ValueError(f"format {value!r} is not supported: 'json' or a JSON schema")
         return value
@@ -130,26 +140,36 @@ class Common(BaseModel):
         return {} if self.think is None else {"enable_thinking": self.think is not False}
 
 
+class OllamaFunctionCall(BaseModel):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaToolCall(BaseModel):
+    id: str | None = None
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: str
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     thinking: str | None = None  # earlier reasoning: chat templates drop it
-    images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    images: list[str] | None = unsupported("array")
+    tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
 
-    @field_validator("role")
+    @field_validator("role", mode="before")
     @classmethod
-    def _role(cls, value: str) -> str:
+    def _role(cls, value: Any) -> Any:
         if value not in ("system", "user", "assistant", "tool"):
             raise ValueError(f"role {value!r} is not supported: system, user, assistant or tool")
         return value
 
-    @field_validator("images")
+    @field_validator("images", mode="before")
     @classmethod
-    def _images(cls, value: list[str] | None) -> list[str] | None:
+    def _images(cls, value: Any) -> Any:
         if value:
             raise ValueError("images are not supported: the served models take text only")
         return value
@@ -158,9 +178,9 @@ class OllamaMessage(BaseModel):
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
             out["tool_calls"] = [
-                {"id": c.get("id") or f"call_{index}_{i}", "type": "function",
-                 "function": {"name": c["function"]["name"],
-                              "arguments": json.dumps(c["function"].get("arguments", {}), ensure_ascii=False)}}
+                {"id": c.id or f"call_{index}_{i}", "type": "function",
+                 "function": {"name": c.function.name,
+                              "arguments": json.dumps(c.function.arguments, ensure_ascii=False)}}
                 for i, c in enumerate(self.tool_calls)
             ]  # fmt: skip
         if self.tool_name:
@@ -168,15 +188,22 @@ class OllamaMessage(BaseModel):
         return out
 
 
+class OllamaTool(BaseModel):
+    """OpenAI's function tool, as Ollama takes it."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
 class OllamaChat(Common):
     messages: list[OllamaMessage] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None  # OpenAI's function tools, as Ollama takes them
+    tools: list[OllamaTool] | None = None
 
     def generate_body(self) -> dict[str, Any]:
         return {
             "messages": [m.for_template(i) for i, m in enumerate(self.messages)],
             **self.options.sampling(),
-            "tools": self.tools or None,
+            "tools": [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None,
             "response_format": self.response_format(),
             "chat_template_kwargs": self.template_kwargs(),
         }
@@ -186,17 +213,19 @@ class OllamaGenerate(Common):
     prompt: str = ""
     system: str | None = None
     raw: bool = False  # the prompt as is, no chat template
-    suffix: str | None = None
-    images: list[str] | None = None
-    template: str | None = None
-    context: list[int] | None = None
+    suffix: str | None = unsupported("string")
+    images: list[str] | None = unsupported("array")
+    template: str | None = unsupported("string")
+    context: list[int] | None = unsupported("array")
 
-    @model_validator(mode="after")
-    def _supported(self) -> "OllamaGenerate":
-        for name in ("suffix", "images", "template", "context"):
-            if getattr(self, name):
-                raise ValueError(f"{name}: not supported (the model's own chat template is used, with text only)")
-        return self
+    @field_validator("suffix", "images", "template", "context", mode="before")
+    @classmethod
+    def _supported(cls, value: Any, info: Any) -> Any:
+        if value:
+            raise ValueError(
+                f"{info.field_name}: not supported (the model's own chat template is used, with text only)"
+            )
+        return value
 
     def generate_body(self) -> dict[str, Any]:
         common = {**self.options.sampling(), "response_format": self.response_format()}

@@ -8,10 +8,10 @@ import math
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from api.errors import openai_error_type
 from api.streaming import DONE, Stream, data
@@ -25,11 +25,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+class TextPart(BaseModel):
+    """A content part the served models take: text (other keys, such as annotations, change nothing)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "input_text", "output_text"]
+    text: str = ""
+
+
 def part_text(part: dict[str, Any], where: str) -> str:
     kind = part.get("type")
-    if kind not in ("text", "input_text", "output_text"):
+    if kind not in TEXT_PARTS:
         raise ValueError(f"{where} content part type {kind!r} is not supported: this model takes text only")
-    return str(part.get("text", ""))
+    text = part.get("text", "")
+    if not isinstance(text, str):
+        raise ValueError(f"{where} content part's text must be a string")
+    return text
+
+
+def text_parts(value: Any, where: str) -> Any:
+    """Content as text or text parts: a part the model cannot take is named before its type is checked."""
+    if isinstance(value, list):
+        for part in value:
+            if isinstance(part, dict):
+                part_text(part, where)
+    return value
 
 
 class FunctionCall(BaseModel):
@@ -45,24 +68,21 @@ class ToolCall(BaseModel):
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None  # a reasoning model's earlier thinking; templates may drop it
 
-    @field_validator("content")
+    @field_validator("content", mode="before")
     @classmethod
-    def _text_only(cls, value: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
-        if isinstance(value, list):
-            for part in value:
-                part_text(part, "a message's")
-        return value
+    def _text_only(cls, value: Any) -> Any:
+        return text_parts(value, "a message's")
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(part_text(part, "a message's") for part in self.content)
+        return "".join(part.text for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
@@ -78,6 +98,43 @@ class ChatMessage(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = ""
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(Strict):
+    type: Literal["text", "json_object"]
+
+
+class JsonFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonFormat, Field(discriminator="type")]
+
+
+def format_dict(value: TextFormat | JsonFormat | None) -> dict[str, Any] | None:
+    """The runner's `response_format` (OpenAI's shape)."""
+    return None if value is None else value.model_dump(by_alias=True, exclude_none=True)
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
 
 class FunctionDef(BaseModel):
@@ -102,26 +159,35 @@ class SamplingOptions(Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[int, float] | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-100, le=100)]],
+            Field(json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}}),
+        ]
+        | None
+    ) = None  # token id (as JSON has it: a string of digits) -> bias
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None  # accepted: it changes nothing in the output
     metadata: dict[str, Any] | None = None  # likewise
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4 or any(not s for s in stops):
+    def _stop(cls, value: Any) -> Any:
+        stops = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        if len(stops) > 4 or any(s == "" for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
         return value
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
-        if value and any(not -100 <= b <= 100 for b in value.values()):
-            raise ValueError("logit_bias values must be between -100 and 100")
+    def _bias(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if any(not isinstance(k, str) or not k.isascii() or not k.isdigit() for k in value):
+                raise ValueError("logit_bias keys must be token ids (digits)")
+            if any(isinstance(b, (int, float)) and not -100 <= b <= 100 for b in value.values()):
+                raise ValueError("logit_bias values must be between -100 and 100")
         return value
 
     def runner_sampling(self) -> dict[str, Any]:
@@ -133,19 +199,22 @@ class SamplingOptions(Strict):
             "repetition_penalty": self.repetition_penalty or 0.0,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
-            "logit_bias": self.logit_bias or {},
+            "logit_bias": {int(k): b for k, b in (self.logit_bias or {}).items()},
             "seed": self.seed,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop or [],
         }
 
 
-def tools_for(tools: list[Tool] | None, choice: Any) -> list[dict[str, Any]] | None:
+ToolChoice = Literal["auto", "none", "required"] | NamedChoice
+
+
+def tools_for(tools: list[Tool] | None, choice: ToolChoice | None) -> list[dict[str, Any]] | None:
     """The tools the template shows the model: none for `none`, only the named one for a named choice."""
     if not tools or choice == "none":
         return None
     listed = [t.model_dump(exclude_none=True) for t in tools]
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") or choice.get("name")
+    if isinstance(choice, NamedChoice):
+        name = choice.function.name
         listed = [t for t in listed if t["function"]["name"] == name]
         if not listed:
             raise ValueError(f"tool_choice names {name!r}, which is not in tools")
@@ -153,6 +222,7 @@ def tools_for(tools: list[Tool] | None, choice: Any) -> list[dict[str, Any]] | N
 
 
 def check_tool_choice(choice: Any) -> Any:
+    """A choice of another shape is named as such (before its type is checked)."""
     if choice is None or choice in ("auto", "none", "required"):
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function":
@@ -170,9 +240,9 @@ class ChatRequest(SamplingOptions):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None
-    tool_choice: Any = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # the model decides how many it makes
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     # hints and bookkeeping, accepted and ignored (see the README's list)
     store: bool | None = None
@@ -184,7 +254,7 @@ class ChatRequest(SamplingOptions):
     web_search_options: dict[str, Any] | None = None  # a server tool: the cluster cannot search, the model answers
     modalities: list[Literal["text"]] | None = None
 
-    _tool_choice = field_validator("tool_choice")(check_tool_choice)
+    _tool_choice = field_validator("tool_choice", mode="before")(check_tool_choice)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ChatRequest":
@@ -207,8 +277,8 @@ class ChatRequest(SamplingOptions):
             **self.runner_sampling(),
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
             "tools": tools_for(self.tools, self.tool_choice),
-            "tool_required": self.tool_choice == "required" or isinstance(self.tool_choice, dict),
-            "response_format": self.response_format,
+            "tool_required": self.tool_choice == "required" or isinstance(self.tool_choice, NamedChoice),
+            "response_format": format_dict(self.response_format),
             "chat_template_kwargs": self.template_kwargs(),
         }
 
@@ -219,7 +289,7 @@ class ChatRequest(SamplingOptions):
 
 class CompletionRequest(SamplingOptions):
     model: str
-    prompt: str | list[str]
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int = Field(default=16, ge=1, le=MAX_TOKENS)
@@ -227,13 +297,15 @@ class CompletionRequest(SamplingOptions):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1, le=1)
     suffix: None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+    def _one_prompt(cls, value: Any) -> Any:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("one prompt per request (a list of several is a batch: send them as separate requests)")
+        if value == "" or value == [""]:
+            raise ValueError("the prompt is empty")
         return value
 
     def conversation(self) -> str | None:
@@ -245,7 +317,7 @@ class CompletionRequest(SamplingOptions):
             "max_tokens": self.max_tokens,
             **self.runner_sampling(),
             "logprobs": self.logprobs,
-            "response_format": self.response_format,
+            "response_format": format_dict(self.response_format),
         }
 
 

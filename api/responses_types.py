@@ -4,12 +4,12 @@ response made of the runner's events, streamed or not."""
 import json
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.openai_types import MAX_TOKENS, check_tool_choice, new_id, now, part_text
+from api.openai_types import MAX_TOKENS, TextPart, check_tool_choice, new_id, now, part_text, text_parts
 from api.streaming import Stream, event
 
 # tools that run on OpenAI's servers: the cluster cannot run them, so the model is not shown them
@@ -20,18 +20,93 @@ NO_PARAMETERS = {"type": "object", "properties": {}}
 CUSTOM_PARAMETERS = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
 
 
+SERVER_TOOL = "^(?:" + "|".join(SERVER_TOOLS) + ")"
+
+
 class FunctionTool(BaseModel):
-    type: str
+    """A function, a custom (freeform) tool, a namespace of them (Codex's multi_agent_v1), or a server tool (left
+    out: the cluster cannot run it); any other type is refused."""
+
+    type: Literal["function", "custom", "namespace"] | Annotated[str, Field(pattern=SERVER_TOOL)]
     name: str = ""
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
-    tools: list["FunctionTool"] | None = None  # a namespace's (Codex's multi_agent_v1)
+    tools: list["FunctionTool"] | None = None  # a namespace's
     format: dict[str, Any] | None = None  # a custom tool's input grammar: not enforced, the model writes text
 
     @property
     def server_side(self) -> bool:
         return self.type.startswith(SERVER_TOOLS)
+
+
+class Item(BaseModel):
+    """An input item; its other keys (id, status...) are bookkeeping."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class MessageItem(Item):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[TextPart] = ""
+
+    _text = field_validator("content", mode="before")(lambda value: text_parts(value, "input"))
+
+
+class CallItem(Item):
+    type: Literal["function_call"]
+    name: str
+    arguments: str = "{}"
+    call_id: str = ""
+
+
+class CustomCallItem(Item):
+    type: Literal["custom_tool_call"]
+    name: str
+    input: str = ""
+    call_id: str = ""
+
+
+class OutputItem(Item):
+    type: Literal["function_call_output", "custom_tool_call_output"]
+    call_id: str = ""
+    output: str | list[TextPart] = ""
+
+    _text = field_validator("output", mode="before")(lambda value: text_parts(value, "input"))
+
+
+class SkippedItem(Item):  # earlier reasoning (chat templates drop it too); a server tool's call never ran here
+    type: Literal["reasoning", "web_search_call"]
+
+
+InputItem = MessageItem | CallItem | CustomCallItem | OutputItem | SkippedItem
+
+
+class NamedChoice(BaseModel):
+    type: Literal["function", "custom"] = "function"
+    name: str
+
+
+class PlainFormat(BaseModel):
+    type: Literal["text", "json_object"]
+
+
+class SchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)  # strict, description: hints
+    type: Literal["json_schema"]
+    name: str = ""
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class TextOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")  # verbosity: a hint
+    format: Annotated[PlainFormat | SchemaFormat, Field(discriminator="type")] | None = None
+
+
+class Reasoning(BaseModel):
+    model_config = ConfigDict(extra="allow")  # summary: bookkeeping
+    effort: str | None = None  # "none" turns a template's thinking off; the rest are hints
 
 
 @dataclass(frozen=True)
@@ -66,16 +141,16 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    input: str | list[dict[str, Any]]
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
-    tool_choice: Any = None
+    tool_choice: Literal["auto", "none", "required"] | NamedChoice | None = None
     parallel_tool_calls: bool | None = None  # the model decides how many it makes
     max_output_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
-    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    text: TextOptions | None = None
     # hints and bookkeeping, accepted and ignored: nothing is stored either way (previous_response_id is
     # refused), the prefix cache needs no key, and encrypted reasoning is never produced
     store: bool | None = None
@@ -88,15 +163,30 @@ class ResponsesRequest(BaseModel):
     safety_identifier: str | None = None
     truncation: str | None = None
     stream_options: dict[str, Any] | None = None
-    reasoning: dict[str, Any] | None = None  # effort "none" turns a template's thinking off; the rest are hints
+    reasoning: Reasoning | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, data: Any) -> Any:
+        """Say which tool or choice is refused, and why, before the types are checked."""
+        if isinstance(data, dict):
+            choice = data.get("tool_choice")
+            if not isinstance(choice, dict):
+                check_tool_choice(choice)
+            tools = data.get("tools")
+            for i, tool in enumerate(tools if isinstance(tools, list) else []):
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                known = kind in ("function", "custom", "namespace") or str(kind).startswith(SERVER_TOOLS)
+                if isinstance(kind, str) and not known:
+                    raise ValueError(f"tools.{i}: type {kind!r} is not supported: function, custom and namespace "
+                                         "tools are (server tools such as web_search are left out)")  # fmt: skip
+        return data
 
     @model_validator(mode="after")
     def _supported(self) -> "ResponsesRequest":
         names = [c.name for c in self.callables()]
-        choice = self.tool_choice
-        check_tool_choice(choice if not isinstance(choice, dict) else {"type": "function", **choice})
-        if isinstance(choice, dict) and choice.get("name") not in names:
-            raise ValueError(f"tool_choice names {choice.get('name')!r}, which is not in tools")
+        if isinstance(self.tool_choice, NamedChoice) and self.tool_choice.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.name!r}, which is not in tools")
         self.chat()
         return self
 
@@ -111,13 +201,13 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             return [*out, {"role": "user", "content": self.input}]
         for i, item in enumerate(self.input):
-            out.append(translate(item, f"input.{i}", out))
+            out.append(translate(item.model_dump(by_alias=True), f"input.{i}", out))
         return [m for m in out if m]
 
     def openai_tools(self) -> list[dict[str, Any]] | None:
         shown = self.callables()
-        if isinstance(self.tool_choice, dict):
-            shown = [c for c in shown if c.name == self.tool_choice.get("name")]
+        if isinstance(self.tool_choice, NamedChoice):
+            shown = [c for c in shown if c.name == self.tool_choice.name]
         if not shown or self.tool_choice == "none":
             return None
         return [
@@ -126,15 +216,15 @@ class ResponsesRequest(BaseModel):
         ]
 
     def template_kwargs(self) -> dict[str, Any]:
-        return {"enable_thinking": False} if (self.reasoning or {}).get("effort") == "none" else {}
+        return {"enable_thinking": False} if self.reasoning and self.reasoning.effort == "none" else {}
 
     def response_format(self) -> dict[str, Any] | None:
-        fmt = (self.text or {}).get("format")
-        if not fmt or fmt.get("type") == "text":
+        fmt = self.text.format if self.text else None
+        if fmt is None or fmt.type == "text":
             return None
-        if fmt.get("type") == "json_schema":
-            return {"type": "json_schema", "json_schema": {"name": fmt.get("name", ""), "schema": fmt.get("schema")}}
-        return {"type": fmt.get("type")}
+        if isinstance(fmt, SchemaFormat):
+            return {"type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.schema_}}
+        return {"type": fmt.type}
 
     def conversation(self) -> str | None:
         """The client's own name for the conversation (Codex sends its session as `prompt_cache_key`)."""
@@ -147,7 +237,7 @@ class ResponsesRequest(BaseModel):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "tools": self.openai_tools(),
-            "tool_required": self.tool_choice == "required" or isinstance(self.tool_choice, dict),
+            "tool_required": self.tool_choice == "required" or isinstance(self.tool_choice, NamedChoice),
             "response_format": self.response_format(),
             "chat_template_kwargs": self.template_kwargs(),
         }
@@ -183,6 +273,11 @@ def translate(item: dict[str, Any], where: str, so_far: list[dict[str, Any]]) ->
     if kind in ("reasoning", "web_search_call"):
         return {}  # earlier reasoning: chat templates drop it too; a server tool's call never ran here
     raise ValueError(f"{where}: item type {kind!r} is not supported")
+
+
+def dumped(value: BaseModel | str | None) -> dict[str, Any] | str | None:
+    """A request's part as the response echoes it (as JSON has it)."""
+    return value.model_dump(by_alias=True, exclude_none=True) if isinstance(value, BaseModel) else value
 
 
 def message_item(text: str, status: str = "completed") -> dict[str, Any]:
@@ -241,13 +336,13 @@ def response(rid: str, body: ResponsesRequest, output: list[dict[str, Any]], fin
         "instructions": body.instructions,
         "output": output,
         "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-        "tool_choice": body.tool_choice or "auto",
+        "tool_choice": dumped(body.tool_choice) or "auto",
         "parallel_tool_calls": True,
         "temperature": body.temperature,
         "top_p": body.top_p,
         "max_output_tokens": body.max_output_tokens,
         "metadata": body.metadata or {},
-        "text": body.text or {"format": {"type": "text"}},
+        "text": dumped(body.text) or {"format": {"type": "text"}},
         "usage": {
             "input_tokens": prompt,
             "output_tokens": made,

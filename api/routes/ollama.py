@@ -38,7 +38,7 @@ async def chat(body: OllamaChat, inference: InferenceDep) -> StreamingResponse |
 
 @router.post("/generate", response_model=None, responses=streamed(NDJSON))
 async def generate(body: OllamaGenerate, inference: InferenceDep) -> StreamingResponse | JSONResponse:
-    return await answer(body, inference, chat=False, empty=not body.prompt and not body.raw)
+    return await answer(body, inference, chat=False, empty=not body.prompt)
 
 
 async def answer(
