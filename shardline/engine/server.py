@@ -77,17 +77,25 @@ class GenerateBody(BaseModel):
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat templates want a tool call's arguments as an object (OpenAI sends a JSON string)."""
+    """Chat templates want a tool call's arguments as an object (OpenAI sends a JSON string); arguments that are
+    not JSON (a call the model once wrote wrong) stay the text they are, as the model wrote them."""
     out = []
     for message in messages:
         calls = [
-            {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+            {**call, "function": {**call["function"], "arguments": as_object(call["function"]["arguments"])}}
             if isinstance(call.get("function", {}).get("arguments"), str)
             else call
             for call in message.get("tool_calls") or []
         ]
         out.append({**message, "tool_calls": calls} if calls else message)
     return out
+
+
+def as_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 def hoist_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

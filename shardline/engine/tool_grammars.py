@@ -258,11 +258,52 @@ def gemma4(lark: Lark, tools: list[dict[str, Any]], start: str, end: str) -> str
     return f"{one_of(lark, tools, call)}+"
 
 
+def minicpm5(lark: Lark, tools: list[dict[str, Any]], start: str, end: str) -> str:
+    """`<function name="name"><param name="key">value</param></function>`, one or more (MiniCPM 5's markers are
+    text, so a string written here holds no `<`, and so needs no CDATA)."""
+
+    def param(name: str, schema: dict[str, Any]) -> str:
+        value = lark.bare(schema, "</param>")
+        if is_string(schema) and string_choices(schema) is None:  # its markers are text: a value holds no tag
+            value = f"/[^<]*/ {lark.tags('</param>')}"
+        return f"{lark.tags(f'<param name={json.dumps(name)}>')} {value}"
+
+    call = one_of(lark, tools, lambda t: (
+        f"{lark.tags(start, json.dumps(name_of(t)) + '>')} {tagged(lark, t, param)} {lark.tags(end)}"
+    ))  # fmt: skip
+    return f"{call}+"
+
+
+def function_gemma(lark: Lark, tools: list[dict[str, Any]], start: str, end: str) -> str:
+    """`<start_function_call>call:name{key:<escape>text<escape>,n:2}<end_function_call>`: its parser reads up to
+    the first `}` and splits at commas, so strings hold neither and other values are plain JSON scalars."""
+    escape = "<escape>"
+
+    def value(name: str, schema: dict[str, Any]) -> str:
+        strings = string_choices(schema)
+        if strings is not None:
+            return f"{lark.tags(escape)} ({' | '.join(json.dumps(s) for s in strings)}) {lark.tags(escape)}"
+        if is_string(schema):
+            return f"{lark.tags(escape)} /[^}}<,]*/ {lark.tags(escape)}"
+        if schema.get("type") not in ("integer", "number", "boolean"):
+            raise ValueError(f"tool_choice: parameter {name!r} cannot be written in this model's call format")
+        return lark.json(schema)
+
+    def call(tool: dict[str, Any]) -> str:
+        params, required = parameters(tool)
+        items = [(f"{json.dumps(n + ':')} {value(n, s)}", n in required) for n, s in params]
+        head = lark.tags(start, f"call:{name_of(tool)}{{")
+        return f"{head} {separated(items, json.dumps(','))} {lark.tags('}', end)}"
+
+    return f"{one_of(lark, tools, call)}+"
+
+
 def object_of(tool: dict[str, Any]) -> dict[str, Any]:
     return tool["function"].get("parameters") or {"type": "object"}
 
 
 FORMATS: dict[str, Callable[[Lark, list[dict[str, Any]], str, str], str]] = {
     "json_tools": json_tools, "mistral": mistral, "kimi_k2": kimi_k2, "qwen3_coder": qwen3_coder, "glm47": glm47,
-    "longcat": longcat, "minimax_m2": minimax_m2, "pythonic": pythonic, "gemma4": gemma4,
+    "longcat": longcat, "minimax_m2": minimax_m2, "pythonic": pythonic, "gemma4": gemma4, "minicpm5": minicpm5,
+    "function_gemma": function_gemma,
 }  # fmt: skip

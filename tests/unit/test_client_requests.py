@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from api.anthropic_types import MessagesRequest
 from api.openai_types import ChatRequest
 from api.responses_types import ResponsesRequest
-from shardline.engine.server import hoist_system
+from shardline.engine.server import hoist_system, template_messages
 from tests.support.offline_app import offline_app
 
 CAPTURED = Path(__file__).parent / "captured"
@@ -143,3 +143,12 @@ def test_a_server_tool_alone_leaves_the_model_no_tools() -> None:
 
 def test_the_root_answers_head_as_claude_code_checks_it() -> None:
     assert offline_app(None).head("/").status_code == 200
+
+
+def test_a_call_written_wrong_earlier_stays_its_text_for_the_template() -> None:
+    """A history may hold a call whose arguments are not JSON (a model wrote it so): the template gets the text
+    (schemathesis found the whole request refused, 'cannot tokenize')."""
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}},
+             {"id": "d", "type": "function", "function": {"name": "g", "arguments": '{"a": 1}'}}]  # fmt: skip
+    (message,) = template_messages([{"role": "assistant", "content": "", "tool_calls": calls}])
+    assert [c["function"]["arguments"] for c in message["tool_calls"]] == ["{not json", {"a": 1}]
