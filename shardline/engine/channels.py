@@ -7,6 +7,7 @@ by mlx_lm's tool parser of the model's family into {"name", "arguments"}.
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -21,9 +22,19 @@ PARSERS = "mlx_lm.tool_parsers."
 CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')  # json_tools'
 MISTRAL_HEAD = re.compile(r"\s*([\w-]+)\s*\[ARGS\]\s*")
 KIMI_HEAD = re.compile(r"\s*<\|tool_call_begin\|>\s*(?:functions\.)?([^\s:<]+):\d+\s*<\|tool_call_argument_begin\|>\s*")
-# families that write several calls inside one pair of markers: where each call ends, and whether that text is its
-# own (Mistral's calls run until the next one's marker)
-SPLITS = {"kimi_k2": ("<|tool_call_end|>", True), "minimax_m2": ("</invoke>", True), "mistral": ("[TOOL_CALLS]", False)}
+PYTHON_HEAD = re.compile(r"\s*[\[,]?\s*([\w.]+)\(")
+
+
+def after_marker(end: str, own: bool) -> Callable[[str], tuple[str, str] | None]:
+    """Calls that end at `end` (own: that text is the call's; else the next call's marker)."""
+
+    def split(text: str) -> tuple[str, str] | None:
+        at = text.find(end, 0 if own else 1)
+        if at < 0:
+            return None
+        return text[: at + len(end) if own else at], text[at + len(end) :]
+
+    return split
 
 
 class ArgumentStream:
@@ -89,12 +100,12 @@ class TaggedArguments:
             if head is None:
                 return None, ""
             self.named, name = True, head.group(1)
-        cut = call_text.rfind(self.closed)
-        if cut < 0:
+        whole = self.whole(call_text)
+        if whole is None:
             return name, ""
         try:
-            arguments = self.parser(call_text[: cut + len(self.closed)] + self.tail, self.tools)["arguments"]
-        except (ValueError, KeyError, TypeError, AttributeError):
+            arguments = self.parser(whole, self.tools)["arguments"]
+        except (ValueError, KeyError, TypeError, AttributeError, SyntaxError):
             return name, ""
         text = json.dumps(arguments, ensure_ascii=False)[:-1]  # all but the closing brace
         if not text.startswith(self.sent) or len(text) == len(self.sent):
@@ -102,15 +113,105 @@ class TaggedArguments:
         piece, self.sent = text[len(self.sent) :], text
         return name, piece
 
+    def whole(self, call_text: str) -> str | None:
+        """The call so far cut after its last whole parameter and closed, as its parser reads a whole call."""
+        cut = call_text.rfind(self.closed)
+        return None if cut < 0 else call_text[: cut + len(self.closed)] + self.tail
+
     def finish(self, call_text: str, arguments: str) -> tuple[str, str]:
         if not arguments.startswith(self.sent):  # the parser read the whole call otherwise than its parts
             log.warning("channels.stream_mismatch", sent=self.sent, arguments=arguments)
         return arguments[len(self.sent) :] if arguments.startswith(self.sent) else "", arguments
 
 
+class ListedArguments(TaggedArguments):
+    """A call whose parameters are listed between brackets, separated by commas (Gemma 4's and FunctionGemma's
+    `call:name{key:value,...}`, Python's `name(key=value, ...)`): a parameter is whole once a comma follows it at
+    the top level, outside strings (`quotes`: the marker that opens and closes one, or Python's quotes)."""
+
+    def __init__(self, parser: Any, tools: list[dict[str, Any]] | None, header: str, quotes: str, tail: str) -> None:
+        super().__init__(parser, tools, header, ",", tail)
+        self.quotes = quotes
+
+    def whole(self, call_text: str) -> str | None:
+        head = self.header.match(call_text)
+        if head is None:
+            return None
+        cut = last_separator(call_text, head.end(), self.quotes)
+        return None if cut is None else call_text[head.start(1) - self.lead(call_text, head) : cut] + self.tail
+
+    def lead(self, call_text: str, head: re.Match[str]) -> int:
+        """How much before the name the parser needs (`call:`)."""
+        return len("call:") if call_text[: head.start(1)].endswith("call:") else 0
+
+
+class PythonArguments(ListedArguments):
+    """A pythonic call (`[name(key="value", n=2), ...]`), its parameters a keyword argument at a time."""
+
+    def __init__(self, parser: Any, tools: list[dict[str, Any]] | None) -> None:
+        super().__init__(parser, tools, PYTHON_HEAD.pattern, "python", ")]")
+
+    def whole(self, call_text: str) -> str | None:
+        head = self.header.match(call_text)
+        cut = None if head is None else last_separator(call_text, head.end(), "python")
+        return None if head is None or cut is None else "[" + call_text[head.start(1) : cut] + self.tail
+
+
+def last_separator(text: str, start: int, quotes: str) -> int | None:
+    """Where the last comma at the top level of `text[start:]` is (None: none yet), strings and nested brackets
+    skipped. `quotes` is a marker that opens and closes strings, or "python" for Python's quoted strings."""
+    at, depth, last, quote = start, 0, None, ""
+    while at < len(text):
+        if quote:  # inside a string: find its end
+            if quotes == "python":
+                if text[at] == "\\":
+                    at += 2
+                    continue
+                quote = "" if text[at] == quote else quote
+            elif text.startswith(quotes, at):
+                quote, at = "", at + len(quotes) - 1
+        elif quotes != "python" and text.startswith(quotes, at):
+            quote, at = quotes, at + len(quotes) - 1
+        elif quotes == "python" and text[at] in "\"'":
+            quote = text[at]
+        elif text[at] in "([{":
+            depth += 1
+        elif text[at] in ")]}":
+            depth -= 1
+            if depth < 0:
+                break
+        elif text[at] == "," and depth == 0:
+            last = at
+        at += 1
+    return last
+
+
+def python_call_end(text: str) -> tuple[str, str] | None:
+    """The first whole call of a pythonic list (`[a(x=1), b(y=2)]`): (that call as its parser reads one, what follows
+    it), or None while it is being written."""
+    head = PYTHON_HEAD.match(text)
+    if head is None:
+        return None
+    at, depth, quote = head.end(), 1, ""
+    while at < len(text):
+        char = text[at]
+        if quote:
+            at, quote = (at + 2, quote) if char == "\\" else (at + 1, "" if char == quote else quote)
+            continue
+        if char in "\"'":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth == 0:
+                return f"[{text[head.start(1) : at + 1]}]", text[at + 1 :]
+        at += 1
+    return None
+
+
 def argument_stream(parser: Any, tools: list[dict[str, Any]] | None) -> ArgumentStream | TaggedArguments | None:
-    """How this family's calls are passed on as they are written; None: whole, once each call is parsed (Python
-    calls in a list, Gemma 4's own syntax)."""
+    """How this family's calls are passed on as they are written."""
     family = getattr(parser, "__module__", "").removeprefix(PARSERS)
     if family == "json_tools":
         return ArgumentStream()
@@ -118,6 +219,14 @@ def argument_stream(parser: Any, tools: list[dict[str, Any]] | None) -> Argument
         return ArgumentStream(MISTRAL_HEAD, quoted=False)
     if family == "kimi_k2":
         return ArgumentStream(KIMI_HEAD, quoted=False)
+    if family == "minicpm5":
+        return TaggedArguments(parser, tools, r'\s*(?:name\s*=\s*)?"?([^"\s<>]+)"?\s*>', "</param>", "")
+    if family == "gemma4":
+        return ListedArguments(parser, tools, r"\s*call:([\w-]+)\{", '<|"|>', "}")
+    if family == "function_gemma":
+        return ListedArguments(parser, tools, r"\s*call:(\w+)\{", "<escape>", "}")
+    if family == "pythonic":
+        return PythonArguments(parser, tools)
     if family == "minimax_m2":
         return TaggedArguments(parser, tools, r'\s*<invoke name="?([^">]+)"?>', "</parameter>", "</invoke>")
     if family == "qwen3_coder":
@@ -128,6 +237,13 @@ def argument_stream(parser: Any, tools: list[dict[str, Any]] | None) -> Argument
             parser, tools, rf"\s*([^\s<{{]+)\s*{tag}", tag.replace("key", "value").replace("<", "</"), ""
         )
     return None
+
+
+# families that write several calls inside one pair of markers: the first whole call of the text and what follows
+SPLITS = {
+    "kimi_k2": after_marker("<|tool_call_end|>", True), "minimax_m2": after_marker("</invoke>", True),
+    "mistral": after_marker("[TOOL_CALLS]", False), "pythonic": python_call_end,
+}  # fmt: skip
 
 
 class Channels:
@@ -212,19 +328,16 @@ class Channels:
         """Each call that ends inside the markers is parsed (and its stream closed) as it ends, before the next."""
         if self.split is None:
             return
-        end, own = self.split
-        while (at := self.tool_text.find(end, 0 if own else 1)) >= 0:
-            cut = at + len(end)
-            call, rest = self.tool_text[: cut if own else at], self.tool_text[cut:]
-            self.tool_text = call
+        while (found := self.split(self.tool_text)) is not None:
+            self.tool_text, rest = found
             self._end_tool(out)
             self.tool_text = rest
 
     def _end_tool(self, out: dict[str, Any]) -> None:
         text, self.tool_text = self.tool_text, ""
         streamed, self.arguments = self.arguments, argument_stream(self.parser, self.tools)
-        if not text.strip():
-            return  # the space between calls
+        if not text.strip() or (self.split is python_call_end and not text.strip(" \t\n,]")):
+            return  # the space between calls, or the end of a pythonic list
         try:
             parsed = self.parser(text, self.tools)  # type: ignore[misc]
         except (ValueError, KeyError, TypeError, AttributeError):

@@ -34,15 +34,7 @@ MARKERS = {
     "minicpm5": [],  # its markers are text
     "function_gemma": ["<start_function_call>", "<end_function_call>", "<escape>"],
 }  # fmt: skip
-STREAMED = {
-    "json_tools",
-    "qwen3_coder",
-    "glm47",
-    "longcat",
-    "mistral",
-    "kimi_k2",
-    "minimax_m2",
-}  # the families whose arguments are streamed
+STREAMED = set(MARKERS)  # the families whose arguments are streamed: all
 # text that ends a free value in some family: the walk leans towards it, or free text would run for ever
 CLOSERS = [
     "\n</parameter>\n",
