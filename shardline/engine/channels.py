@@ -92,6 +92,7 @@ class TaggedArguments:
         self.closed, self.tail = closed, tail  # a parameter's closing tag; what makes a call of the text so far
         self.named = False
         self.sent = ""
+        self.parsed: str | None = None  # the call so far as last parsed
 
     def feed(self, call_text: str) -> tuple[str | None, str]:
         name = None
@@ -101,8 +102,9 @@ class TaggedArguments:
                 return None, ""
             self.named, name = True, head.group(1)
         whole = self.whole(call_text)
-        if whole is None:
+        if whole is None or whole == self.parsed:  # no new whole parameter: nothing to parse again
             return name, ""
+        self.parsed = whole
         try:
             arguments = self.parser(whole, self.tools)["arguments"]
         except (ValueError, KeyError, TypeError, AttributeError, SyntaxError):
@@ -131,13 +133,13 @@ class ListedArguments(TaggedArguments):
 
     def __init__(self, parser: Any, tools: list[dict[str, Any]] | None, header: str, quotes: str, tail: str) -> None:
         super().__init__(parser, tools, header, ",", tail)
-        self.quotes = quotes
+        self.separators = Separators(quotes)
 
     def whole(self, call_text: str) -> str | None:
         head = self.header.match(call_text)
         if head is None:
             return None
-        cut = last_separator(call_text, head.end(), self.quotes)
+        cut = self.separators.scan(call_text, head.end())
         return None if cut is None else call_text[head.start(1) - self.lead(call_text, head) : cut] + self.tail
 
     def lead(self, call_text: str, head: re.Match[str]) -> int:
@@ -153,37 +155,49 @@ class PythonArguments(ListedArguments):
 
     def whole(self, call_text: str) -> str | None:
         head = self.header.match(call_text)
-        cut = None if head is None else last_separator(call_text, head.end(), "python")
+        cut = None if head is None else self.separators.scan(call_text, head.end())
         return None if head is None or cut is None else "[" + call_text[head.start(1) : cut] + self.tail
 
 
-def last_separator(text: str, start: int, quotes: str) -> int | None:
-    """Where the last comma at the top level of `text[start:]` is (None: none yet), strings and nested brackets
-    skipped. `quotes` is a marker that opens and closes strings, or "python" for Python's quoted strings."""
-    at, depth, last, quote = start, 0, None, ""
-    while at < len(text):
-        if quote:  # inside a string: find its end
-            if quotes == "python":
-                if text[at] == "\\":
+class Separators:
+    """The last comma at the top level of a growing text (strings and nested brackets skipped), each character
+    looked at once however often the text grows. `quotes`: the marker that opens and closes a string, or "python"
+    for Python's quoted strings."""
+
+    def __init__(self, quotes: str) -> None:
+        self.quotes = quotes
+        self.at: int | None = None
+        self.depth, self.quote, self.last, self.closed = 0, "", None, False
+
+    def scan(self, text: str, start: int) -> int | None:
+        at = start if self.at is None else self.at
+        python, marker = self.quotes == "python", self.quotes
+        while at < len(text) and not self.closed:
+            char = text[at]
+            if not python and marker.startswith(text[at : at + len(marker)]) and len(text) - at < len(marker):
+                break  # a marker may be arriving in pieces
+            if self.quote:  # inside a string: find its end
+                if python and char == "\\":
                     at += 2
                     continue
-                quote = "" if text[at] == quote else quote
-            elif text.startswith(quotes, at):
-                quote, at = "", at + len(quotes) - 1
-        elif quotes != "python" and text.startswith(quotes, at):
-            quote, at = quotes, at + len(quotes) - 1
-        elif quotes == "python" and text[at] in "\"'":
-            quote = text[at]
-        elif text[at] in "([{":
-            depth += 1
-        elif text[at] in ")]}":
-            depth -= 1
-            if depth < 0:
-                break
-        elif text[at] == "," and depth == 0:
-            last = at
-        at += 1
-    return last
+                if python and char == self.quote:
+                    self.quote = ""
+                elif not python and text.startswith(marker, at):
+                    self.quote, at = "", at + len(marker) - 1
+            elif not python and text.startswith(marker, at):
+                self.quote, at = marker, at + len(marker) - 1
+            elif python and char in "\"'":
+                self.quote = char
+            elif char in "([{":
+                self.depth += 1
+            elif char in ")]}":
+                self.depth -= 1
+                self.closed = self.depth < 0
+            elif char == "," and self.depth == 0:
+                self.last = at
+            at += 1
+        self.at = at
+        return self.last
 
 
 def python_call_end(text: str) -> tuple[str, str] | None:
