@@ -26,6 +26,7 @@ from workflows.serve import InstanceStatus
 log = structlog.get_logger(__name__)
 WAITING = {429, 503}  # while resuming: a full queue, an instance not ready (yet) or unreachable
 RESUME_POLL_S = 0.5
+FRESH_S = 0.25  # before answering that no instance is ready, the view is asked again if older than this
 TELLING: set[asyncio.Task[None]] = set()  # signals on their way (a task nobody holds may be collected)
 
 
@@ -106,7 +107,7 @@ class Inference:
         told = time.monotonic()
         while True:
             try:
-                yield await self.runner_events(model, body, key)
+                yield await self.runner_events(model, body, key, fresh=False)
                 return
             except HTTPException as exc:
                 if exc.status_code not in WAITING or time.monotonic() >= deadline:
@@ -123,18 +124,23 @@ class Inference:
         return await tokenize(self.http, await self.instance_for(model), request)
 
     async def instance_for(
-        self, model: str, body: dict[str, Any] | None = None, key: str | None = None
+        self, model: str, body: dict[str, Any] | None = None, key: str | None = None, fresh: bool = True
     ) -> InstanceStatus:
         """The ready instance of `model` for `body`: the one that was sent its prefix (or conversation `key`) unless
         it is clearly busier, else the one with the fewest requests in flight from this API (routing.py). With a
         `body`, counted in flight from now on (the generation releases it)."""
-        ready = await self.ready(model)
+        ready = await self.ready(model, fresh)
         return self.in_flight.least_busy(ready) if body is None else self.in_flight.pick(ready, prefixes(body), key)
 
-    async def ready(self, model: str) -> list[InstanceStatus]:
-        """The ready instances of `model`: at least one, or a 404 (none) or 503 (none ready) saying why."""
+    async def ready(self, model: str, fresh: bool = True) -> list[InstanceStatus]:
+        """The ready instances of `model`: at least one, or a 404 (none) or 503 (none ready) saying why. `fresh`:
+        before saying so, the view is asked again if older than FRESH_S (a generation being resumed polls instead,
+        on the cache's own second)."""
         candidates = await self.instances.for_model(model)
         ready = [i for i in candidates if i.state == InstanceState.READY and i.endpoint]
+        if not ready and fresh:  # what the cache last saw may be up to a second old: an instance may have just healed
+            candidates = await self.instances.for_model(model, max_age=FRESH_S)
+            ready = [i for i in candidates if i.state == InstanceState.READY and i.endpoint]
         if ready:
             return ready
         if not candidates:
@@ -144,11 +150,13 @@ class Inference:
         states = ", ".join(f"{i.instance_id} is {i.state}" + (f" ({i.reason})" if i.reason else "") for i in candidates)
         raise HTTPException(503, f"model {model!r} is not ready: {states}")
 
-    async def runner_events(self, model: str, body: dict[str, Any], key: str | None = None) -> Events:
+    async def runner_events(
+        self, model: str, body: dict[str, Any], key: str | None = None, fresh: bool = True
+    ) -> Events:
         """One generation's events, from the first on: so a runner that is gone, or a request it refuses, is an
         error before any response starts, not a 200 cut short. A runner that moved (its instance recovered since
         the last lookup) is looked up again, once; a full one (429) gives way to the least busy other instance."""
-        instance = await self.instance_for(model, body, key)
+        instance = await self.instance_for(model, body, key, fresh)
         try:
             return await first_event(self.generate(instance, body), self.settings.runner_silence)
         except RunnerUnreachable:

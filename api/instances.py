@@ -83,9 +83,9 @@ class InstanceCache:
     _instances: list[InstanceStatus] = field(default_factory=list)
     _refreshing: asyncio.Task[None] | None = None
 
-    async def for_model(self, model: str) -> list[InstanceStatus]:
+    async def for_model(self, model: str, max_age: float = CACHE_SECONDS) -> list[InstanceStatus]:
         known = [i for i in self._instances if i.model_id == model]
-        if time.monotonic() - self._at > CACHE_SECONDS:
+        if time.monotonic() - self._at > max_age:
             if any(i.state == InstanceState.READY for i in known):
                 if self._refreshing is None or self._refreshing.done():
                     self._refreshing = asyncio.create_task(self.refresh())

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -91,17 +92,22 @@ def refused(error: BaseException, distributed: bool) -> bool:
     return not (distributed and isinstance(error, RuntimeError))
 
 
-def load_shard(spec: RunnerSpec, group: mx.distributed.Group | None) -> tuple[nn.Module, TokenizerWrapper]:
-    """This rank's part of the model, warmed up, and the tokenizer; ModelRefused when the model cannot run."""
+def load_shard(
+    spec: RunnerSpec, group: mx.distributed.Group | None, loaded: Callable[[], object] = lambda: None
+) -> tuple[nn.Module, TokenizerWrapper]:
+    """This rank's part of the model, warmed up, and the tokenizer; ModelRefused when the model cannot run.
+    `loaded` is called once the weights are read, before the warm-up's first collective (wake.barrier)."""
     try:
-        return load_parts(spec, group)
+        return load_parts(spec, group, loaded)
     except Exception as error:
         if refused(error, group is not None):
             raise ModelRefused(str(error) or type(error).__name__) from error
         raise
 
 
-def load_parts(spec: RunnerSpec, group: mx.distributed.Group | None) -> tuple[nn.Module, TokenizerWrapper]:
+def load_parts(
+    spec: RunnerSpec, group: mx.distributed.Group | None, loaded: Callable[[], object]
+) -> tuple[nn.Module, TokenizerWrapper]:
     model_dir = Path(spec.model_path)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}")
@@ -115,6 +121,7 @@ def load_parts(spec: RunnerSpec, group: mx.distributed.Group | None) -> tuple[nn
         mx.eval(model.parameters())  # reads the local weights, while the staged links still exist
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    loaded()
     warm_up(model)  # before the tokenizer, whose config checks would speak for MLX (transformers checks RoPE too)
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer

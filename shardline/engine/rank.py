@@ -37,9 +37,24 @@ class Rank:
         self.sock = bind(self.spec.http_host, self.spec.http_port) if self.spec.rank == 0 else None
         with tempfile.TemporaryDirectory(prefix="shardline-ring-") as workdir:
             self.group = init_group(self.spec, Path(workdir))
-        self.model, self.tokenizer = load_shard(self.spec, self.group)  # warmed up
+        # where the ranks wait for each other without spinning (wake.py), and the others are woken when idle
+        hosts, rank = self.spec.hosts, self.spec.rank
+        self.alarm = wake.listen(hosts[rank]) if self.group is not None else None
+        # every rank has just joined the ring: a first barrier tells at once whether UDP goes between them (a
+        # firewall may pass the ring's TCP only); where it does not, the ranks wait in the ring, spinning
+        meets = wake.barrier(self.alarm, hosts, rank, 0, limit_s=wake.PROBE_S)
+        if self.group is not None and not meets:
+            log.warning("runner.no_barrier", reason="no UDP between the ranks: they wait for each other spinning")
+        met = self.alarm if meets else None
+        self.model, self.tokenizer = load_shard(
+            self.spec, self.group, loaded=lambda: wake.barrier(met, hosts, rank, 1)
+        )  # warmed up
         if self.group is not None:
-            protocol.share(self.group, [1] if self.spec.rank == 0 else None, 1)  # every rank has loaded
+            wake.barrier(met, hosts, rank, 2)
+            protocol.share(self.group, [1] if rank == 0 else None, 1)  # every rank has loaded
+        if rank == 0 and self.alarm is not None:
+            self.alarm.close()  # rank 0 is never woken
+            self.alarm = None
         self.batch = Batch(self.model, self.tokenizer, prefill_step=PREFILL_STEP)
 
     def run(self, report: Report) -> None:
@@ -50,12 +65,11 @@ class Rank:
                 self.serve(self.sock, report)
             else:
                 report(ready_event(self.spec.rank, self.model, None))
-                alarm = wake.listen(self.spec.hosts[self.spec.rank])
                 try:
-                    follow(self.batch, self.group, alarm)
+                    follow(self.batch, self.group, self.alarm)
                 finally:
-                    if alarm is not None:
-                        alarm.close()
+                    if self.alarm is not None:
+                        self.alarm.close()
         finally:
             self.batch.close()  # the prefix cache's memory goes with the instance
         log.info("runner.stopped")

@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from shardline.engine import protocol
+from shardline.engine import protocol, wake
 from shardline.engine.batch import Batch, trimmable
 from shardline.engine.generation import Job, Scheduler, follow
 from shardline.engine.loading import init_group, load_shard, parameter_bytes
@@ -99,11 +99,15 @@ def lead(batch: Batch, tokenizer: Any, group: Any, model: Any, prompts: dict[str
         thread.join(WAIT_S)
 
 
-def serve_model(entry: dict[str, Any], rank: int, group: Any) -> dict[str, Any]:
+def serve_model(
+    entry: dict[str, Any], rank: int, group: Any, hosts: list[str], alarm: Any, phase: int
+) -> dict[str, Any]:
     spec = RunnerSpec.from_json(json.dumps(entry["specs"][rank]))
-    model, tokenizer = load_shard(spec, group)  # warmed up
+    # the ranks wait for each other at the runner's barriers (not spinning: wake.py), one pair of phases a model
+    model, tokenizer = load_shard(spec, group, loaded=lambda: wake.barrier(alarm, hosts, rank, phase))
     nbytes = parameter_bytes(model)
     if group is not None:
+        wake.barrier(alarm, hosts, rank, phase + 1)
         protocol.share(group, [1] if rank == 0 else None, 1)
     batch = Batch(model, tokenizer, prefill_step=PREFILL_STEP)
     try:
@@ -124,9 +128,10 @@ def main(plan_path: str, rank: int) -> None:
     with tempfile.TemporaryDirectory(prefix="matrix-ring-") as workdir:
         group = init_group(replace(first, hosts=plan["hosts"]), Path(workdir))
     results: dict[str, Any] = {}
-    for entry in plan["models"]:
+    alarm = wake.listen(plan["hosts"][rank]) if group is not None else None
+    for i, entry in enumerate(plan["models"]):
         try:
-            results[entry["name"]] = serve_model(entry, rank, group)
+            results[entry["name"]] = serve_model(entry, rank, group, plan["hosts"], alarm, 2 * i + 1)
         except Exception as exc:  # noqa: BLE001 (reported in the results) a rank that fails leaves the ring unusable: the rest of the plan fails too
             traceback.print_exc()
             results[entry["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
