@@ -71,7 +71,8 @@ def anthropic_error(status: int, message: str, headers: dict[str, str] | None = 
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        # pydantic's labels of union members (`list[...]`, `tagged-union[...]`) are no place in the request
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p))
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "this field is not supported (refused rather than ignored)"

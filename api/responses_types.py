@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from api.openai_types import MAX_TOKENS, TextPart, check_tool_choice, new_id, now, part_text, text_parts
 from api.streaming import Stream, event
@@ -80,7 +80,21 @@ class SkippedItem(Item):  # earlier reasoning (chat templates drop it too); a se
     type: Literal["reasoning", "web_search_call"]
 
 
-InputItem = MessageItem | CallItem | CustomCallItem | OutputItem | SkippedItem
+def item_type(value: Any) -> str | None:
+    """An input item's type (a message may leave it out)."""
+    return value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[CallItem, Tag("function_call")]
+    | Annotated[CustomCallItem, Tag("custom_tool_call")]
+    | Annotated[OutputItem, Tag("function_call_output")]
+    | Annotated[OutputItem, Tag("custom_tool_call_output")]
+    | Annotated[SkippedItem, Tag("reasoning")]
+    | Annotated[SkippedItem, Tag("web_search_call")],
+    Discriminator(item_type),
+]
 
 
 class NamedChoice(BaseModel):
