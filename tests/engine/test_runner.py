@@ -184,7 +184,7 @@ def test_runner_exits_when_its_parent_dies(workdir: Path, qwen_dir: Path) -> Non
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     try:
-        assert gone(runner_pid, within=10)
+        assert gone(runner_pid, within=30)  # a second's poll; the slack is for a loaded machine (CI: 10 s was short)
     finally:
         if not gone(runner_pid, within=0):
             os.kill(runner_pid, signal.SIGKILL)

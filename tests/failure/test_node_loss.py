@@ -147,7 +147,8 @@ async def test_download_lost_on_its_way_to_a_live_node_is_tried_again(
         taken.set()
         await asyncio.Event().wait()  # no heartbeat, no answer: what a lost dispatch looks like
 
-    heartbeat_s = 15.0  # time for the real node to come online before the lost attempt times out
+    # time for the real node to come online before the lost attempt times out (15 s was short once on a loaded CI)
+    heartbeat_s = 30.0
     async with Worker(client, task_queue=node_queue(node_id), activities=[swallow], max_concurrent_activities=1):
         inp = DownloadInput(node_id, TINY, node_wait_s=60, heartbeat_timeout_s=heartbeat_s)
         workflow_id = (await start_download_workflow(client, inp)).id
