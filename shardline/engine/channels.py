@@ -206,27 +206,22 @@ def python_call_end(text: str) -> tuple[str, str] | None:
     head = PYTHON_HEAD.match(text)
     if head is None:
         return None
-    at, depth, quote = head.end(), 1, ""
-    while at < len(text):
-        char = text[at]
-        if quote:
-            at, quote = (at + 2, quote) if char == "\\" else (at + 1, "" if char == quote else quote)
-            continue
-        if char in "\"'":
-            quote = char
-        elif char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-            if depth == 0:
-                return f"[{text[head.start(1) : at + 1]}]", text[at + 1 :]
-        at += 1
-    return None
+    inside = Separators("python")
+    inside.scan(text, head.end())
+    if not inside.closed:  # its closing parenthesis is still to come
+        return None
+    end = inside.at or 0  # just past the closing parenthesis
+    return f"[{text[head.start(1) : end]}]", text[end:]
+
+
+def family_of(parser: Any) -> str:
+    """The mlx-lm tool-parser family a parser belongs to (its module's name), "" for none."""
+    return getattr(parser, "__module__", "").removeprefix(PARSERS)
 
 
 def argument_stream(parser: Any, tools: list[dict[str, Any]] | None) -> ArgumentStream | TaggedArguments | None:
     """How this family's calls are passed on as they are written."""
-    family = getattr(parser, "__module__", "").removeprefix(PARSERS)
+    family = family_of(parser)
     if family == "json_tools":
         return ArgumentStream()
     if family == "mistral":
@@ -279,7 +274,7 @@ class Channels:
         self.tool_text = ""
         self.calls = 0
         self.arguments = argument_stream(self.parser, tools)
-        self.split = SPLITS.get(getattr(self.parser, "__module__", "").removeprefix(PARSERS))
+        self.split = SPLITS.get(family_of(self.parser))
 
     def feed(self, text: str, final: bool = False) -> dict[str, Any]:
         """What `text` adds to each channel: {"text", "reasoning", "tool_calls"} (only those that grew)."""

@@ -16,7 +16,8 @@ from typing import Any
 import llguidance
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-PARSERS = "mlx_lm.tool_parsers."
+from shardline.engine.channels import family_of
+
 # the separators json.dumps writes, as the json_tools family (Qwen, Hermes) writes its calls
 CALL_JSON: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MISTRAL_ARGS = "[ARGS]"  # between a Mistral call's name and its arguments
@@ -26,7 +27,7 @@ Mark = Callable[[str], str]
 def forced_call(tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], thinking: bool) -> str:
     """The grammar that makes the answer calls of `tools` in the model family's format (after its reasoning, where
     the prompt has opened it). Raises ValueError where the family's format cannot be forced here."""
-    family = getattr(tokenizer.tool_parser, "__module__", "").removeprefix(PARSERS)
+    family = family_of(tokenizer.tool_parser)
     build = FORMATS.get(family)
     if build is None:
         known = f"its tool-call format ({family})" if family else "it has no tool-call format mlx-lm knows"
