@@ -7,25 +7,15 @@ that it dies with the node worker: it exits when its parent does, leaving only r
 import json
 import os
 import sys
-import threading
-import time
 
-
-def exit_with_parent() -> None:
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(3)
-
-    threading.Thread(target=watch, daemon=True).start()
+from shardline.lifeline import hold
 
 
 def main() -> int:
     spec = json.load(sys.stdin)
-    exit_with_parent()
-    from huggingface_hub import snapshot_download  # after the watcher: importing takes a while
+    hold(os.getppid())  # first: importing the hub client takes a while
+
+    from huggingface_hub import snapshot_download
 
     from activities.hub import DEFAULT_TIMEOUT_S, bound_hub_calls
 

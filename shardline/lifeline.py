@@ -6,9 +6,11 @@ leaves nothing behind: no dev server holding the port and the database, no worke
 - Linux: the kernel sends the child SIGKILL when its parent dies (`prctl(PR_SET_PDEATHSIG)`). The Go dev
   server gets it between fork and exec (`preexec`); a Python piece asks for it first thing (`hold`).
   The kernel fires it when the *thread* that forked exits, so `up` spawns from its main thread.
-- Elsewhere (macOS): a Python piece watches its parent pid from a thread (as runners and fetches do), and
-  the Go dev server, which cannot, runs under a leash: `python -m shardline.lifeline PARENT_PID CMD...`
-  runs CMD, passes it SIGTERM/SIGINT/SIGHUP, and SIGKILLs it within POLL_S of the parent's death.
+- Elsewhere (macOS): a Python piece (and every runner and fetch) forks a watchdog that SIGKILLs it within
+  POLL_S of its parent's death. Not a thread: MLX's ring start holds the GIL while it waits for its peers,
+  and a thread would never run. The Go dev server runs under a leash instead:
+  `python -m shardline.lifeline PARENT_PID CMD...` runs CMD, passes it SIGTERM/SIGINT/SIGHUP, and SIGKILLs
+  it within POLL_S of the parent's death.
 """
 
 import ctypes
@@ -17,9 +19,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
+
+import psutil
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_S = 0.5
@@ -50,18 +53,32 @@ def preexec(parent: int) -> Callable[[], None]:
 
 
 def hold(parent: int) -> None:
-    """Die with `parent`: called first by a piece `up` started (it passes its pid)."""
+    """Die with `parent` (by SIGKILL), whatever the main thread is doing: called first by every process we start
+    that must not outlive its starter (`up`'s pieces get its pid; runners and fetches pass `os.getppid()`).
+    Call before starting threads or importing MLX: elsewhere than Linux it forks."""
     tied = set_death_signal()
     if os.getppid() != parent:  # it died while we started
         os._exit(ORPHANED)
     if not tied:
-        threading.Thread(target=_watch, args=(parent,), daemon=True, name="parent-watch").start()
+        watchdog(parent)
 
 
-def _watch(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(POLL_S)
-    os._exit(ORPHANED)
+def watchdog(parent: int) -> None:
+    """Fork a process that SIGKILLs this one when it is no longer `parent`'s child, and ends with it."""
+    ward = os.getpid()
+    if os.fork() != 0:
+        return
+    try:
+        while os.getppid() == ward:
+            try:
+                if psutil.Process(ward).ppid() != parent:
+                    os.kill(ward, signal.SIGKILL)
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(POLL_S)
+    finally:
+        os._exit(0)
 
 
 def spawn_tied(cmd: list[str], **popen: object) -> subprocess.Popen[bytes]:

@@ -6,23 +6,23 @@ stdout carries only JSON events, one per line (everything else printed goes to s
   {"event": "error", "message": "...", "refused": bool}   refused: the model itself cannot run (MLX or
                                                           mlx-lm refuse it): retrying cannot help
 Exit codes: 0 shut down (SIGTERM/SIGINT to rank 0 stops every rank), 1 failed while
-serving (or the parent died), 2 could not start (bad spec, missing files, out of memory, the ring),
+serving, 2 could not start (bad spec, missing files, out of memory, the ring),
 3 the model cannot run (MLX or mlx-lm refuse it: its config, its weights, a forward pass).
+A runner whose parent dies is SIGKILLed (shardline.lifeline.hold).
 """
 
 import json
 import os
 import sys
-import threading
-import time
 from collections.abc import Callable
 from typing import TextIO
 
 import structlog
 
+from shardline.lifeline import hold
+
 log = structlog.get_logger(__name__)
 EXIT_FAILED, EXIT_START, EXIT_REFUSED = 1, 2, 3
-PARENT_POLL_S = 0.5
 
 
 def claim_stdout() -> TextIO:
@@ -47,25 +47,13 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def watch_parent() -> None:
-    """Exit when the process that started us dies, so no runner is ever orphaned."""
-    parent = os.getppid()
-
-    def poll() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(EXIT_FAILED)
-
-    threading.Thread(target=poll, daemon=True, name="parent-watch").start()
-
-
 def main(argv: list[str]) -> int:
     report = reporter(claim_stdout())
-    watch_parent()
+    hold(os.getppid())  # no runner is ever orphaned, even while the ring's start holds the GIL
     if len(argv) != 2:
         report({"event": "error", "message": "usage: python -m shardline.engine.runner SPEC_JSON_PATH"})
         return EXIT_START
-    # Imported only now: MLX and mlx_lm take seconds to import, and the parent watch must run by then.
+    # Imported only now: MLX and mlx_lm take seconds to import, and the parent must be held by then.
     from shardline.engine.loading import ModelRefused
     from shardline.engine.rank import Rank
 

@@ -1,5 +1,5 @@
 """shardline.lifeline on real processes: a parent is SIGKILLed, and what it started dies with it, by each
-mechanism (prctl on Linux, the leash and the parent watch that macOS uses); and `up`'s start-up checks."""
+mechanism (prctl on Linux, the leash and the watchdog that macOS uses); and `up`'s start-up checks."""
 
 import os
 import signal
@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -57,11 +58,25 @@ def test_held_python_child_dies_with_parent() -> None:
     dies_with_parent(f"child = subprocess.Popen([sys.executable, '-c', {hold!r}, str(os.getpid())]).pid")
 
 
-def test_parent_watch_thread_ends_child() -> None:
-    """The macOS path for a Python piece: a thread that watches the parent pid."""
-    watch = "import sys, time, threading; from shardline import lifeline\n"
-    watch += "threading.Thread(target=lifeline._watch, args=(int(sys.argv[1]),), daemon=True).start(); time.sleep(60)"
-    dies_with_parent(f"child = subprocess.Popen([sys.executable, '-c', {watch!r}, str(os.getpid())]).pid")
+# Holds the GIL while it waits, as MLX's ring start does for its peers: a watching thread would never run.
+GIL_HOLDER = "import ctypes; ctypes.PyDLL(None).sleep(60)"
+
+
+def test_watchdog_ends_a_child_that_holds_the_gil() -> None:
+    """The path elsewhere than Linux (taken here too, by calling it directly): a forked watchdog."""
+    code = f"import sys; from shardline import lifeline; lifeline.watchdog(int(sys.argv[1])); {GIL_HOLDER}"
+    dies_with_parent(f"child = subprocess.Popen([sys.executable, '-c', {code!r}, str(os.getpid())]).pid")
+
+
+def test_watchdog_ends_with_its_ward() -> None:
+    code = "import sys, time; from shardline import lifeline; lifeline.watchdog(int(sys.argv[1])); time.sleep(1)"
+    ward = subprocess.Popen([sys.executable, "-c", code, str(os.getpid())])
+    while not psutil.Process(ward.pid).children():
+        time.sleep(0.05)
+    dog = psutil.Process(ward.pid).children()[0]
+    assert ward.wait(10) == 0  # the watchdog did not kill a ward whose parent lives
+    _, alive = psutil.wait_procs([dog], timeout=5)
+    assert alive == []
 
 
 def test_leash_passes_sigterm_and_exit_status() -> None:
