@@ -52,6 +52,7 @@ def runner_spec(spec: ShardSpec, model_dir: Path, settings: Settings) -> RunnerS
         max_queue=settings.max_queue,
         prompt_cache_bytes=prompt_cache_budget(settings.prompt_cache_bytes),
         secret=spec.secret,
+        draft_tokens=spec.draft_tokens,
     )
 
 

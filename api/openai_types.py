@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from api.errors import openai_error_type
 from api.streaming import DONE, Stream, data
+from shardline.types import MAX_DRAFT_TOKENS
 from workflows.serve import InstanceStatus
 
 MAX_TOKENS = 32768
@@ -170,6 +171,10 @@ class SamplingOptions(Strict):
     stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None  # accepted: it changes nothing in the output
+    num_draft_tokens: int | None = Field(
+        default=None, ge=0, le=MAX_DRAFT_TOKENS, description="speculative decoding by prompt lookup (mlx_lm.server's "
+        "name): draft tokens a step, 0 = off; omitted: the instance's setting"
+    )  # fmt: skip
     metadata: dict[str, Any] | None = None  # likewise
 
     @field_validator("stop", mode="before")
@@ -202,6 +207,7 @@ class SamplingOptions(Strict):
             "logit_bias": {int(k): b for k, b in (self.logit_bias or {}).items()},
             "seed": self.seed,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop or [],
+            "num_draft_tokens": self.num_draft_tokens,
         }
 
 

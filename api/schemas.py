@@ -3,7 +3,7 @@
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shardline.errors import ErrorType
 from shardline.ids import (
@@ -16,6 +16,7 @@ from shardline.ids import (
     check_node_id,
     serve_workflow_id,
 )
+from shardline.types import MAX_DRAFT_TOKENS
 
 # What the OpenAPI document says of ids: the patterns the API checks them against (shardline/ids.py), its own
 # checks giving the message
@@ -142,6 +143,15 @@ class Accepted(BaseModel):
     result: dict[str, Any] | None = None
 
 
+class Speculative(BaseModel):
+    """Speculative decoding for every request of the instance that does not say otherwise (`num_draft_tokens` on a
+    request): draft tokens copied from the context where it repeats itself, checked in one forward pass."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["prompt_lookup"] = "prompt_lookup"
+    num_draft_tokens: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS, description="draft tokens a step, at most")
+
+
 class InstanceCreate(BaseModel):
     model: ModelId
     nodes: list[NodeId] | None = None
@@ -149,6 +159,7 @@ class InstanceCreate(BaseModel):
         None, description="omitted, null or auto: placement picks what the architecture supports and fits"
     )
     revision: str | None = None
+    speculative: Speculative | None = Field(None, description="omitted or null: off")
 
     @field_validator("model")
     @classmethod
@@ -203,6 +214,7 @@ class InstanceOut(BaseModel):
     error_type: ErrorType | None = None  # why it failed, as a program reads it
     incidents: list[str] = Field(default_factory=list, description="why it recovered, newest last")
     carried_over: int = Field(0, description="generations the API resumed after a runner of this instance was lost")
+    speculative: Speculative | None = None
 
     @classmethod
     def of(cls, instance_id: str, model: str, state: str, strategy: str) -> "InstanceOut":
@@ -218,4 +230,6 @@ class InstanceOut(BaseModel):
         return out.model_copy(update={"shards": shards, "endpoint": s.endpoint, "recoveries": s.recoveries,
                                       "reason": s.reason, "error_type": kind, "incidents": list(s.incidents),
                                       "strategy_reason": s.strategy_reason or None,
-                                      "carried_over": s.carried_over})  # fmt: skip
+                                      "carried_over": s.carried_over,
+                                      "speculative": Speculative(num_draft_tokens=s.draft_tokens) if s.draft_tokens
+                                      else None})  # fmt: skip

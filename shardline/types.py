@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+MAX_DRAFT_TOKENS = 16  # speculative decoding by prompt lookup: draft tokens a step, at most
+
 
 @dataclass(frozen=True)
 class LayerRange:
@@ -103,6 +105,7 @@ class ShardSpec:
     hosts: list[str]  # "ip:port" of every rank's ring endpoint, in rank order
     generation: int = 0  # which placement of the instance this runner belongs to
     secret: str = ""  # rank 0 serves only requests that carry it; "" = open (instances started before it existed)
+    draft_tokens: int = 0  # speculative decoding by prompt lookup, drafts a step, for requests that do not say
 
 
 @dataclass

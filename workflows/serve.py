@@ -71,6 +71,7 @@ class ServeInput:
     incidents: list[str] = field(default_factory=list)  # carried across continue-as-new
     carried_over: int = 0  # likewise
     download_attempts: int = 5  # of each node's download (histories from before it was carried replay with 5)
+    draft_tokens: int = 0  # speculative decoding by prompt lookup, drafts a step, for requests that do not say; 0 = off
 
 
 @dataclass
@@ -98,6 +99,7 @@ class InstanceStatus:
     secret: str = ""  # what the API sends rank 0's runner (never shown by the API)
     strategy_reason: str = ""  # why that strategy and those nodes, once placed
     carried_over: int = 0  # generations resumed elsewhere (or here, restarted) after a runner of this one was lost
+    draft_tokens: int = 0  # as asked (ServeInput)
 
 
 @dataclass
@@ -134,7 +136,7 @@ class ServingWorkflow:
     async def run(self, inp: ServeInput) -> InstanceStatus:
         self._status = InstanceStatus(inp.instance_id, inp.model_id, InstanceState.PLACING, inp.strategy,
                                       recoveries=inp.recoveries, incidents=list(inp.incidents),
-                                      carried_over=inp.carried_over)  # fmt: skip
+                                      carried_over=inp.carried_over, draft_tokens=inp.draft_tokens)  # fmt: skip
         self._generation = inp.recoveries
         self._recent = list(inp.recent_recoveries)
         try:
@@ -314,7 +316,8 @@ class ServingWorkflow:
         secret = workflow.uuid4().hex if workflow.patched("runner-secret") else ""
         for shard in placement.shards:
             spec = ShardSpec(inp.instance_id, inp.model_id, placement.strategy, shard.rank, len(placement.shards),
-                             shard.layers, placement.splits, hosts, self._generation, secret)  # fmt: skip
+                             shard.layers, placement.splits, hosts, self._generation, secret,
+                             draft_tokens=inp.draft_tokens)  # fmt: skip
             options = node_activity_options(
                 shard.node_id, wait_s=inp.node_wait_s, heartbeat_s=inp.heartbeat_timeout_s, run_for=RUNNER_LIFETIME
             )

@@ -32,6 +32,7 @@ async def create_instance(
         heartbeat_timeout_s=settings.heartbeat_timeout,
         recovery_deadline_s=settings.recovery_deadline,
         download_attempts=settings.download_attempts,
+        draft_tokens=body.speculative.num_draft_tokens if body.speculative else 0,
     )
     await workflows.start_serving(client, inp)
     cache.forget()

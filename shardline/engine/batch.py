@@ -19,6 +19,7 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from shardline.engine import speculative
 from shardline.engine.grammar import GrammarProcessor, Grammars
 from shardline.engine.pipeline import whole_model_caches
 from shardline.engine.protocol import Join, Step
@@ -42,7 +43,7 @@ class Kept:
 @dataclass
 class Output:
     joined: list[int] = field(default_factory=list)  # request ids of the step's joins, in order
-    responses: list[Response] = field(default_factory=list)  # one token per decoding request
+    responses: list[Response] = field(default_factory=list)  # a token per decoding request (more: speculation)
     kept: list[Kept] = field(default_factory=list)
 
 
@@ -71,11 +72,14 @@ class Batch:
         self.model = model
         self.grammars = Grammars(tokenizer)
         self.grammar_of: dict[int, GrammarProcessor] = {}  # each constrained request's, while it runs
+        self.drafts_of: dict[int, int] = {}  # each speculating request's draft length, while it runs
+        self.tally = speculative.Tally()
         self.finished: list[int] = []
         self.generator = BatchGenerator(model, **self.options)
         self.store: dict[int, list[Any]] = {}
         self.sizes: dict[int, int] = {}
         self.report: Callable[[dict], None] | None = None  # told the store's size each time it changes
+        self.speculates = trimmable(model)  # dropping rejected drafts needs caches cut back per row
 
     def reset(self) -> None:
         """A fresh generator after a failed step (its state is unknown); the prefix cache is intact."""
@@ -97,6 +101,7 @@ class Batch:
         out = Output()
         for uid in [*self.finished, *step.leaves]:
             self.grammar_of.pop(uid, None)
+            self.drafts_of.pop(uid, None)
         self.finished = []
         for entry in step.drops:
             self.store.pop(entry, None)
@@ -106,7 +111,8 @@ class Batch:
             for uid, (caches, tokens) in left.items():
                 out.kept += self._keep(uid, caches, tokens)
         out.joined = [self._insert(join) for join in step.joins]
-        _, out.responses = self.generator.next()
+        speculated = self._speculate() if self.drafts_of and not step.joins else None
+        out.responses = speculated if speculated is not None else self.generator.next()[1]
         for r in out.responses:
             if r.finish_reason is not None:
                 out.kept += self._keep(r.uid, r.prompt_cache, r.all_tokens)
@@ -114,6 +120,15 @@ class Batch:
         if (step.drops or out.kept) and self.report is not None:
             self.report({"event": "stats", "cache_bytes": self.store_bytes})
         return out
+
+    def _speculate(self) -> list[Response] | None:
+        """A speculative step when the batch is all decoding and can take one (speculative.py); else None."""
+        gen = self.generator
+        if len(gen._prompt_batch) or gen._unprocessed_sequences or not speculative.usable(gen._generation_batch):
+            return None
+        gb = gen._generation_batch
+        with mx.stream(gen._stream):
+            return speculative.step(gb, [self.drafts_of.get(uid, 0) for uid in gb.uids], self.tally)
 
     def idle(self) -> bool:
         return len(self) == 0 and not self.generator._unprocessed_sequences
@@ -137,6 +152,8 @@ class Batch:
             logits_processors=[processors],
         )
         self.grammar_of.update((uid, p) for p in processors if isinstance(p, GrammarProcessor))
+        if join.sampling.draft_tokens and self.speculates:
+            self.drafts_of[uid] = join.sampling.draft_tokens
         return uid
 
     def grammar_error(self, uid: int) -> str | None:

@@ -51,6 +51,7 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs
     grammar: str = ""  # an llguidance grammar the output must match; "" = free
     resumed: int = 0  # the last this many of the join's tokens are the request's own output, already delivered
+    draft_tokens: int = 0  # speculative decoding by prompt lookup: up to this many drafts a step (0 = off)
 
     def options(self) -> dict[str, object]:
         """The fields past the fixed four that differ from their defaults."""

@@ -86,7 +86,9 @@ class Rank:
             self.batch, self.tokenizer, self.group, jobs, max_batch=spec.max_batch, index=index,
             scale=cache_scale(spec), wake=waker or (lambda: None),
         )  # fmt: skip
-        limits = Limits(context_length(Path(spec.model_path)), spec.max_queue, spec.secret, spec.max_batch)
+        limits = Limits(
+            context_length(Path(spec.model_path)), spec.max_queue, spec.secret, spec.max_batch, spec.draft_tokens
+        )
         http = start_http(
             create_app(self.tokenizer, jobs, limits, lambda: stats(scheduler) | {"context": limits.context}), sock
         )
@@ -130,4 +132,6 @@ def stats(scheduler: Scheduler) -> dict[str, Any]:
             "cache_entries": len(index), "cache_bytes": index.nbytes, "cache_hits": index.hits,
             "cache_lookups": index.lookups, "cached_tokens": index.cached_tokens,
         }  # fmt: skip
-    return {**asdict(scheduler.stats), **cache, "max_batch": scheduler.max_batch}
+    tally = scheduler.batch.tally
+    drafts = {"draft_tokens": tally.drafted, "accepted_draft_tokens": tally.accepted}
+    return {**asdict(scheduler.stats), **cache, **drafts, "max_batch": scheduler.max_batch}

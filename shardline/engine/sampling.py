@@ -26,15 +26,28 @@ class SeededSampler:
             self.key, _ = mx.random.split(self.key)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
-        # mlx_lm's make_sampler order: top_p, min_p, top_k
+        return self.categorical(self.shaped(logprobs))
+
+    def shaped(self, logprobs: mx.array) -> mx.array:
+        """The logits this request samples from: mlx_lm's make_sampler order (top_p, min_p, top_k), then temperature."""
         if 0 < self.s.top_p < 1.0:
             logprobs = apply_top_p(logprobs, self.s.top_p)
         if self.s.min_p != 0.0:
             logprobs = apply_min_p(logprobs, self.s.min_p)
         if 0 < self.s.top_k < logprobs.shape[-1]:  # as many as the vocabulary or more: every token, as off
             logprobs = apply_top_k(logprobs, self.s.top_k)
+        return logprobs * (1 / self.s.temperature)
+
+    def categorical(self, logits: mx.array) -> mx.array:
         self.key, draw = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * (1 / self.s.temperature), key=draw)
+        return mx.random.categorical(logits, key=draw)
+
+    def distribution(self, logprobs: mx.array) -> mx.array:
+        return mx.softmax(self.shaped(logprobs), axis=-1)
+
+    def uniform(self) -> float:
+        self.key, draw = mx.random.split(self.key)
+        return float(mx.random.uniform(key=draw).item())
 
 
 def sampler_for(sampling: Sampling) -> Callable[[mx.array], mx.array]:

@@ -24,6 +24,7 @@ from shardline.engine.generation import Job, random_seed
 from shardline.engine.grammar import Grammars, grammar_for
 from shardline.engine.protocol import Sampling
 from shardline.engine.tool_grammars import forced_call
+from shardline.types import MAX_DRAFT_TOKENS
 
 MAX_SEED = 2**64
 RETRY_AFTER_S = 1
@@ -36,6 +37,7 @@ class Limits:
     max_queue: int  # requests waiting for the batch before 429
     secret: str = ""  # the instance's; "" = no check
     max_batch: int = 0  # requests decoded together (told to the API, which routes by it); 0 = not said
+    draft_tokens: int = 0  # the instance's speculative decoding (requests may say otherwise); 0 = off
 
 
 def bearer_check(secret: str) -> Callable[..., None]:
@@ -68,6 +70,8 @@ class GenerateBody(BaseModel):
     # the API's, resuming a generation whose runner was lost: the tokens its client already has (with the same
     # seed, the rest is what the lost runner would have made)
     resume: list[int] = Field(default_factory=list)
+    # speculative decoding by prompt lookup: up to this many draft tokens a step; None = the instance's setting
+    num_draft_tokens: int | None = Field(default=None, ge=0, le=MAX_DRAFT_TOKENS)
 
     @model_validator(mode="after")
     def one_input(self) -> Self:
@@ -164,6 +168,7 @@ def make_job(
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, logit_bias=tuple(sorted(body.logit_bias.items())), grammar=grammar,
         resumed=len(body.resume),
+        draft_tokens=limits.draft_tokens if body.num_draft_tokens is None else body.num_draft_tokens,
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     return Job(

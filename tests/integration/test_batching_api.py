@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TINY, Cluster
-from tests.support.serving import MESSAGES, running_nodes, start_instance, wait_state
+from tests.support.serving import MESSAGES, metric, running_nodes, start_instance, wait_state
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -45,12 +45,6 @@ async def pair(cluster: Cluster) -> AsyncIterator[list[dict[str, Any]]]:
 async def chat(http: httpx.AsyncClient, max_tokens: int = LONG) -> httpx.Response:
     body = {"model": TINY, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0}
     return await http.post("/v1/chat/completions", json=body)
-
-
-async def metric(http: httpx.AsyncClient, name: str) -> dict[str, float]:
-    """One gauge of /metrics, by instance."""
-    families = {f.name: f for f in text_string_to_metric_families((await http.get("/metrics")).text)}
-    return {s.labels["instance"]: s.value for s in families[name].samples}
 
 
 async def test_requests_spread_over_the_instances(cluster: Cluster, pair: list[dict[str, Any]]) -> None:

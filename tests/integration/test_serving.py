@@ -16,6 +16,7 @@ from tests.support.model_factory import make_tiny_model
 from tests.support.serving import (
     MESSAGES,
     greedy,
+    metric,
     reference,
     runners,
     running_nodes,
@@ -34,16 +35,21 @@ async def test_pipeline_matches_mlx_lm(
     cluster: Cluster, api: httpx.AsyncClient, model_dirs: dict[str, Path], size: int
 ) -> None:
     node_ids = [f"p{size}-{i}-{id(api) % 10000}" for i in range(size)]
+    # on 3 nodes, with speculative decoding for every request: the same greedy text
+    speculative = {"method": "prompt_lookup", "num_draft_tokens": 4} if size == 3 else None
     async with running_nodes(cluster, api, node_ids) as homes:
-        instance = await start_instance(api, QWEN, strategy="pipeline", nodes=node_ids)
+        instance = await start_instance(api, QWEN, strategy="pipeline", nodes=node_ids, speculative=speculative)
         ready = await wait_state(api, instance, {"ready", "failed"})
         assert ready["state"] == "ready", ready["reason"]
+        assert ready["speculative"] == speculative
         assert sorted(s["node_id"] for s in ready["shards"]) == sorted(node_ids)
         spans = sorted(tuple(s["layers"]) for s in ready["shards"])
         assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(spans))
         expected = reference(model_dirs[QWEN])
         assert await greedy(cluster, QWEN, stream=False) == expected
         assert await greedy(cluster, QWEN, stream=True) == expected
+        if speculative:
+            assert (await metric(api, "shardline_runner_accepted_draft_tokens"))[instance] > 0
         assert QWEN in [m["id"] for m in (await api.get("/v1/models")).json()["data"]]
         assert len(runners(homes)) == size
         await stop(api, instance, homes)

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import psutil
 from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import Cluster
 from tests.support.waits import eventually, wait_node
@@ -104,3 +105,9 @@ async def served(cluster: Cluster, model: str, node_ids: list[str]) -> AsyncIter
         assert ready["state"] == "ready", ready["reason"]
         yield instance_id
         await api.delete(f"/instances/{instance_id}")
+
+
+async def metric(http: httpx.AsyncClient, name: str) -> dict[str, float]:
+    """One gauge of /metrics, by instance."""
+    families = {f.name: f for f in text_string_to_metric_families((await http.get("/metrics")).text)}
+    return {s.labels["instance"]: s.value for s in families[name].samples}

@@ -1,0 +1,149 @@
+"""Speculative decoding by prompt lookup on one rank's Batch, in this process: greedy output is plain decoding's,
+token for token, alone and batched; seeded sampling keeps plain sampling's distribution. (Through runners, on a
+pipeline: test_batching.py.)"""
+
+from collections import Counter
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+
+from shardline.engine.batch import Batch
+from shardline.engine.protocol import Join, Sampling, Step
+from shardline.engine.sampling import SeededSampler
+from shardline.engine.speculative import judge, lookup
+
+# Prompts that repeat themselves, as an agent's edit repeats the file it read: lookups find drafts.
+PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9, 10, 11, 12, 7, 8], [20, 21, 20, 21, 20], [5, 6, 40, 41, 42, 5, 6]]
+Z_P001 = 3.09  # the standard normal's upper 0.001 quantile
+
+
+def test_lookup_copies_what_followed_the_latest_occurrence_of_the_longest_suffix() -> None:
+    assert lookup([1, 2, 3, 9, 9, 1, 2, 3], 2) == [9, 9]
+    assert lookup([5, 1, 7, 2, 1, 8, 2, 1], 3) == [8, 2, 1]  # "2 1" last occurred before 8
+    assert lookup([4, 1, 2, 5, 1, 2, 6, 3, 1, 2], 1) == [6]  # the latest of several occurrences
+    assert lookup([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert lookup([1], 4) == []
+
+
+@pytest.fixture(scope="module")
+def loaded(qwen_dir: Path) -> tuple:
+    return load(str(qwen_dir))
+
+
+def decode(loaded: tuple, prompts: list[list[int]], sampling: list[Sampling]) -> tuple[list[list[int]], Batch, int]:
+    """Each request's tokens, the batch (its tally, its kept prefixes) and how many forward passes it took."""
+    model, tokenizer = loaded
+    batch = Batch(model, tokenizer, prefill_step=512)
+    out = batch.apply(Step(joins=[Join(p, s) for p, s in zip(prompts, sampling, strict=True)]))
+    tokens: dict[int, list[int]] = {uid: [] for uid in out.joined}
+    order, passes = list(out.joined), 1
+    kept = {}
+    while True:
+        for response in out.responses:
+            tokens[response.uid].append(response.token)
+        kept.update((k.uid, k) for k in out.kept)
+        if batch.idle():
+            break
+        out = batch.apply(Step())
+        passes += 1
+    for uid in order:  # what the prefix cache keeps of each is exactly its prompt and output
+        assert kept[uid].usable and kept[uid].tokens == prompts[order.index(uid)] + tokens[uid]
+    return [tokens[uid] for uid in order], batch, passes
+
+
+def test_greedy_output_is_plain_decoding_s_batched_and_alone(loaded: tuple) -> None:
+    plain = [Sampling(40, 0.0, 1.0, 0)] * len(PROMPTS)
+    speculating = [Sampling(40, 0.0, 1.0, 0, draft_tokens=4)] * len(PROMPTS)
+    expected, _, plain_passes = decode(loaded, PROMPTS, plain)
+    got, batch, passes = decode(loaded, PROMPTS, speculating)
+    assert got == expected
+    assert batch.tally.accepted > 0 and passes < plain_passes  # it did speculate, and saved forward passes
+    print(f"batched: {passes} forward passes for {plain_passes}; {batch.tally}")
+    for prompt, alone in zip(PROMPTS, expected, strict=True):
+        assert decode(loaded, [prompt], speculating[:1])[0] == [alone]
+    mixed = [speculating[0], plain[0], speculating[0], plain[0]]  # beside requests that do not speculate
+    assert decode(loaded, PROMPTS, mixed)[0] == expected
+
+
+def test_seeded_sampling_keeps_its_distribution(loaded: tuple) -> None:
+    """200 samples each way (independent seeds) of the first 6 tokens, at a temperature (0.05) where this random
+    model's text repeats itself often but not always, over its top 4 tokens: at each position the tokens' counts
+    agree (chi-square, p > 0.001), and many drafts were accepted, many rejected."""
+    runs, length = 200, 6
+    prompt = PROMPTS[0]
+
+    def samples(first_seed: int, draft_tokens: int) -> tuple[list[list[int]], int, int]:
+        out, drafted, accepted = [], 0, 0
+        for start in range(first_seed, first_seed + runs, 100):
+            sampling = [Sampling(length, 0.05, 1.0, seed, top_k=4, draft_tokens=draft_tokens)
+                        for seed in range(start, start + 100)]  # fmt: skip
+            tokens, batch, _ = decode(loaded, [prompt] * 100, sampling)
+            out += tokens
+            drafted, accepted = drafted + batch.tally.drafted, accepted + batch.tally.accepted
+        return out, drafted, accepted
+
+    plain, _, _ = samples(0, 0)
+    speculated, drafted, accepted = samples(10_000, 4)
+    print(f"drafted {drafted}, accepted {accepted}")
+    assert 0.1 < accepted / drafted < 0.9
+    for position in range(length):
+        a = Counter(s[position] for s in plain)
+        b = Counter(s[position] for s in speculated)
+        statistic, bound = chi_square(a, b)
+        print(f"position {position}: plain {dict(a)} speculative {dict(b)} chi2 {statistic:.2f} < {bound:.2f}")
+        assert statistic < bound, (position, a, b)
+
+
+def test_the_acceptance_rule_samples_what_plain_sampling_would() -> None:
+    """On a 5-token vocabulary with fixed distributions, 4000 seeds: the first token out of a step with two drafts
+    follows the request's distribution exactly (goodness of fit), whether its draft was likely or not; and after
+    the first draft is accepted, so does the second token."""
+    logits = mx.array([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0, 1.5, 1.5, -0.5, 0.2], [0.3, 0.1, 0.0, 0.9, 0.4]])
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    for drafts in ([0, 2], [3, 1]):  # the likeliest token first, then an unlikely one
+        firsts, seconds = Counter(), Counter()
+        for seed in range(4000):
+            sampler = SeededSampler(Sampling(8, 0.8, 0.95, seed, top_k=4))
+            accepted, (following, _) = judge(sampler, logprobs, drafts)
+            out = [*drafts[:accepted], following]
+            firsts[out[0]] += 1
+            if accepted >= 1:
+                seconds[out[1]] += 1
+        reference = SeededSampler(Sampling(8, 0.8, 0.95, 0, top_k=4))
+        for counts, position in ((firsts, 0), (seconds, 1)):
+            expected = reference.distribution(logprobs[position : position + 1])[0].tolist()
+            statistic, bound = goodness_of_fit(counts, expected)
+            print(f"drafts {drafts}, position {position}: {dict(counts)} vs {expected}: {statistic:.2f} < {bound:.2f}")
+            assert statistic < bound, (drafts, position, counts, expected)
+
+
+def goodness_of_fit(counts: Counter, probabilities: list[float]) -> tuple[float, float]:
+    n = sum(counts.values())
+    assert all(counts[t] == 0 for t, p in enumerate(probabilities) if p == 0)  # top-p / top-k cut it: never drawn
+    cells = [(counts[t], n * p) for t, p in enumerate(probabilities) if p > 0]
+    return sum((c - e) ** 2 / e for c, e in cells), bound_p001(len(cells) - 1)
+
+
+def bound_p001(df: int) -> float:
+    """What a chi-square statistic with `df` degrees of freedom exceeds with probability 0.001 (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + Z_P001 * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def chi_square(a: Counter, b: Counter) -> tuple[float, float]:
+    """Two samples' homogeneity statistic, tokens seen fewer than 10 times together pooled as one, and the value
+    its degrees of freedom exceed with probability 0.001 (Wilson-Hilferty)."""
+    pooled_a, pooled_b = Counter(), Counter()
+    for key in a.keys() | b.keys():
+        pool = key if a[key] + b[key] >= 10 else -1
+        pooled_a[pool] += a[key]
+        pooled_b[pool] += b[key]
+    na, nb = sum(a.values()), sum(b.values())
+    total = 0.0
+    for key in pooled_a.keys() | pooled_b.keys():
+        both = pooled_a[key] + pooled_b[key]
+        for count, n in ((pooled_a[key], na), (pooled_b[key], nb)):
+            expected = both * n / (na + nb)
+            total += (count - expected) ** 2 / expected
+    return total, bound_p001(max(len(pooled_a.keys() | pooled_b.keys()) - 1, 1))
