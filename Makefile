@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python -m bench.speed
 	$(BIN)/python -m bench.batching
 	$(BIN)/python -m bench.grammar
+	$(BIN)/python -m bench.speculative
 	$(BIN)/python -m bench.pipeline_split
 	$(BIN)/python -m bench.idle_first_token
 

@@ -2,6 +2,8 @@
 grammar (llguidance masks applied as a logits processor), on one rank's Batch, in this process.
 
     python -m bench.grammar [--batch 8] [--tokens 64]
+
+On a model of hidden 576 x 12 layers by default; writes bench/out/grammar.json (the goal: constrained <= 1.1x free).
 """
 
 import argparse
@@ -9,6 +11,8 @@ import json
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import machine, save
 
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
           "required": ["items"]}  # fmt: skip
@@ -33,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--layers", type=int, default=12)
     args = parser.parse_args()
     from mlx_lm import load
 
@@ -41,8 +47,9 @@ def main() -> None:
     from tests.support.model_factory import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_model(Path(tmp) / "m", num_layers=4, num_files=1, vocab_size=4096, hidden_size=256,
-                                    intermediate_size=512)  # fmt: skip
+        model_dir = make_tiny_model(Path(tmp) / "m", num_layers=args.layers, num_files=1, vocab_size=4096,
+                                    hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_heads=9,
+                                    num_kv_heads=3)  # fmt: skip
         model, tokenizer = load(str(model_dir))
         batch = Batch(model, tokenizer, prefill_step=512)
         grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "b", "schema": SCHEMA}})
@@ -52,8 +59,12 @@ def main() -> None:
         for size in (1, args.batch):
             free = min(decode(batch, prompt, size, args.tokens, "") for _ in range(3))
             constrained = min(decode(batch, prompt, size, args.tokens, grammar) for _ in range(3))
-            rows[size] = {"free_ms": free * 1e3, "grammar_ms": constrained * 1e3, "cost_ms": (constrained - free) * 1e3}
-        print(json.dumps({"vocab": 4096, "per_token": rows}, indent=2))
+            rows[size] = {"free_ms": round(free * 1e3, 2), "grammar_ms": round(constrained * 1e3, 2),
+                          "ratio": round(constrained / free, 3)}  # fmt: skip
+        model = f"hidden {args.hidden} x {args.layers} layers, vocab 4096"
+        data = {"model": model, "per_token": rows, "goal_ratio": 1.1, "machine": machine()}
+        print(json.dumps(data, indent=2))
+        save(Path(__file__).parent / "out" / "grammar.json", data)
 
 
 if __name__ == "__main__":

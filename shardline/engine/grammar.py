@@ -89,8 +89,11 @@ class GrammarProcessor:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self.started and not self.matcher.is_stopped():
-            self.matcher.consume_token(int(tokens[-1].item()))
+            self.matcher.consume_token(int(tokens[-1].item()))  # waits for the step before: its token is needed
         self.started = True
+        # This step's forward pass needs only that token too: start it now, so that it runs while llguidance
+        # computes the mask below, instead of after it (mlx_lm evaluates the step only once it has sampled).
+        mx.async_eval(logits)
         if not self.matcher.is_error():
             fill_next_token_bitmask(self.matcher, self.mask, 0)
         if self.matcher.is_error() or not self.mask.any():
