@@ -53,6 +53,7 @@ def runner_spec(spec: ShardSpec, model_dir: Path, settings: Settings) -> RunnerS
         prompt_cache_bytes=prompt_cache_budget(settings.prompt_cache_bytes),
         secret=spec.secret,
         draft_tokens=spec.draft_tokens,
+        draft_max_batch=spec.draft_max_batch,
     )
 
 

@@ -16,7 +16,7 @@ from shardline.ids import (
     check_node_id,
     serve_workflow_id,
 )
-from shardline.types import MAX_DRAFT_TOKENS
+from shardline.types import DRAFT_MAX_BATCH, MAX_DRAFT_TOKENS
 
 # What the OpenAPI document says of ids: the patterns the API checks them against (shardline/ids.py), its own
 # checks giving the message
@@ -150,6 +150,10 @@ class Speculative(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["prompt_lookup"] = "prompt_lookup"
     num_draft_tokens: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS, description="draft tokens a step, at most")
+    max_batch: int = Field(
+        DRAFT_MAX_BATCH, ge=1, description="speculate only while at most this many requests decode together (past "
+        "that a busy CPU spends more checking drafts than they save; raise it where decoding waits on memory)"
+    )  # fmt: skip
 
 
 class InstanceCreate(BaseModel):
@@ -227,9 +231,8 @@ class InstanceOut(BaseModel):
                   for x in s.shards]  # fmt: skip
         out = cls.of(s.instance_id, s.model_id, s.state, s.strategy)
         kind = ErrorType(s.error_type) if s.error_type else None
+        drafts = Speculative(num_draft_tokens=s.draft_tokens, max_batch=s.draft_max_batch) if s.draft_tokens else None
         return out.model_copy(update={"shards": shards, "endpoint": s.endpoint, "recoveries": s.recoveries,
                                       "reason": s.reason, "error_type": kind, "incidents": list(s.incidents),
                                       "strategy_reason": s.strategy_reason or None,
-                                      "carried_over": s.carried_over,
-                                      "speculative": Speculative(num_draft_tokens=s.draft_tokens) if s.draft_tokens
-                                      else None})  # fmt: skip
+                                      "carried_over": s.carried_over, "speculative": drafts})  # fmt: skip

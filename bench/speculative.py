@@ -21,6 +21,7 @@ from typing import Any
 
 from bench.common import machine, save
 
+STREAMS = (1, 8)
 SOURCE = """def place(model, nodes):
     free = sorted(nodes, key=lambda n: n.memory, reverse=True)
     layers = model.layers
@@ -82,7 +83,7 @@ def main() -> None:
             model, tokenizer = load(str(model_dir))
             batch = Batch(model, tokenizer, prefill_step=512)
             decode(batch, [prompt], 8, 0)  # warm-up
-            for streams in (1, 8):
+            for streams in STREAMS:
                 prompts = [prompt[: len(prompt) - i] for i in range(streams)]  # not all alike
                 plain = [decode(batch, prompts, args.tokens, 0) for _ in range(2)]
                 spec = [decode(batch, prompts, args.tokens, args.drafts) for _ in range(2)]

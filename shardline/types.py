@@ -3,6 +3,9 @@
 from dataclasses import dataclass, field
 
 MAX_DRAFT_TOKENS = 16  # speculative decoding by prompt lookup: draft tokens a step, at most
+# ... and only while at most this many requests decode together (past it, measured on a 2-core CPU, the forward
+# pass is busy with the batch already, and checking every row's drafts costs more than they save)
+DRAFT_MAX_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class ShardSpec:
     generation: int = 0  # which placement of the instance this runner belongs to
     secret: str = ""  # rank 0 serves only requests that carry it; "" = open (instances started before it existed)
     draft_tokens: int = 0  # speculative decoding by prompt lookup, drafts a step, for requests that do not say
+    draft_max_batch: int = DRAFT_MAX_BATCH  # speculate only while at most this many requests decode together
 
 
 @dataclass

@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
         planned_bytes,
     )  # fmt: skip
     from shardline.states import InstanceState
-    from shardline.types import InspectRequest, LayerRange, RunnerReady, ShardSpec
+    from shardline.types import DRAFT_MAX_BATCH, InspectRequest, LayerRange, RunnerReady, ShardSpec
     from workflows.common import (
         CONTROL_ACTIVITY,
         cancel_requested,
@@ -72,6 +72,7 @@ class ServeInput:
     carried_over: int = 0  # likewise
     download_attempts: int = 5  # of each node's download (histories from before it was carried replay with 5)
     draft_tokens: int = 0  # speculative decoding by prompt lookup, drafts a step, for requests that do not say; 0 = off
+    draft_max_batch: int = DRAFT_MAX_BATCH  # ... while at most this many requests decode together
 
 
 @dataclass
@@ -100,6 +101,7 @@ class InstanceStatus:
     strategy_reason: str = ""  # why that strategy and those nodes, once placed
     carried_over: int = 0  # generations resumed elsewhere (or here, restarted) after a runner of this one was lost
     draft_tokens: int = 0  # as asked (ServeInput)
+    draft_max_batch: int = DRAFT_MAX_BATCH
 
 
 @dataclass
@@ -136,7 +138,8 @@ class ServingWorkflow:
     async def run(self, inp: ServeInput) -> InstanceStatus:
         self._status = InstanceStatus(inp.instance_id, inp.model_id, InstanceState.PLACING, inp.strategy,
                                       recoveries=inp.recoveries, incidents=list(inp.incidents),
-                                      carried_over=inp.carried_over, draft_tokens=inp.draft_tokens)  # fmt: skip
+                                      carried_over=inp.carried_over, draft_tokens=inp.draft_tokens,
+                                      draft_max_batch=inp.draft_max_batch)  # fmt: skip
         self._generation = inp.recoveries
         self._recent = list(inp.recent_recoveries)
         try:
@@ -317,7 +320,7 @@ class ServingWorkflow:
         for shard in placement.shards:
             spec = ShardSpec(inp.instance_id, inp.model_id, placement.strategy, shard.rank, len(placement.shards),
                              shard.layers, placement.splits, hosts, self._generation, secret,
-                             draft_tokens=inp.draft_tokens)  # fmt: skip
+                             draft_tokens=inp.draft_tokens, draft_max_batch=inp.draft_max_batch)  # fmt: skip
             options = node_activity_options(
                 shard.node_id, wait_s=inp.node_wait_s, heartbeat_s=inp.heartbeat_timeout_s, run_for=RUNNER_LIFETIME
             )

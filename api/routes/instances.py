@@ -8,6 +8,7 @@ from api.schemas import ADMIN_STATUSES, ErrorOut, InstanceCreate, InstanceOut, P
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import new_instance_id, serve_workflow_id
 from shardline.states import InstanceState, WorkState
+from shardline.types import DRAFT_MAX_BATCH
 from workflows import client as workflows
 from workflows.preview import PreviewInput
 from workflows.serve import ServeInput
@@ -33,6 +34,7 @@ async def create_instance(
         recovery_deadline_s=settings.recovery_deadline,
         download_attempts=settings.download_attempts,
         draft_tokens=body.speculative.num_draft_tokens if body.speculative else 0,
+        draft_max_batch=body.speculative.max_batch if body.speculative else DRAFT_MAX_BATCH,
     )
     await workflows.start_serving(client, inp)
     cache.forget()

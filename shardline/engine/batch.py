@@ -24,6 +24,7 @@ from shardline.engine.grammar import GrammarProcessor, Grammars
 from shardline.engine.pipeline import whole_model_caches
 from shardline.engine.protocol import Join, Step
 from shardline.engine.sampling import processors_for, sampler_for
+from shardline.types import DRAFT_MAX_BATCH
 
 PREFILL_BATCH = 8  # prompts prefilled together
 UNBOUNDED = 1 << 30
@@ -60,7 +61,14 @@ def covers(caches: list[Any], tokens: list[int]) -> bool:
 
 
 class Batch:
-    def __init__(self, model: nn.Module, tokenizer: TokenizerWrapper, *, prefill_step: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: TokenizerWrapper,
+        *,
+        prefill_step: int,
+        draft_max_batch: int = DRAFT_MAX_BATCH,
+    ) -> None:
         self.options = {
             "stop_tokens": [[t] for t in sorted(tokenizer.eos_token_ids)],
             # rank 0 admits at most its max_batch; the generator's own limits must never bind, or ranks
@@ -80,6 +88,7 @@ class Batch:
         self.sizes: dict[int, int] = {}
         self.report: Callable[[dict], None] | None = None  # told the store's size each time it changes
         self.speculates = trimmable(model)  # dropping rejected drafts needs caches cut back per row
+        self.draft_max_batch = draft_max_batch
 
     def reset(self) -> None:
         """A fresh generator after a failed step (its state is unknown); the prefix cache is intact."""
@@ -125,6 +134,8 @@ class Batch:
         """A speculative step when the batch is all decoding and can take one (speculative.py); else None."""
         gen = self.generator
         if len(gen._prompt_batch) or gen._unprocessed_sequences or not speculative.usable(gen._generation_batch):
+            return None
+        if len(gen._generation_batch) > self.draft_max_batch:
             return None
         gb = gen._generation_batch
         with mx.stream(gen._stream):

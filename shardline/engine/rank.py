@@ -55,7 +55,9 @@ class Rank:
         if rank == 0 and self.alarm is not None:
             self.alarm.close()  # rank 0 is never woken
             self.alarm = None
-        self.batch = Batch(self.model, self.tokenizer, prefill_step=PREFILL_STEP)
+        self.batch = Batch(
+            self.model, self.tokenizer, prefill_step=PREFILL_STEP, draft_max_batch=self.spec.draft_max_batch
+        )
 
     def run(self, report: Report) -> None:
         """Until rank 0 is told to stop (SIGTERM/SIGINT); raises when the ring breaks."""

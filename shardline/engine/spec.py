@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shardline.types import MAX_DRAFT_TOKENS, LayerRange
+from shardline.types import DRAFT_MAX_BATCH, MAX_DRAFT_TOKENS, LayerRange
 
 STRATEGIES = ("single", "pipeline", "tensor")
 
@@ -34,6 +34,7 @@ class RunnerSpec:
     max_queue: int = 256  # requests waiting to join; past that the runner answers 429
     prompt_cache_bytes: int = 1 << 30  # prefix cache budget, per rank; 0 = off
     draft_tokens: int = 0  # speculative decoding by prompt lookup, drafts a step, for requests that do not say; 0 = off
+    draft_max_batch: int = DRAFT_MAX_BATCH  # speculate only while at most this many requests decode (every rank alike)
     secret: str = ""  # rank 0 answers /generate and /stats only with `Authorization: Bearer <secret>`; "" = open
 
     def __post_init__(self) -> None:
@@ -71,6 +72,8 @@ def spec_problem(spec: RunnerSpec) -> str | None:
         return "max_batch and max_queue must be at least 1, prompt_cache_bytes at least 0"
     if not 0 <= spec.draft_tokens <= MAX_DRAFT_TOKENS:
         return f"draft_tokens must be 0 (off) to {MAX_DRAFT_TOKENS}"
+    if spec.draft_max_batch < 1:
+        return "draft_max_batch must be at least 1"
     if spec.world_size > 1 and len(spec.hosts) != spec.world_size:
         return f"{len(spec.hosts)} ring hosts given for world size {spec.world_size}"
     if spec.strategy == "pipeline":

@@ -36,7 +36,7 @@ def single_llama(workdir: Path, llama_dir: Path) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def single_qwen(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
-    with serving(rank_specs([qwen_dir], "single"), workdir, "single-qwen") as served:
+    with serving(rank_specs([qwen_dir], "single", draft_max_batch=8), workdir, "single-qwen") as served:
         yield served
 
 

@@ -76,7 +76,7 @@ async def stats(endpoint: str) -> dict:
 def batch_pipe2(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
     splits = [2, 2]
     dirs = [node_copy(qwen_dir, workdir / f"batch-pipe2-node{rank}", splits, rank) for rank in range(2)]
-    with serving(rank_specs(dirs, "pipeline", splits), workdir, "batch-pipe2") as served:
+    with serving(rank_specs(dirs, "pipeline", splits, draft_max_batch=8), workdir, "batch-pipe2") as served:
         yield served
 
 

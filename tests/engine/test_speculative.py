@@ -32,10 +32,12 @@ def loaded(qwen_dir: Path) -> tuple:
     return load(str(qwen_dir))
 
 
-def decode(loaded: tuple, prompts: list[list[int]], sampling: list[Sampling]) -> tuple[list[list[int]], Batch, int]:
+def decode(
+    loaded: tuple, prompts: list[list[int]], sampling: list[Sampling], draft_max_batch: int = 100
+) -> tuple[list[list[int]], Batch, int]:
     """Each request's tokens, the batch (its tally, its kept prefixes) and how many forward passes it took."""
     model, tokenizer = loaded
-    batch = Batch(model, tokenizer, prefill_step=512)
+    batch = Batch(model, tokenizer, prefill_step=512, draft_max_batch=draft_max_batch)
     out = batch.apply(Step(joins=[Join(p, s) for p, s in zip(prompts, sampling, strict=True)]))
     tokens: dict[int, list[int]] = {uid: [] for uid in out.joined}
     order, passes = list(out.joined), 1
@@ -65,6 +67,29 @@ def test_greedy_output_is_plain_decoding_s_batched_and_alone(loaded: tuple) -> N
         assert decode(loaded, [prompt], speculating[:1])[0] == [alone]
     mixed = [speculating[0], plain[0], speculating[0], plain[0]]  # beside requests that do not speculate
     assert decode(loaded, PROMPTS, mixed)[0] == expected
+
+
+def test_drafts_wait_until_few_enough_requests_decode_together(loaded: tuple) -> None:
+    """With draft_max_batch 2, four requests decode plainly until two of them are done; then the others speculate."""
+    model, tokenizer = loaded
+    batch = Batch(model, tokenizer, prefill_step=512, draft_max_batch=2)
+    lengths = [6, 6, 40, 40]
+    joins = [Join(p, Sampling(n, 0.0, 1.0, 0, draft_tokens=4)) for p, n in zip(PROMPTS, lengths, strict=True)]
+    out = batch.apply(Step(joins=joins))
+    tokens: dict[int, list[int]] = {uid: [] for uid in out.joined}
+    while True:
+        for response in out.responses:
+            tokens[response.uid].append(response.token)
+        if batch.idle():
+            break
+        decoding = len(batch)
+        drafted = batch.tally.drafted
+        out = batch.apply(Step())
+        if decoding > 2:
+            assert batch.tally.drafted == drafted, "speculated while more than 2 requests decoded"
+    assert batch.tally.accepted > 0
+    plain, _, _ = decode(loaded, PROMPTS, [Sampling(n, 0.0, 1.0, 0) for n in lengths])
+    assert list(tokens.values()) == plain
 
 
 def test_seeded_sampling_keeps_its_distribution(loaded: tuple) -> None:
