@@ -22,6 +22,7 @@ from mlx_lm.generate import GenerationBatch
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import greedy_sampler
 
+from shardline.engine.grammar import GrammarProcessor
 from shardline.engine.sampling import SeededSampler
 
 MATCH_MIN, MATCH_MAX = 1, 3  # n-gram lengths tried for the lookup, longest first
@@ -48,11 +49,12 @@ def lookup(tokens: list[int], k: int) -> list[int]:
 
 
 def usable(gb: GenerationBatch) -> bool:
-    """Plain attention caches only (trimmable per row) and no logits processors (they see one token a step)."""
+    """Plain attention caches only (trimmable per row), and no grammar (its matcher takes one token at a time; the
+    other processors, bias and penalties, are functions of the tokens so far, applied at each drafted position)."""
     return (
         len(gb.uids) > 0
         and all(type(c) is BatchKVCache for c in gb.prompt_cache)
-        and not any(gb.logits_processors or ())
+        and not any(isinstance(p, GrammarProcessor) for ps in gb.logits_processors or () for p in ps)
         and gb._next_tokens is not None
     )
 
@@ -69,6 +71,10 @@ def step(gb: GenerationBatch, draft_tokens: list[int], tally: Tally) -> list[Res
     # rows with shorter drafts are padded with a repeat of their token: a draft like any other, judged as such
     padded = [[t, *d, *[t] * (width - len(d))] for t, d in zip(first, drafts, strict=True)]
     logits = gb.model(mx.array(padded), cache=gb.prompt_cache)
+    processors = gb.logits_processors or [()] * len(gb.uids)
+    logits = mx.stack(
+        [processed(gb, i, logits[i], padded[i]) if processors[i] else logits[i] for i in range(len(padded))]
+    )
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, width + 1, V)
     mx.eval(logprobs)
     samplers = gb.samplers or [None] * len(gb.uids)
@@ -95,6 +101,8 @@ def step(gb: GenerationBatch, draft_tokens: list[int], tally: Tally) -> list[Res
         emitted.append(kept)
         finish.append(reason)
         gb.tokens[i].extend(token for token, _ in kept)
+        if processors[i]:  # what mlx_lm's step adds: the tokens fed, which its processors see from now on
+            gb._token_context[i].update_and_fetch(mx.array([token for token, _ in kept]))
         drop.append(width + 1 - len(kept))  # the cache holds what was emitted, as after mlx_lm's step
 
     drop_positions(gb.prompt_cache, drop)
@@ -115,6 +123,21 @@ def step(gb: GenerationBatch, draft_tokens: list[int], tally: Tally) -> list[Res
     if len(keep) < len(gb.uids):
         gb.filter(keep)
     return responses
+
+
+def processed(gb: GenerationBatch, i: int, logits: mx.array, fed: list[int]) -> mx.array:
+    """Row i's logits at each position after its processors, each seeing the tokens up to and including that
+    position's input, as mlx_lm's step would have shown them one step at a time."""
+    buffer = gb._token_context[i]
+    before = buffer.state[: buffer._size]
+    rows = []
+    for j in range(len(fed)):
+        context = mx.concatenate([before, mx.array(fed[: j + 1], dtype=before.dtype)])
+        row = logits[j : j + 1]
+        for processor in gb.logits_processors[i]:
+            row = processor(context, row)
+        rows.append(row[0])
+    return mx.stack(rows)
 
 
 def judge(sampler: Any, logprobs: mx.array, drafts: list[int]) -> tuple[int, tuple[int, mx.array]]:

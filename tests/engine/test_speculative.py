@@ -69,6 +69,20 @@ def test_greedy_output_is_plain_decoding_s_batched_and_alone(loaded: tuple) -> N
     assert decode(loaded, PROMPTS, mixed)[0] == expected
 
 
+def test_penalties_and_bias_see_each_drafted_position_as_plain_decoding_would(loaded: tuple) -> None:
+    """Repetition and presence penalties (which read the tokens so far) and a logit bias, applied at every drafted
+    position: greedy output still plain decoding's, alone and batched."""
+    shaped = {"repetition_penalty": 1.2, "presence_penalty": 0.3, "logit_bias": ((274, 1.5),)}
+    plain = [Sampling(40, 0.0, 1.0, 0, **shaped)] * len(PROMPTS)  # type: ignore[arg-type]
+    speculating = [Sampling(40, 0.0, 1.0, 0, draft_tokens=4, **shaped)] * len(PROMPTS)  # type: ignore[arg-type]
+    expected, _, _ = decode(loaded, PROMPTS, plain)
+    got, batch, _ = decode(loaded, PROMPTS, speculating)
+    assert got == expected
+    assert batch.tally.drafted > 0
+    print(f"with penalties: {batch.tally}")
+    assert decode(loaded, PROMPTS[:1], speculating[:1])[0] == expected[:1]
+
+
 def test_drafts_wait_until_few_enough_requests_decode_together(loaded: tuple) -> None:
     """With draft_max_batch 2, four requests decode plainly until two of them are done; then the others speculate."""
     model, tokenizer = loaded
