@@ -86,6 +86,7 @@ class GrammarProcessor:
         self.eos = eos
         self.started = False
         self.error: str | None = None  # why the grammar could not be followed: the request fails with it
+        self.drafted = 0  # draft tokens consumed by the last speculative step, until `settle`
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self.started and not self.matcher.is_stopped():
@@ -101,6 +102,39 @@ class GrammarProcessor:
             self.error = self.error or why(self.matcher)
             return only(logits, self.eos)
         return apply_bitmask(logits, self.mask)
+
+    def draft(self, logits: mx.array, fed: list[int]) -> mx.array:
+        """A speculative step's logits, one row per input of `fed` (the token sampled last, then the drafts), each
+        masked as the grammar allows after the inputs up to it. Drafts are consumed while the grammar takes them
+        (past the first it refuses, no row is ever used: that draft is rejected at the row before); `settle` then
+        keeps what the step kept."""
+        rows = []
+        self.drafted = 0
+        for j, token in enumerate(fed):
+            if j == 0:
+                if self.started and not self.matcher.is_stopped():
+                    self.matcher.consume_token(token)  # sampled under this grammar's mask
+                self.started = True
+            elif self.matcher.is_error() or self.matcher.is_stopped() or not self.matcher.try_consume_tokens([token]):
+                rows += rows[-1:] * (len(fed) - j)
+                break
+            else:
+                self.drafted += 1
+            if not self.matcher.is_error():
+                fill_next_token_bitmask(self.matcher, self.mask, 0)
+            if self.matcher.is_error() or not self.mask.any():
+                self.error = self.error or why(self.matcher)
+                rows.append(only(logits[j], self.eos))
+            else:
+                rows.append(apply_bitmask(logits[j], self.mask))
+        return mx.stack(rows)
+
+    def settle(self, kept: int) -> None:
+        """The speculative step kept the first `kept` of its inputs: forget the drafts consumed past them."""
+        extra = self.drafted - (kept - 1)
+        if extra > 0:
+            self.matcher.rollback(extra)
+        self.drafted = 0
 
 
 def why(matcher: Any) -> str:

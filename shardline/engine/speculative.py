@@ -49,14 +49,8 @@ def lookup(tokens: list[int], k: int) -> list[int]:
 
 
 def usable(gb: GenerationBatch) -> bool:
-    """Plain attention caches only (trimmable per row), and no grammar (its matcher takes one token at a time; the
-    other processors, bias and penalties, are functions of the tokens so far, applied at each drafted position)."""
-    return (
-        len(gb.uids) > 0
-        and all(type(c) is BatchKVCache for c in gb.prompt_cache)
-        and not any(isinstance(p, GrammarProcessor) for ps in gb.logits_processors or () for p in ps)
-        and gb._next_tokens is not None
-    )
+    """Plain attention caches only: each row's can be cut back."""
+    return len(gb.uids) > 0 and all(type(c) is BatchKVCache for c in gb.prompt_cache) and gb._next_tokens is not None
 
 
 def step(gb: GenerationBatch, draft_tokens: list[int], tally: Tally) -> list[Response] | None:
@@ -103,6 +97,8 @@ def step(gb: GenerationBatch, draft_tokens: list[int], tally: Tally) -> list[Res
         gb.tokens[i].extend(token for token, _ in kept)
         if processors[i]:  # what mlx_lm's step adds: the tokens fed, which its processors see from now on
             gb._token_context[i].update_and_fetch(mx.array([token for token, _ in kept]))
+            for grammar in (p for p in processors[i] if isinstance(p, GrammarProcessor)):
+                grammar.settle(len(kept))
         drop.append(width + 1 - len(kept))  # the cache holds what was emitted, as after mlx_lm's step
 
     drop_positions(gb.prompt_cache, drop)
@@ -127,17 +123,20 @@ def step(gb: GenerationBatch, draft_tokens: list[int], tally: Tally) -> list[Res
 
 def processed(gb: GenerationBatch, i: int, logits: mx.array, fed: list[int]) -> mx.array:
     """Row i's logits at each position after its processors, each seeing the tokens up to and including that
-    position's input, as mlx_lm's step would have shown them one step at a time."""
+    position's input, as mlx_lm's step would have shown them one step at a time. A grammar (always the last
+    processor) masks each position from its matcher's state after that position's input."""
     buffer = gb._token_context[i]
     before = buffer.state[: buffer._size]
+    shaping = [p for p in gb.logits_processors[i] if not isinstance(p, GrammarProcessor)]
     rows = []
     for j in range(len(fed)):
         context = mx.concatenate([before, mx.array(fed[: j + 1], dtype=before.dtype)])
         row = logits[j : j + 1]
-        for processor in gb.logits_processors[i]:
+        for processor in shaping:
             row = processor(context, row)
         rows.append(row[0])
-    return mx.stack(rows)
+    grammar = next((p for p in gb.logits_processors[i] if isinstance(p, GrammarProcessor)), None)
+    return grammar.draft(mx.stack(rows), fed) if grammar is not None else mx.stack(rows)
 
 
 def judge(sampler: Any, logprobs: mx.array, drafts: list[int]) -> tuple[int, tuple[int, mx.array]]:

@@ -2,14 +2,17 @@
 token for token, alone and batched; seeded sampling keeps plain sampling's distribution. (Through runners, on a
 pipeline: test_batching.py.)"""
 
+import json
 from collections import Counter
 from pathlib import Path
 
+import jsonschema
 import mlx.core as mx
 import pytest
 from mlx_lm import load
 
 from shardline.engine.batch import Batch
+from shardline.engine.grammar import grammar_for
 from shardline.engine.protocol import Join, Sampling, Step
 from shardline.engine.sampling import SeededSampler
 from shardline.engine.speculative import judge, lookup
@@ -81,6 +84,36 @@ def test_penalties_and_bias_see_each_drafted_position_as_plain_decoding_would(lo
     assert batch.tally.drafted > 0
     print(f"with penalties: {batch.tally}")
     assert decode(loaded, PROMPTS[:1], speculating[:1])[0] == expected[:1]
+
+
+SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 8}}},
+          "required": ["items"]}  # fmt: skip
+
+
+def test_a_grammar_masks_each_drafted_position_and_keeps_only_what_was_kept(loaded: tuple) -> None:
+    """JSON-schema requests speculate too (llguidance consumes the drafts it allows, then rolls back what the step
+    did not keep): greedy output is plain decoding's; seeded outputs, batched, are token by token what the grammar
+    allows, and those that ended parse and follow the schema."""
+    tokenizer = loaded[1]
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}})
+    plain = [Sampling(48, 0.0, 1.0, 0, grammar=grammar)] * len(PROMPTS)
+    speculating = [Sampling(48, 0.0, 1.0, 0, grammar=grammar, draft_tokens=4)] * len(PROMPTS)
+    expected, _, _ = decode(loaded, PROMPTS, plain)
+    got, batch, _ = decode(loaded, PROMPTS, speculating)
+    assert got == expected
+    assert batch.tally.drafted > 0
+    print(f"constrained: {batch.tally}")
+    seeded = [Sampling(96, 1.0, 1.0, seed, grammar=grammar, draft_tokens=4) for seed in range(8)]
+    outputs, batch, _ = decode(loaded, [PROMPTS[0]] * 8, seeded)
+    assert batch.tally.drafted > 0
+    finished = 0
+    for tokens in outputs:
+        text = [t for t in tokens if t not in tokenizer.eos_token_ids]
+        assert batch.grammars.processor(grammar).matcher.validate_tokens(text) == len(text)  # each token allowed
+        if len(text) < len(tokens):  # it ended: whole JSON, as the schema says
+            jsonschema.validate(json.loads(tokenizer.decode(text)), SCHEMA)
+            finished += 1
+    assert finished >= 2
 
 
 def test_drafts_wait_until_few_enough_requests_decode_together(loaded: tuple) -> None:
