@@ -98,20 +98,23 @@ async def test_eight_concurrent_requests_batch_and_match_mlx_lm_alone(
     assert (await stats(served.endpoint))["requests"] >= len(PROMPTS)
 
 
-@pytest.mark.parametrize("instance", ["single_qwen", "batch_pipe2"])
+@pytest.mark.parametrize(("instance", "model"), [("single_qwen", "qwen_dir"), ("batch_pipe2", "qwen_dir"),
+                                                 ("tensor2", "llama_dir")])  # fmt: skip
 async def test_speculative_requests_match_mlx_lm_batched_alone_and_from_the_prefix_cache(
-    instance: str, request: pytest.FixtureRequest, qwen_dir: Path, references
+    instance: str, model: str, request: pytest.FixtureRequest, references
 ) -> None:
-    """Prompt-lookup speculation (`num_draft_tokens`) on one rank and on a 2-rank pipeline: 8 concurrent requests and
-    a second turn that starts from the prefix cache give mlx_lm's greedy text, while drafts were accepted."""
+    """Prompt-lookup speculation (`num_draft_tokens`) on one rank, a 2-rank pipeline and 2 tensor ranks: 8 concurrent
+    requests and a second turn that starts from the prefix cache give mlx_lm's greedy text, while drafts were
+    accepted."""
     served: Served = request.getfixturevalue(instance)
+    model_dir: Path = request.getfixturevalue(model)
     before = await stats(served.endpoint)
     max_tokens = 24
     results = await asyncio.gather(
         *(timed(served.endpoint, body(p, max_tokens, num_draft_tokens=4)) for p in PROMPTS)
     )  # fmt: skip
     for prompt, result in zip(PROMPTS, results, strict=True):
-        assert result.tokens == references(qwen_dir, prompt, max_tokens), prompt
+        assert result.tokens == references(model_dir, prompt, max_tokens), prompt
         assert result.final["finish_reason"] == "length" and result.final["completion_tokens"] == max_tokens
     first = [{"role": "user", "content": "Repeat after me: the cluster keeps its state in workflows."}]
     one = await timed(served.endpoint, body(first, 16, num_draft_tokens=4))
@@ -119,7 +122,7 @@ async def test_speculative_requests_match_mlx_lm_batched_alone_and_from_the_pref
                     {"role": "user", "content": "Again, please."}]  # fmt: skip
     two = await timed(served.endpoint, body(conversation, 16, num_draft_tokens=4))
     assert two.final["cached_tokens"] >= one.final["prompt_tokens"]
-    assert two.tokens == references(qwen_dir, conversation, 16)
+    assert two.tokens == references(model_dir, conversation, 16)
     after = await stats(served.endpoint)
     drafted = after["draft_tokens"] - before["draft_tokens"]
     accepted = after["accepted_draft_tokens"] - before["accepted_draft_tokens"]
