@@ -79,8 +79,17 @@ def bytes_on_disk(dest: Path, files: dict[str, int]) -> tuple[int, int]:
         if path.is_file() and path.stat().st_size == size:
             done, complete = done + size, complete + 1
     partials = dest / ".cache" / "huggingface" / "download"
-    in_flight = sum(p.stat().st_size for p in partials.glob("**/*.incomplete")) if partials.is_dir() else 0
+    in_flight = sum(size_of(p) for p in partials.glob("**/*.incomplete")) if partials.is_dir() else 0
     return min(done + in_flight, sum(files.values())), complete
+
+
+def size_of(partial: Path) -> int:
+    """A partial's size; 0 once the fetch has renamed it to its file (between the glob and here: CI saw the
+    FileNotFoundError fail a download's attempt, whose retry then counted only the last 501 bytes as fetched)."""
+    try:
+        return partial.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 class DownloadActivities:
