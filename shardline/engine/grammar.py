@@ -95,6 +95,10 @@ class GrammarProcessor:
         # This step's forward pass needs only that token too: start it now, so that it runs while llguidance
         # computes the mask below, instead of after it (mlx_lm evaluates the step only once it has sampled).
         mx.async_eval(logits)
+        return self.masked(logits)
+
+    def masked(self, logits: mx.array) -> mx.array:
+        """`logits` with what the matcher's state allows next; only end-of-sequence once it cannot go on."""
         if not self.matcher.is_error():
             fill_next_token_bitmask(self.matcher, self.mask, 0)
         if self.matcher.is_error() or not self.mask.any():
@@ -120,13 +124,7 @@ class GrammarProcessor:
                 break
             else:
                 self.drafted += 1
-            if not self.matcher.is_error():
-                fill_next_token_bitmask(self.matcher, self.mask, 0)
-            if self.matcher.is_error() or not self.mask.any():
-                self.error = self.error or why(self.matcher)
-                rows.append(only(logits[j], self.eos))
-            else:
-                rows.append(apply_bitmask(logits[j], self.mask))
+            rows.append(self.masked(logits[j]))
         return mx.stack(rows)
 
     def settle(self, kept: int) -> None:
