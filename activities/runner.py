@@ -39,6 +39,7 @@ def prompt_cache_budget(setting: int | None) -> int:
 
 def runner_spec(spec: ShardSpec, model_dir: Path, settings: Settings) -> RunnerSpec:
     single = spec.world_size == 1
+    draft_model = spec.draft_model if spec.rank == 0 else None
     return RunnerSpec(
         model_path=str(model_dir),
         strategy="single" if single else spec.strategy,
@@ -54,6 +55,8 @@ def runner_spec(spec: ShardSpec, model_dir: Path, settings: Settings) -> RunnerS
         secret=spec.secret,
         draft_tokens=spec.draft_tokens,
         draft_max_batch=spec.draft_max_batch,
+        draft_method="draft_model" if spec.draft_model else "prompt_lookup",
+        draft_model_path=str(model_path(settings.models_dir, draft_model)) if draft_model else "",
     )
 
 

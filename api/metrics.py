@@ -32,7 +32,7 @@ RUNNER_GAUGES = {  # rank 0's /stats field -> what the gauge says
     "cache_hits": "Requests that reused a cached prefix, since the runner started",
     "cache_lookups": "Requests looked up in the prefix cache, since the runner started",
     "cached_tokens": "Prompt tokens reused from the prefix cache, since the runner started",
-    "draft_tokens": "Speculative draft tokens proposed (prompt lookup), since the runner started",
+    "draft_tokens": "Speculative draft tokens proposed (prompt lookup or a draft model), since the runner started",
     "accepted_draft_tokens": "Speculative draft tokens the model accepted, since the runner started",
 }
 log = structlog.get_logger(__name__)

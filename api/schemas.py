@@ -143,7 +143,7 @@ class Accepted(BaseModel):
     result: dict[str, Any] | None = None
 
 
-class Speculative(BaseModel):
+class PromptLookup(BaseModel):
     """Speculative decoding for every request of the instance that does not say otherwise (`num_draft_tokens` on a
     request): draft tokens copied from the context where it repeats itself, checked in one forward pass."""
 
@@ -154,6 +154,22 @@ class Speculative(BaseModel):
         DRAFT_MAX_BATCH, ge=1, description="speculate only while at most this many requests decode together (past "
         "that a busy CPU spends more checking drafts than they save; raise it where decoding waits on memory)"
     )  # fmt: skip
+
+
+class DraftModel(PromptLookup):
+    """Speculative decoding as by prompt lookup, with drafts written by a small model that shares the model's
+    tokenizer (downloaded whole onto rank 0's node)."""
+
+    method: Literal["draft_model"]  # type: ignore[assignment]
+    draft_model: ModelId = Field(description="the draft model's id")
+
+    @field_validator("draft_model")
+    @classmethod
+    def _draft_model(cls, value: str) -> str:
+        return check_model_id(value)
+
+
+Speculative = DraftModel | PromptLookup
 
 
 class InstanceCreate(BaseModel):
@@ -231,7 +247,13 @@ class InstanceOut(BaseModel):
                   for x in s.shards]  # fmt: skip
         out = cls.of(s.instance_id, s.model_id, s.state, s.strategy)
         kind = ErrorType(s.error_type) if s.error_type else None
-        drafts = Speculative(num_draft_tokens=s.draft_tokens, max_batch=s.draft_max_batch) if s.draft_tokens else None
+        drafts: Speculative | None = None
+        if s.draft_tokens:
+            drafts = PromptLookup(num_draft_tokens=s.draft_tokens, max_batch=s.draft_max_batch)
+            if s.draft_model:
+                drafts = DraftModel(
+                    method="draft_model", draft_model=s.draft_model, **drafts.model_dump(exclude={"method"})
+                )
         return out.model_copy(update={"shards": shards, "endpoint": s.endpoint, "recoveries": s.recoveries,
                                       "reason": s.reason, "error_type": kind, "incidents": list(s.incidents),
                                       "strategy_reason": s.strategy_reason or None,

@@ -303,10 +303,20 @@ def serve(
         bool,
         typer.Option("--dry-run", help="Only show where it would go (nodes, layers, bytes), or why it does not fit"),
     ] = False,
+    draft_tokens: Annotated[
+        int, typer.Option("--draft-tokens", help="Speculative decoding: draft tokens a step (0 = off)")
+    ] = 0,
+    draft_model: Annotated[
+        str | None,
+        typer.Option("--draft-model", help="Drafts by this small model (same tokenizer) instead of prompt lookup"),
+    ] = None,
 ) -> None:
     """Serve MODEL across the cluster."""
     pinned = [n.strip() for n in nodes.split(",")] if nodes else None
-    body = {"model": model, "nodes": pinned, "strategy": strategy}
+    body: dict[str, Any] = {"model": model, "nodes": pinned, "strategy": strategy}
+    if draft_tokens or draft_model:
+        method = {"method": "draft_model", "draft_model": draft_model} if draft_model else {}
+        body["speculative"] = {**method, "num_draft_tokens": draft_tokens or 4}
     if dry_run:
         show_preview(call("POST", "/instances/preview", json=body))
         return

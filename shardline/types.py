@@ -110,6 +110,7 @@ class ShardSpec:
     secret: str = ""  # rank 0 serves only requests that carry it; "" = open (instances started before it existed)
     draft_tokens: int = 0  # speculative decoding by prompt lookup, drafts a step, for requests that do not say
     draft_max_batch: int = DRAFT_MAX_BATCH  # speculate only while at most this many requests decode together
+    draft_model: str | None = None  # speculative decoding by a draft model (rank 0 loads it): its model id
 
 
 @dataclass

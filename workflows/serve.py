@@ -73,6 +73,7 @@ class ServeInput:
     download_attempts: int = 5  # of each node's download (histories from before it was carried replay with 5)
     draft_tokens: int = 0  # speculative decoding by prompt lookup, drafts a step, for requests that do not say; 0 = off
     draft_max_batch: int = DRAFT_MAX_BATCH  # ... while at most this many requests decode together
+    draft_model: str | None = None  # drafts written by this model (downloaded onto rank 0's node), not looked up
 
 
 @dataclass
@@ -102,6 +103,7 @@ class InstanceStatus:
     carried_over: int = 0  # generations resumed elsewhere (or here, restarted) after a runner of this one was lost
     draft_tokens: int = 0  # as asked (ServeInput)
     draft_max_batch: int = DRAFT_MAX_BATCH
+    draft_model: str | None = None
 
 
 @dataclass
@@ -139,7 +141,7 @@ class ServingWorkflow:
         self._status = InstanceStatus(inp.instance_id, inp.model_id, InstanceState.PLACING, inp.strategy,
                                       recoveries=inp.recoveries, incidents=list(inp.incidents),
                                       carried_over=inp.carried_over, draft_tokens=inp.draft_tokens,
-                                      draft_max_batch=inp.draft_max_batch)  # fmt: skip
+                                      draft_max_batch=inp.draft_max_batch, draft_model=inp.draft_model)  # fmt: skip
         self._generation = inp.recoveries
         self._recent = list(inp.recent_recoveries)
         try:
@@ -278,19 +280,26 @@ class ServingWorkflow:
     async def _download(self, inp: ServeInput, placement: Placement) -> None:
         self._set(InstanceState.RECOVERING if self._status.recoveries else InstanceState.DOWNLOADING,
                   "fetching each node's files")  # fmt: skip
-        await asyncio.gather(*(self._download_one(inp, s.node_id, s.layers) for s in placement.shards))
+        downloads = [self._download_one(inp, s.node_id, s.layers) for s in placement.shards]
+        if inp.draft_model:  # the whole draft model, where rank 0 runs
+            first = next(s for s in placement.shards if s.rank == 0)
+            downloads.append(self._download_one(inp, first.node_id, None, inp.draft_model))
+        await asyncio.gather(*downloads)
 
-    async def _download_one(self, inp: ServeInput, node_id: str, layers: LayerRange) -> None:
+    async def _download_one(
+        self, inp: ServeInput, node_id: str, layers: LayerRange | None, model_id: str | None = None
+    ) -> None:
+        model_id = model_id or inp.model_id
         child = DownloadInput(
             node_id=node_id,
-            model_id=inp.model_id,
-            revision=inp.revision,
+            model_id=model_id,
+            revision=inp.revision if model_id == inp.model_id else None,
             layers=layers,
             node_wait_s=inp.node_wait_s,
             heartbeat_timeout_s=inp.heartbeat_timeout_s,
             attempts=inp.download_attempts,
         )
-        start = download_start(node_id, inp.model_id, for_instance=inp.instance_id)
+        start = download_start(node_id, model_id, for_instance=inp.instance_id)
         workflow_id = start["id"]
         waits = 0
         while True:
@@ -306,7 +315,7 @@ class ServingWorkflow:
                 waits += 1
                 if waits == 60:
                     break
-        reason = f"a download of {inp.model_id} onto {node_id} never finished"
+        reason = f"a download of {model_id} onto {node_id} never finished"
         raise error(ErrorType.TRANSIENT, reason, non_retryable=True)
 
     async def _run(self, inp: ServeInput, placement: Placement) -> None:
@@ -320,7 +329,8 @@ class ServingWorkflow:
         for shard in placement.shards:
             spec = ShardSpec(inp.instance_id, inp.model_id, placement.strategy, shard.rank, len(placement.shards),
                              shard.layers, placement.splits, hosts, self._generation, secret,
-                             draft_tokens=inp.draft_tokens, draft_max_batch=inp.draft_max_batch)  # fmt: skip
+                             draft_tokens=inp.draft_tokens, draft_max_batch=inp.draft_max_batch,
+                             draft_model=inp.draft_model)  # fmt: skip
             options = node_activity_options(
                 shard.node_id, wait_s=inp.node_wait_s, heartbeat_s=inp.heartbeat_timeout_s, run_for=RUNNER_LIFETIME
             )

@@ -153,13 +153,21 @@ async def reserved_memory(client: Client, exclude: str) -> dict[str, int]:
 
 async def model_users(client: Client, node_id: str, model_id: str) -> list[str]:
     """Running workflows that need this model's files on this node: its download, and any instance of the
-    model placed there (or that cannot say where it is placed: it may be placed there next)."""
+    model placed there (or that cannot say where it is placed: it may be placed there next), or drafting with it
+    there (rank 0's node)."""
     users = []
     download = await describe(client, download_workflow_id(node_id, model_id))
     if download is not None and download.status == WorkflowExecutionStatus.RUNNING:
         users.append(download.id)
-    async for execution in client.list_workflows(list_query(Kind.SERVE, running_only=True, model=model_id)):
-        nodes = await placed_on(client, instance_of(execution.id))
-        if nodes is None or node_id in nodes:
+    async for execution in client.list_workflows(list_query(Kind.SERVE, running_only=True)):
+        model = execution.typed_search_attributes.get(search.MODEL)
+        if model == model_id:
+            nodes = await placed_on(client, instance_of(execution.id))
+            if nodes is None or node_id in nodes:
+                users.append(execution.id)
+            continue
+        status = await answered(client, instance_of(execution.id))  # its draft model, where its rank 0 runs
+        drafts = status is not None and status.draft_model == model_id
+        if drafts and (not status.shards or any(s.rank == 0 and s.node_id == node_id for s in status.shards)):
             users.append(execution.id)
     return users

@@ -4,7 +4,7 @@ from fastapi import APIRouter, status
 
 from api.deps import ClientDep, InstancesDep, SettingsDep
 from api.instances import instance_status, list_instances
-from api.schemas import ADMIN_STATUSES, ErrorOut, InstanceCreate, InstanceOut, PreviewOut, error_responses
+from api.schemas import ADMIN_STATUSES, DraftModel, ErrorOut, InstanceCreate, InstanceOut, PreviewOut, error_responses
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import new_instance_id, serve_workflow_id
 from shardline.states import InstanceState, WorkState
@@ -35,6 +35,7 @@ async def create_instance(
         download_attempts=settings.download_attempts,
         draft_tokens=body.speculative.num_draft_tokens if body.speculative else 0,
         draft_max_batch=body.speculative.max_batch if body.speculative else DRAFT_MAX_BATCH,
+        draft_model=body.speculative.draft_model if isinstance(body.speculative, DraftModel) else None,
     )
     await workflows.start_serving(client, inp)
     cache.forget()

@@ -20,6 +20,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from shardline.engine import speculative
+from shardline.engine.drafter import Drafter, PromptLookup
 from shardline.engine.grammar import GrammarProcessor, Grammars
 from shardline.engine.pipeline import whole_model_caches
 from shardline.engine.protocol import Join, Step
@@ -68,6 +69,7 @@ class Batch:
         *,
         prefill_step: int,
         draft_max_batch: int = DRAFT_MAX_BATCH,
+        drafter: Drafter | None = None,
     ) -> None:
         self.options = {
             "stop_tokens": [[t] for t in sorted(tokenizer.eos_token_ids)],
@@ -89,6 +91,7 @@ class Batch:
         self.report: Callable[[dict], None] | None = None  # told the store's size each time it changes
         self.speculates = trimmable(model)  # dropping rejected drafts needs caches cut back per row
         self.draft_max_batch = draft_max_batch
+        self.drafter = drafter or PromptLookup()
 
     def reset(self) -> None:
         """A fresh generator after a failed step (its state is unknown); the prefix cache is intact."""
@@ -98,6 +101,7 @@ class Batch:
         # its uids go on from the old one's: the prefix cache keys entries by uid, and a new uid 0 would name an
         # entry already stored (a KeyError in every later step that reused it, found by schemathesis)
         self.generator._uid_count = uids
+        self.drafter.clear()
 
     def __len__(self) -> int:
         return len(self.generator._generation_batch) + len(self.generator._prompt_batch)
@@ -115,6 +119,8 @@ class Batch:
         for entry in step.drops:
             self.store.pop(entry, None)
             self.sizes.pop(entry, None)
+        for uid in step.leaves:
+            self.drafter.forget(uid)
         if step.leaves:
             left = self.generator.remove(step.leaves, return_prompt_caches=True)
             for uid, (caches, tokens) in left.items():
@@ -126,6 +132,7 @@ class Batch:
             if r.finish_reason is not None:
                 out.kept += self._keep(r.uid, r.prompt_cache, r.all_tokens)
                 self.finished.append(r.uid)  # its grammar's verdict is read before the next step
+                self.drafter.forget(r.uid)
         if (step.drops or out.kept) and self.report is not None:
             self.report({"event": "stats", "cache_bytes": self.store_bytes})
         return out
@@ -139,7 +146,7 @@ class Batch:
             return None
         gb = gen._generation_batch
         with mx.stream(gen._stream):
-            return speculative.step(gb, [self.drafts_of.get(uid, 0) for uid in gb.uids], self.tally)
+            return speculative.step(gb, [self.drafts_of.get(uid, 0) for uid in gb.uids], self.drafter, self.tally)
 
     def idle(self) -> bool:
         return len(self) == 0 and not self.generator._unprocessed_sequences
@@ -183,6 +190,7 @@ class Batch:
         return [Kept(uid, list(tokens), self.sizes[uid], covers(caches, tokens))]
 
     def close(self) -> None:
+        self.drafter.clear()
         self.store.clear()
         self.sizes.clear()
         self.generator.close()

@@ -11,13 +11,16 @@ from pathlib import Path
 from queue import Queue
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 import structlog
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from shardline.engine import protocol, wake
 from shardline.engine.batch import Batch, trimmable
+from shardline.engine.drafter import Drafter, DraftModel, PromptLookup, load_draft_model
 from shardline.engine.generation import Job, Scheduler, follow
-from shardline.engine.loading import init_group, load_shard, parameter_bytes
+from shardline.engine.loading import ModelRefused, init_group, load_shard, parameter_bytes, refused
 from shardline.engine.prefix_cache import PrefixIndex
 from shardline.engine.server import Limits, bind, create_app, start_http
 from shardline.engine.spec import RunnerSpec
@@ -49,15 +52,15 @@ class Rank:
         self.model, self.tokenizer = load_shard(
             self.spec, self.group, loaded=lambda: wake.barrier(met, hosts, rank, 1)
         )  # warmed up
+        drafter = make_drafter(self.spec, self.tokenizer, self.group)  # before the others hear rank 0 has loaded
         if self.group is not None:
             wake.barrier(met, hosts, rank, 2)
             protocol.share(self.group, [1] if rank == 0 else None, 1)  # every rank has loaded
         if rank == 0 and self.alarm is not None:
             self.alarm.close()  # rank 0 is never woken
             self.alarm = None
-        self.batch = Batch(
-            self.model, self.tokenizer, prefill_step=PREFILL_STEP, draft_max_batch=self.spec.draft_max_batch
-        )
+        self.batch = Batch(self.model, self.tokenizer, prefill_step=PREFILL_STEP,
+                           draft_max_batch=self.spec.draft_max_batch, drafter=drafter)  # fmt: skip
 
     def run(self, report: Report) -> None:
         """Until rank 0 is told to stop (SIGTERM/SIGINT); raises when the ring breaks."""
@@ -107,6 +110,22 @@ class Rank:
 
 
 PREFILL_STEP = 512  # prompt tokens per forward pass: a long prompt lets the others decode this often
+
+
+def make_drafter(spec: RunnerSpec, tokenizer: TokenizerWrapper, group: mx.distributed.Group | None) -> Drafter:
+    """Where this instance's drafts come from; ModelRefused when its draft model cannot draft for the model."""
+    if spec.draft_method != "draft_model":
+        return PromptLookup()
+    if not spec.draft_model_path:  # a rank past 0: it receives rank 0's drafts
+        return DraftModel(None, group, PREFILL_STEP)
+    try:
+        model = load_draft_model(Path(spec.draft_model_path), tokenizer)
+    except Exception as error:
+        if refused(error, distributed=False):
+            raise ModelRefused(f"draft model: {error}") from error
+        raise
+    log.info("runner.draft_model", path=spec.draft_model_path, bytes=parameter_bytes(model))
+    return DraftModel(model, group, PREFILL_STEP)
 
 
 def ready_event(rank: int, model: nn.Module, endpoint: str | None) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 from shardline.types import DRAFT_MAX_BATCH, MAX_DRAFT_TOKENS, LayerRange
 
 STRATEGIES = ("single", "pipeline", "tensor")
+DRAFT_METHODS = ("prompt_lookup", "draft_model")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class RunnerSpec:
     prompt_cache_bytes: int = 1 << 30  # prefix cache budget, per rank; 0 = off
     draft_tokens: int = 0  # speculative decoding by prompt lookup, drafts a step, for requests that do not say; 0 = off
     draft_max_batch: int = DRAFT_MAX_BATCH  # speculate only while at most this many requests decode (every rank alike)
+    draft_method: str = "prompt_lookup"  # where drafts come from (every rank alike): prompt_lookup | draft_model
+    draft_model_path: str = ""  # draft_model: the draft model's directory, on rank 0 ("" on the others)
     secret: str = ""  # rank 0 answers /generate and /stats only with `Authorization: Bearer <secret>`; "" = open
 
     def __post_init__(self) -> None:
@@ -74,6 +77,10 @@ def spec_problem(spec: RunnerSpec) -> str | None:
         return f"draft_tokens must be 0 (off) to {MAX_DRAFT_TOKENS}"
     if spec.draft_max_batch < 1:
         return "draft_max_batch must be at least 1"
+    if spec.draft_method not in DRAFT_METHODS:
+        return f"draft_method must be one of {', '.join(DRAFT_METHODS)}, not {spec.draft_method!r}"
+    if spec.draft_method == "draft_model" and spec.rank == 0 and not spec.draft_model_path:
+        return "draft_method draft_model needs draft_model_path on rank 0"
     if spec.world_size > 1 and len(spec.hosts) != spec.world_size:
         return f"{len(spec.hosts)} ring hosts given for world size {spec.world_size}"
     if spec.strategy == "pipeline":

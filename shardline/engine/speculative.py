@@ -1,17 +1,17 @@
-"""Speculative decoding by prompt lookup: several tokens per forward pass where the output repeats its context.
+"""Speculative decoding: several tokens per forward pass where drafts guess the output right.
 
 A request that asks for it (`Sampling.draft_tokens` = k) gets, at each decoding step, up to k draft tokens
-copied from what followed the latest earlier occurrence of its last few tokens (an agent's edit repeats the
-file it read; a quote repeats its source). One forward pass over [next token, drafts] scores them all:
-greedy rows keep the drafts up to the first the model would not have chosen (so the output is exactly
+(drafter.py: copied from what followed the latest earlier occurrence of its last few tokens, as an agent's edit
+repeats the file it read; or written by a small draft model). One forward pass over [next token, drafts] scores
+them all: greedy rows keep the drafts up to the first the model would not have chosen (so the output is exactly
 plain decoding's), seeded rows accept each draft with the probability the model gives it and, at the first
-rejection, sample from the rest of the distribution (the standard rule for a deterministic draft, so the
-output keeps plain sampling's distribution). Each row's KV cache then drops the positions it did not
-keep: BatchKVCache trims what all rows dropped, and shifts each row's extra right into its left padding.
+rejection, sample from the rest of the distribution (the standard rule for a deterministic draft, so the output
+keeps plain sampling's distribution). Each row's KV cache then drops the positions it did not keep: BatchKVCache
+trims what all rows dropped, and shifts each row's extra right into its left padding.
 
-It runs on mlx_lm's GenerationBatch in place of its one-token step, keeping its bookkeeping (tokens,
-counts, stop matchers, the next token and its log-probabilities) as that step would. Every rank runs it
-alike: drafts come from the tokens, acceptance from the sampled values, both the same on every rank.
+It runs on mlx_lm's GenerationBatch in place of its one-token step, keeping its bookkeeping (tokens, counts, stop
+matchers, the next token and its log-probabilities) as that step would. Every rank runs it alike: drafts are the
+same on every rank (drafter.py), acceptance comes from the sampled values.
 """
 
 from dataclasses import dataclass
@@ -22,10 +22,10 @@ from mlx_lm.generate import GenerationBatch
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import greedy_sampler
 
+from shardline.engine.drafter import Drafter
 from shardline.engine.grammar import GrammarProcessor
 from shardline.engine.sampling import SeededSampler
 
-MATCH_MIN, MATCH_MAX = 1, 3  # n-gram lengths tried for the lookup, longest first
 Response = GenerationBatch.Response
 
 
@@ -37,28 +37,17 @@ class Tally:
     accepted: int = 0
 
 
-def lookup(tokens: list[int], k: int) -> list[int]:
-    """Up to `k` tokens that followed the latest earlier occurrence of the longest suffix (MATCH_MAX down to
-    MATCH_MIN tokens) of `tokens`; [] when the suffix never occurred before."""
-    for n in range(min(MATCH_MAX, len(tokens) - 1), MATCH_MIN - 1, -1):
-        tail = tokens[-n:]
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if tokens[start : start + n] == tail:
-                return tokens[start + n : start + n + k]
-    return []
-
-
 def usable(gb: GenerationBatch) -> bool:
     """Plain attention caches only: each row's can be cut back."""
     return len(gb.uids) > 0 and all(type(c) is BatchKVCache for c in gb.prompt_cache) and gb._next_tokens is not None
 
 
-def step(gb: GenerationBatch, draft_tokens: list[int], tally: Tally) -> list[Response] | None:
+def step(gb: GenerationBatch, draft_tokens: list[int], drafter: Drafter, tally: Tally) -> list[Response] | None:
     """One speculative step for the whole batch (`draft_tokens[i]`: row i's k, 0 = none), or None when no row has
     a draft this step (the caller then takes mlx_lm's own step)."""
     mx.eval(gb._next_tokens, gb._next_logprobs)
     first = gb._next_tokens.tolist()
-    drafts = [lookup(gb.tokens[i] + [first[i]], k) if k else [] for i, k in enumerate(draft_tokens)]
+    drafts = drafter.propose(gb.uids, [gb.tokens[i] + [first[i]] for i in range(len(first))], draft_tokens)
     width = max(len(d) for d in drafts)
     if width == 0:
         return None

@@ -98,14 +98,24 @@ async def test_eight_concurrent_requests_batch_and_match_mlx_lm_alone(
     assert (await stats(served.endpoint))["requests"] >= len(PROMPTS)
 
 
+@pytest.fixture(scope="module")
+def draft_pipe2(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
+    """A 2-rank pipeline whose drafts a draft model writes on rank 0 (the model itself: its drafts are mostly right)."""
+    splits = [2, 2]
+    dirs = [node_copy(qwen_dir, workdir / f"draft-pipe2-node{rank}", splits, rank) for rank in range(2)]
+    specs = rank_specs(dirs, "pipeline", splits, draft_model=qwen_dir, draft_max_batch=8)
+    with serving(specs, workdir, "draft-pipe2") as served:
+        yield served
+
+
 @pytest.mark.parametrize(("instance", "model"), [("single_qwen", "qwen_dir"), ("batch_pipe2", "qwen_dir"),
-                                                 ("tensor2", "llama_dir")])  # fmt: skip
+                                                 ("tensor2", "llama_dir"), ("draft_pipe2", "qwen_dir")])  # fmt: skip
 async def test_speculative_requests_match_mlx_lm_batched_alone_and_from_the_prefix_cache(
     instance: str, model: str, request: pytest.FixtureRequest, references
 ) -> None:
-    """Prompt-lookup speculation (`num_draft_tokens`) on one rank, a 2-rank pipeline and 2 tensor ranks: 8 concurrent
-    requests and a second turn that starts from the prefix cache give mlx_lm's greedy text, while drafts were
-    accepted."""
+    """Prompt-lookup speculation (`num_draft_tokens`) on one rank, a 2-rank pipeline and 2 tensor ranks, and a draft
+    model's on a 2-rank pipeline: 8 concurrent requests and a second turn that starts from the prefix cache give
+    mlx_lm's greedy text, while drafts were accepted."""
     served: Served = request.getfixturevalue(instance)
     model_dir: Path = request.getfixturevalue(model)
     before = await stats(served.endpoint)

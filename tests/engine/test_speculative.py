@@ -1,6 +1,6 @@
-"""Speculative decoding by prompt lookup on one rank's Batch, in this process: greedy output is plain decoding's,
-token for token, alone and batched; seeded sampling keeps plain sampling's distribution. (Through runners, on a
-pipeline: test_batching.py.)"""
+"""Speculative decoding on one rank's Batch, in this process, drafts by prompt lookup or by a draft model: greedy
+output is plain decoding's, token for token, alone and batched; seeded sampling keeps plain sampling's distribution.
+(Through runners, on a pipeline: test_batching.py.)"""
 
 import json
 from collections import Counter
@@ -12,10 +12,12 @@ import pytest
 from mlx_lm import load
 
 from shardline.engine.batch import Batch
+from shardline.engine.drafter import Drafter, DraftModel, DraftRefused, load_draft_model, lookup
 from shardline.engine.grammar import grammar_for
 from shardline.engine.protocol import Join, Sampling, Step
 from shardline.engine.sampling import SeededSampler
-from shardline.engine.speculative import judge, lookup
+from shardline.engine.speculative import judge
+from tests.support.model_factory import make_tiny_model
 
 # Prompts that repeat themselves, as an agent's edit repeats the file it read: lookups find drafts.
 PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9, 10, 11, 12, 7, 8], [20, 21, 20, 21, 20], [5, 6, 40, 41, 42, 5, 6]]
@@ -36,11 +38,15 @@ def loaded(qwen_dir: Path) -> tuple:
 
 
 def decode(
-    loaded: tuple, prompts: list[list[int]], sampling: list[Sampling], draft_max_batch: int = 100
+    loaded: tuple,
+    prompts: list[list[int]],
+    sampling: list[Sampling],
+    draft_max_batch: int = 100,
+    drafter: Drafter | None = None,
 ) -> tuple[list[list[int]], Batch, int]:
     """Each request's tokens, the batch (its tally, its kept prefixes) and how many forward passes it took."""
     model, tokenizer = loaded
-    batch = Batch(model, tokenizer, prefill_step=512, draft_max_batch=draft_max_batch)
+    batch = Batch(model, tokenizer, prefill_step=512, draft_max_batch=draft_max_batch, drafter=drafter)
     out = batch.apply(Step(joins=[Join(p, s) for p, s in zip(prompts, sampling, strict=True)]))
     tokens: dict[int, list[int]] = {uid: [] for uid in out.joined}
     order, passes = list(out.joined), 1
@@ -70,6 +76,42 @@ def test_greedy_output_is_plain_decoding_s_batched_and_alone(loaded: tuple) -> N
         assert decode(loaded, [prompt], speculating[:1])[0] == [alone]
     mixed = [speculating[0], plain[0], speculating[0], plain[0]]  # beside requests that do not speculate
     assert decode(loaded, PROMPTS, mixed)[0] == expected
+
+
+@pytest.fixture(scope="module")
+def unrelated_dir(workdir: Path) -> Path:
+    """Another random model with the same tokenizer: a draft model that rarely guesses right."""
+    return make_tiny_model(workdir / "unrelated", model_type="llama", num_layers=2, num_files=1, seed=7)
+
+
+def test_a_draft_model_leaves_greedy_output_unchanged(loaded: tuple, qwen_dir: Path, unrelated_dir: Path) -> None:
+    """Drafts written by a draft model: the served model itself (its greedy drafts are what plain decoding writes:
+    nearly all accepted, far fewer forward passes) and an unrelated model (few accepted). Greedy output is plain
+    decoding's either way, batched, alone and beside requests that do not speculate; prompts longer than the draft
+    model's prefill chunk (8 tokens) included."""
+    prompts = [*PROMPTS, [*range(30, 50), 30, 31]]
+    plain = [Sampling(40, 0.0, 1.0, 0)] * len(prompts)
+    speculating = [Sampling(40, 0.0, 1.0, 0, draft_tokens=4)] * len(prompts)
+    expected, _, plain_passes = decode(loaded, prompts, plain)
+    tokenizer = loaded[1]
+    for source, least in ((qwen_dir, 0.8), (unrelated_dir, 0.0)):
+        drafter = DraftModel(load_draft_model(source, tokenizer), None, prefill_step=8)
+        got, batch, passes = decode(loaded, prompts, speculating, drafter=drafter)
+        print(f"draft {source.name}: {passes} forward passes for {plain_passes}; {batch.tally}")
+        assert got == expected
+        assert batch.tally.drafted > 0 and batch.tally.accepted >= least * batch.tally.drafted
+        assert not drafter.rows, "every request's draft state goes with it"
+        if least:
+            assert passes < plain_passes / 2
+        mixed = [speculating[0], plain[0]] * (len(prompts) // 2) + speculating[: len(prompts) % 2]
+        assert decode(loaded, prompts, mixed, drafter=drafter)[0] == expected
+        assert decode(loaded, prompts[-1:], speculating[:1], drafter=drafter)[0] == expected[-1:]
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(loaded: tuple, workdir: Path) -> None:
+    other = make_tiny_model(workdir / "other-vocabulary", vocab_size=300, num_layers=1, num_files=1)
+    with pytest.raises(DraftRefused, match="another vocabulary"):
+        load_draft_model(other, loaded[1])
 
 
 def test_penalties_and_bias_see_each_drafted_position_as_plain_decoding_would(loaded: tuple) -> None:
@@ -139,19 +181,23 @@ def test_drafts_wait_until_few_enough_requests_decode_together(loaded: tuple) ->
     assert list(tokens.values()) == plain
 
 
-def test_seeded_sampling_keeps_its_distribution(loaded: tuple) -> None:
+@pytest.mark.parametrize("drafts", ["prompt_lookup", "draft_model"])
+def test_seeded_sampling_keeps_its_distribution(loaded: tuple, drafts: str, qwen_dir: Path) -> None:
     """200 samples each way (independent seeds) of the first 6 tokens, at a temperature (0.05) where this random
     model's text repeats itself often but not always, over its top 4 tokens: at each position the tokens' counts
-    agree (chi-square, p > 0.001), and many drafts were accepted, many rejected."""
+    agree (chi-square, p > 0.001), and many drafts were accepted, many rejected. Drafts by prompt lookup, or by a
+    draft model (the served model itself, greedy: its drafts are the likeliest tokens, not the sampled ones)."""
     runs, length = 200, 6
     prompt = PROMPTS[0]
+    model = load_draft_model(qwen_dir, loaded[1]) if drafts == "draft_model" else None
 
     def samples(first_seed: int, draft_tokens: int) -> tuple[list[list[int]], int, int]:
         out, drafted, accepted = [], 0, 0
         for start in range(first_seed, first_seed + runs, 100):
             sampling = [Sampling(length, 0.05, 1.0, seed, top_k=4, draft_tokens=draft_tokens)
                         for seed in range(start, start + 100)]  # fmt: skip
-            tokens, batch, _ = decode(loaded, [prompt] * 100, sampling)
+            drafter = DraftModel(model, None, prefill_step=512) if model is not None else None
+            tokens, batch, _ = decode(loaded, [prompt] * 100, sampling, drafter=drafter)
             out += tokens
             drafted, accepted = drafted + batch.tally.drafted, accepted + batch.tally.accepted
         return out, drafted, accepted

@@ -65,9 +65,15 @@ def stop_all(runners: list[Runner]) -> list[int | None]:
 
 
 def rank_specs(
-    model_dirs: list[Path], strategy: str, splits: list[int] | None = None, **options: int
+    model_dirs: list[Path],
+    strategy: str,
+    splits: list[int] | None = None,
+    draft_model: Path | None = None,
+    **options: int,
 ) -> list[RunnerSpec]:
+    """Every rank's spec; `draft_model`: drafts written by it, on rank 0."""
     size = len(model_dirs)
+    drafts = {"draft_method": "draft_model"} if draft_model else {}
     hosts = [f"127.0.0.1:{free_port()}" for _ in range(size)] if size > 1 else []
     return [
         RunnerSpec(
@@ -78,6 +84,8 @@ def rank_specs(
             layers=pipeline_layers(splits, rank) if splits else None,
             splits=splits or [],
             hosts=hosts,
+            **drafts,
+            draft_model_path=str(draft_model) if draft_model and rank == 0 else "",
             **options,
         )
         for rank, model_dir in enumerate(model_dirs)

@@ -42,6 +42,22 @@ def test_serve_asks_for_auto_unless_told_and_says_what_was_chosen(api: list[tupl
     assert [body["strategy"] for method, _, body in api if method == "POST"] == ["auto", "tensor"]
 
 
+def test_serve_asks_for_speculative_decoding_when_told(api: list[tuple[str, str, Any]]) -> None:
+    for args in (
+        ["--draft-tokens", "6"],
+        ["--draft-model", "o/small"],
+        ["--draft-model", "o/small", "--draft-tokens", "2"],
+    ):
+        assert CliRunner().invoke(cli.app, ["serve", "o/m", *args]).exit_code == 0
+    CliRunner().invoke(cli.app, ["serve", "o/m"])
+    assert [body.get("speculative") for method, _, body in api if method == "POST"] == [
+        {"num_draft_tokens": 6},
+        {"method": "draft_model", "draft_model": "o/small", "num_draft_tokens": 4},
+        {"method": "draft_model", "draft_model": "o/small", "num_draft_tokens": 2},
+        None,
+    ]
+
+
 def test_dry_run_shows_the_preview_and_serves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, str]] = []
     shards = [{**s, "bytes": 2**30 if s["rank"] == 0 else 2**29} for s in SHARDS]
