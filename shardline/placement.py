@@ -86,11 +86,33 @@ def gib(n: float) -> str:
 
 
 def place(
-    profile: ModelProfile, nodes: list[NodeCapacity], strategy: str = "auto", pinned: list[str] | None = None
+    profile: ModelProfile,
+    nodes: list[NodeCapacity],
+    strategy: str = "auto",
+    pinned: list[str] | None = None,
+    draft_bytes: int = 0,
 ) -> Placement:
     """Where the model goes and why. `auto` picks what the architecture supports and fits: pipeline weighted
     by memory, else tensor where the heads divide, else whole on one node; an explicit strategy the
-    architecture lacks still runs whole on one node that holds it."""
+    architecture lacks still runs whole on one node that holds it. `draft_bytes`: rank 0's node also holds a
+    draft model that size (speculative decoding): placed as without it where that node has room for both, else
+    placed with that much less room on every node (wherever rank 0 lands, it fits)."""
+    placement = place_model(profile, nodes, strategy, pinned)
+    if not draft_bytes:
+        return placement
+    room = {n.node_id: n.memory_available for n in nodes}
+    drafting = f"; rank 0's node also holds the draft model ({gib(draft_bytes)})"
+    if room[placement.shards[0].node_id] * HEADROOM >= planned_bytes(profile, placement)[0] + draft_bytes:
+        return replace(placement, reason=placement.reason + drafting)
+    less = [replace(n, memory_available=max(n.memory_available - draft_bytes, 0)) for n in nodes]
+    try:
+        placement = place_model(profile, less, strategy, pinned)
+    except PlacementError as err:
+        raise PlacementError(f"{err} (with {gib(draft_bytes)} kept on rank 0's node for the draft model)") from err
+    return replace(placement, reason=placement.reason + drafting)
+
+
+def place_model(profile: ModelProfile, nodes: list[NodeCapacity], strategy: str, pinned: list[str] | None) -> Placement:
     if strategy not in STRATEGIES:
         raise PlacementError(f"unknown strategy {strategy!r}: use auto, pipeline or tensor")
     candidates = choose_nodes(nodes, pinned)
@@ -197,6 +219,7 @@ def place_again(
     strategy: str,
     pinned: list[str] | None,
     lost: list[str],
+    draft_bytes: int = 0,
 ) -> Placement:
     """Healing: the nodes just lost are a preference, not a ban (one may be back, and the only one with room);
     an instance pinned to nodes stays on them: on the pinned nodes still there if they hold it, else on all
@@ -210,18 +233,21 @@ def place_again(
     error = PlacementError("no node is online")
     for candidates, pins in choices:
         try:
-            return place(profile, candidates, strategy, pins)
+            return place(profile, candidates, strategy, pins, draft_bytes)
         except PlacementError as err:
             error = err
     raise error
 
 
-def planned_bytes(profile: ModelProfile, placement: Placement) -> list[int]:
-    """What each shard will hold in memory, in rank order (what other placements must not count on)."""
+def planned_bytes(profile: ModelProfile, placement: Placement, draft_bytes: int = 0) -> list[int]:
+    """What each shard will hold in memory, in rank order (what other placements must not count on); rank 0
+    also a draft model of `draft_bytes`."""
     if placement.strategy == "tensor":
         size = len(placement.shards)
-        return [profile.outer_bytes + sum(profile.sizes) // size] * size
-    return [profile.outer_bytes + profile.range_bytes(s.layers) for s in placement.shards]
+        sizes = [profile.outer_bytes + sum(profile.sizes) // size] * size
+    else:
+        sizes = [profile.outer_bytes + profile.range_bytes(s.layers) for s in placement.shards]
+    return [sizes[0] + draft_bytes, *sizes[1:]]
 
 
 def choose_nodes(nodes: list[NodeCapacity], pinned: list[str] | None) -> list[NodeCapacity]:

@@ -20,6 +20,7 @@ class PreviewInput:
     strategy: str = "auto"  # auto | pipeline | tensor, as a serve takes it
     nodes: list[str] | None = None
     revision: str | None = None
+    draft_model: str | None = None  # speculative decoding's draft model, which rank 0's node would hold too
 
 
 @dataclass
@@ -49,15 +50,22 @@ class PreviewWorkflow:
             profile = await workflow.execute_activity(
                 contracts.inspect_model, InspectRequest(inp.model_id, inp.revision), **CONTROL_ACTIVITY
             )
+            draft_bytes = 0
+            if inp.draft_model:
+                draft = await workflow.execute_activity(
+                    contracts.inspect_model, InspectRequest(inp.draft_model, None), **CONTROL_ACTIVITY
+                )
+                draft_bytes = draft.total_bytes
             # asking as no instance: the memory every instance reserved and has not loaded yet is not free
             nodes = await workflow.execute_activity(contracts.online_nodes, workflow.info().workflow_id,
                                                     **CONTROL_ACTIVITY)  # fmt: skip
         except ActivityError as err:  # the model's own failure (not found, gated, not a model), as a serve fails
             raise error(error_type(err) or ErrorType.TRANSIENT, cause_message(err), err, non_retryable=True) from err
         try:
-            placement = place(profile, nodes, inp.strategy, inp.nodes)
+            placement = place(profile, nodes, inp.strategy, inp.nodes, draft_bytes)
         except PlacementError as err:
             return Preview(inp.model_id, False, inp.strategy, str(err), total_bytes=profile.total_bytes)
+        sizes = planned_bytes(profile, placement, draft_bytes)
         shards = [PreviewShard(s.node_id, s.rank, s.layers.start, s.layers.end, b)
-                  for s, b in zip(placement.shards, planned_bytes(profile, placement), strict=True)]  # fmt: skip
+                  for s, b in zip(placement.shards, sizes, strict=True)]  # fmt: skip
         return Preview(inp.model_id, True, placement.strategy, placement.reason, shards, profile.total_bytes)

@@ -135,6 +135,7 @@ class ServingWorkflow:
         self._recent: list[float] = []
         self._heal_until: datetime | None = None  # while healing: when it gives up
         self._heal_delay = 1.0
+        self._draft_bytes = 0  # the draft model's weights, which rank 0's node holds too
 
     @workflow.run
     async def run(self, inp: ServeInput) -> InstanceStatus:
@@ -161,6 +162,9 @@ class ServingWorkflow:
 
     async def _serve(self, inp: ServeInput) -> InstanceStatus:
         profile = await self._control(contracts.inspect_model, InspectRequest(inp.model_id, inp.revision))
+        if inp.draft_model:
+            draft = await self._control(contracts.inspect_model, InspectRequest(inp.draft_model, None))
+            self._draft_bytes = draft.total_bytes
         excluded = list(inp.excluded)
         while True:
             placement = await self._place(inp, profile, excluded)
@@ -210,7 +214,7 @@ class ServingWorkflow:
             placement = await (self._place_again if self._status.recoveries else self._place_first)(
                 inp, profile, excluded
             )
-            sizes = planned_bytes(profile, placement)
+            sizes = planned_bytes(profile, placement, self._draft_bytes)
             self._status.shards = [ShardStatus(s.node_id, s.rank, s.layers.start, s.layers.end, planned_bytes=b)
                                    for s, b in zip(placement.shards, sizes, strict=True)]  # fmt: skip
             self._placed(placement)
@@ -237,7 +241,7 @@ class ServingWorkflow:
     async def _place_first(self, inp: ServeInput, profile: ModelProfile, _: list[str]) -> Placement:
         """A new instance that cannot be placed fails at once, saying why: the person is waiting for it."""
         try:
-            return place(profile, await self._nodes(inp), inp.strategy, inp.nodes)
+            return place(profile, await self._nodes(inp), inp.strategy, inp.nodes, self._draft_bytes)
         except PlacementError as err:
             raise self._failed(ErrorType.PLACEMENT, str(err)) from err
 
@@ -245,7 +249,7 @@ class ServingWorkflow:
         """Healing waits for room (a restarted node, memory being freed, a stale memory reading)."""
         while True:
             try:
-                return place_again(profile, await self._nodes(inp), inp.strategy, inp.nodes, lost)
+                return place_again(profile, await self._nodes(inp), inp.strategy, inp.nodes, lost, self._draft_bytes)
             except PlacementError as err:
                 await self._wait_to_heal(inp, str(err))
 

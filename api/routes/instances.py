@@ -47,7 +47,8 @@ async def preview_instance(body: InstanceCreate, client: ClientDep) -> PreviewOu
     """Where `POST /instances` with this body would place the model now, before anything is downloaded: the
     nodes, their layer ranges and bytes, the strategy and why; 409 (type `placement`) with the reason it does not
     fit."""
-    inp = PreviewInput(body.model, body.strategy or "auto", body.nodes, body.revision)
+    draft_model = body.speculative.draft_model if isinstance(body.speculative, DraftModel) else None
+    inp = PreviewInput(body.model, body.strategy or "auto", body.nodes, body.revision, draft_model)
     try:
         preview = await asyncio.wait_for(workflows.preview(client, inp), PREVIEW_WAIT)
     except TimeoutError as err:

@@ -41,6 +41,12 @@ async def test_pipeline_matches_mlx_lm(
     if size == 2:
         speculative |= {"method": "draft_model", "draft_model": TINY}
     async with running_nodes(cluster, api, node_ids) as homes:
+        if size == 2:  # the preview counts the draft model's weights on rank 0's node
+            asked = {"model": QWEN, "strategy": "pipeline", "nodes": node_ids}
+            plain, drafting = [(await api.post("/instances/preview", json=body)).json()
+                               for body in (asked, {**asked, "speculative": speculative})]  # fmt: skip
+            extra = [b["bytes"] - a["bytes"] for a, b in zip(plain["shards"], drafting["shards"], strict=True)]
+            assert extra[0] > 0 and extra[1:] == [0] and "draft model" in drafting["reason"], drafting
         instance = await start_instance(api, QWEN, strategy="pipeline", nodes=node_ids, speculative=speculative)
         ready = await wait_state(api, instance, {"ready", "failed"})
         assert ready["state"] == "ready", ready["reason"]

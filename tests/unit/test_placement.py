@@ -283,3 +283,31 @@ def test_equal_sizes_read_from_headers_place_as_the_estimate_did() -> None:
     read = ModelProfile("o/m", 12, GiB, GiB // 2, True, True, 8, 4, layer_sizes=[GiB] * 12)
     for memory in [(4, 16, 8), (10, 10), (9, 9, 0.5)]:
         assert place(estimate, nodes(*memory), "pipeline") == place(read, nodes(*memory), "pipeline")
+
+
+@pytest.mark.parametrize("strategy", ["auto", "pipeline", "tensor"])
+@pytest.mark.parametrize("memory", [(10, 10), (6, 6), (5.6, 5.6), (20, 4.5), (4.8, 20), (5.2, 5.2)])
+def test_rank_0_s_node_has_room_for_the_draft_model_too(strategy: str, memory: tuple[float, ...]) -> None:
+    """A draft model of 1 GiB (speculative decoding) beside rank 0's share: placed as without it where rank 0's node
+    has room for both, elsewise with that room kept on every node; refused, saying so, where only the draft model
+    keeps it from fitting."""
+    prof, draft = profile(layers=8), GiB
+    try:
+        plain = place(prof, nodes(*memory), strategy)
+    except PlacementError:
+        with pytest.raises(PlacementError):
+            place(prof, nodes(*memory), strategy, draft_bytes=draft)
+        return
+    try:
+        p = place(prof, nodes(*memory), strategy, draft_bytes=draft)
+    except PlacementError as err:
+        assert "kept on rank 0's node for the draft model" in str(err)
+        return
+    room = {n.node_id: n.memory_available for n in nodes(*memory)}
+    sizes = planned_bytes(prof, p, draft)
+    assert sizes[0] == planned_bytes(prof, p)[0] + draft and sizes[1:] == planned_bytes(prof, p)[1:]
+    for shard, size in zip(p.shards, sizes, strict=True):
+        assert size <= room[shard.node_id] * HEADROOM, (shard, size)
+    assert p.reason.endswith("; rank 0's node also holds the draft model (1.00 GiB)")
+    if memory == (10, 10):
+        assert p.shards == plain.shards  # room for both: placed as without it
