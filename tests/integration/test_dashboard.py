@@ -152,15 +152,18 @@ async def test_dashboard_operates_the_cluster(
         await expect(page.locator("#preview .refused")).to_contain_text(f"{QWEN} does not fit", timeout=60_000)
         await page.locator(f'#serve-nodes input[data-node="{small}"]').uncheck()
         await page.locator(f'#serve-nodes input[data-node="{node}"]').check()
+        await page.fill("#serve-draft", TINY)  # speculative decoding, drafts by a model already on the node
         await page.click("#preview-go")
         plan = page.locator("#preview .plan")
         await expect(plan).to_contain_text("fits", timeout=60_000)
+        await expect(plan).to_contain_text("also holds the draft model")
         await expect(plan.locator(f'tr[data-node="{node}"]')).to_contain_text("[0, 6)")
         await expect(page.locator(f'#downloads [data-download="download:{node}:{QWEN}"]')).to_have_count(0)
         await page.click("#serve-go")
         await expect(notice).to_contain_text("started serve:", timeout=SEEN_S)
         instance = page.locator("#instances .instance", has_text=QWEN)
         await expect(instance).to_contain_text("ready", timeout=120_000)
+        await expect(instance).to_contain_text(f"speculative: drafts by {TINY}")
 
         # deleting what the instance uses is refused, saying who uses it
         chip = card.locator(f'.chip[data-model="{QWEN}"]')
