@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python -m bench.download
 	$(BIN)/python -m bench.speed
 	$(BIN)/python -m bench.batching
+	$(BIN)/python -m bench.batching --size 576x12 --dtype float16 --levels 1,8 --out bench/out/speed_goals.json
 	$(BIN)/python -m bench.grammar
 	$(BIN)/python -m bench.speculative
 	$(BIN)/python -m bench.pipeline_split

@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.batching [--size 8m] [--max-tokens 32] [--levels 1,4,8,16] [--prefix-tokens 2000]
                                        [--prefix-rounds 2] [--single-runs 3] [--launcher direct|mlx.launch]
-                                       [--no-pipeline]
+                                       [--no-pipeline] [--out bench/out/batching.json]
+    .venv/bin/python -m bench.batching --size 576x12 --dtype float16 --levels 1,8 --out bench/out/speed_goals.json
 
 Targets (every request: a streaming OpenAI chat completion, greedy, fixed max_tokens, a prompt no
 other request shares, so no prefix-cache hit flatters a load level):
@@ -19,8 +20,10 @@ the conversation so far plus a new question (turn 2): its first token is what a 
 The 2-rank mlx_lm.server is started as `mlx.launch --backend ring -n 2` starts it (MLX_RANK,
 MLX_HOSTFILE of two loopback ports) unless --launcher mlx.launch: mlx.launch's I/O loop selects on each
 child's always-writable stdin and so spins about a core, which on a small machine is the benchmark.
-Reports, never gates: prints tables and shardline ÷ mlx_lm.server ratios against the goals of issue 8,
-and writes bench/out/batching.json.
+Reports, never gates: prints tables and shardline ÷ mlx_lm.server ratios against the goals of issue 8, and
+issue 18's (one stream at mlx_lm's pace on 1 node and on a pipeline; 8 streams on 2 nodes 2x `--pipeline`; what
+fraction of 2 x one node's 8-stream throughput the pipeline reaches), and writes bench/out/batching.json. The
+second command (in `make bench`) is issue 18's measure: a model where compute, not overhead, decides.
 """
 
 import argparse
@@ -398,6 +401,26 @@ def ratios(rows: dict[str, Run]) -> dict[str, dict[str, Any]]:
     return out
 
 
+SPEED_GOALS = {  # issue 18: shardline ÷ mlx_lm.server (1 node) or mlx_lm.server --pipeline (2 nodes)
+    "single-stream decode, 1 node": ("single-stream decode tok/s", 1, 0.97),
+    "single-stream decode, 2-node pipeline": ("single-stream decode tok/s", 2, 0.9),
+    "aggregate tok/s at 8 streams, 2-node pipeline": ("aggregate tok/s at 8 streams", 2, 2.0),
+}
+
+
+def speed_goals(rows: dict[str, Run]) -> dict[str, Any]:
+    """Issue 18's goals, and what fraction of N x one node's 8-stream throughput the 2-node pipeline reaches."""
+    out: dict[str, Any] = {}
+    for name, (key, n, goal) in SPEED_GOALS.items():
+        x, y = figures(rows.get(f"shardline-{n}"))[key], figures(rows.get(f"mlx_lm.server-{n}"))[key]
+        ratio = x / y if x is not None and y else None
+        out[name] = {"goal": f">= {goal}", "ratio": ratio, "met": None if ratio is None else ratio >= goal}
+    one, two = (figures(rows.get(f"shardline-{n}"))["aggregate tok/s at 8 streams"] for n in (1, 2))
+    out["8 streams, 2 nodes ÷ (2 x 1 node)"] = {"goal": "report", "ratio": two / (2 * one) if one and two else None,
+                                                "met": None}  # fmt: skip
+    return out
+
+
 def fmt(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None else "-"
 
@@ -427,6 +450,10 @@ def report(data: dict[str, Any]) -> None:
             met = cells[n]["met"]
             line += f" {fmt(cells[n]['ratio'], '.3f'):>8} {'' if met is None else ('ok' if met else 'MISS'):>4}"
         print(line)
+    print(f"\n{'issue 18 (vs --pipeline on 2 nodes)':<48} {'goal':>7} {'ratio':>8}")
+    for key, cell in data["speed_goals"].items():
+        met = "" if cell["met"] is None else ("ok" if cell["met"] else "MISS")
+        print(f"{key:<48} {cell['goal']:>7} {fmt(cell['ratio'], '.3f'):>8} {met:>4}")
     print("(other = cores busy outside this benchmark meanwhile: other work on the machine makes numbers noisy)")
     for name, why in data["problems"].items():
         print(f"skipped/problem: {name}: {why[:1500]}")
@@ -483,6 +510,7 @@ def bench(root: Path, size: str, dtype: str, plan: Plan, launcher: str, pipeline
         "rows": rows,
         "problems": problems,
         "ratios": ratios(rows),
+        "speed_goals": speed_goals(rows),
     }
 
 
@@ -498,6 +526,7 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=5.0, help="wait at most this long for a quiet machine")
     parser.add_argument("--launcher", choices=["direct", "mlx.launch"], default="direct")
     parser.add_argument("--no-pipeline", action="store_true", help="1-node targets only")
+    parser.add_argument("--out", type=Path, default=OUT, help="where the results go (JSON)")
     args = parser.parse_args()
     plan = Plan([int(n) for n in args.levels.split(",")], args.max_tokens, args.single_runs, args.prefix_tokens,
                 args.prefix_rounds, args.settle)  # fmt: skip
@@ -505,7 +534,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shardline-bench-") as tmp:
         data = bench(Path(tmp), args.size, args.dtype, plan, args.launcher, not args.no_pipeline)
     report(data)
-    save(OUT, data)
+    save(args.out, data)
 
 
 if __name__ == "__main__":

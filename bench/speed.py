@@ -49,6 +49,8 @@ OUT = Path(__file__).resolve().parent / "out" / "speed.json"
 MESSAGES = [{"role": "user", "content": "Tell me about the quiet river that runs past the old mill at night."}]
 SIZES: dict[str, dict[str, int]] = {  # qwen2, vocab 4096, untied head
     "8m": {"num_layers": 4, "hidden_size": 256, "intermediate_size": 704, "num_heads": 4, "num_kv_heads": 2},
+    # issue 18's size: compute, not overhead, decides (SmolLM2-135M's shape)
+    "576x12": {"num_layers": 12, "hidden_size": 576, "intermediate_size": 1536, "num_heads": 9, "num_kv_heads": 3},
     "30m": {"num_layers": 8, "hidden_size": 512, "intermediate_size": 1408, "num_heads": 8, "num_kv_heads": 4},
     "100m": {"num_layers": 16, "hidden_size": 768, "intermediate_size": 2048, "num_heads": 12, "num_kv_heads": 4},
     "150m": {"num_layers": 12, "hidden_size": 1024, "intermediate_size": 2816, "num_heads": 16, "num_kv_heads": 4},
