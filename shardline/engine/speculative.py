@@ -22,7 +22,7 @@ from mlx_lm.generate import GenerationBatch
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import greedy_sampler
 
-from shardline.engine.drafter import Drafter
+from shardline.engine.drafter import Drafter, drop_positions
 from shardline.engine.grammar import GrammarProcessor
 from shardline.engine.sampling import SeededSampler
 
@@ -147,15 +147,3 @@ def judge(sampler: Any, logprobs: mx.array, drafts: list[int]) -> tuple[int, tup
         return j, (token, logprobs[j])
     n = len(drafts)
     return n, (sampler(logprobs[n : n + 1]).item(), logprobs[n])
-
-
-def drop_positions(caches: list[Any], drop: list[int]) -> None:
-    """Remove the last `drop[i]` positions of row i from every cache."""
-    least = min(drop)
-    extra = [d - least for d in drop]
-    for cache in caches:
-        if least:
-            cache.trim(least)
-        if any(extra):
-            cache._right_padding = mx.array(extra)
-            cache.finalize()

@@ -3,6 +3,7 @@ output is plain decoding's, token for token, alone and batched; seeded sampling 
 (Through runners, on a pipeline: test_batching.py.)"""
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -100,12 +101,46 @@ def test_a_draft_model_leaves_greedy_output_unchanged(loaded: tuple, qwen_dir: P
         print(f"draft {source.name}: {passes} forward passes for {plain_passes}; {batch.tally}")
         assert got == expected
         assert batch.tally.drafted > 0 and batch.tally.accepted >= least * batch.tally.drafted
-        assert not drafter.rows, "every request's draft state goes with it"
+        assert not drafter.order and drafter.caches is None, "every request's draft state goes with it"
         if least:
             assert passes < plain_passes / 2
         mixed = [speculating[0], plain[0]] * (len(prompts) // 2) + speculating[: len(prompts) % 2]
         assert decode(loaded, prompts, mixed, drafter=drafter)[0] == expected
         assert decode(loaded, prompts[-1:], speculating[:1], drafter=drafter)[0] == expected[-1:]
+
+
+def test_a_draft_model_s_batched_rows_draft_what_it_would_alone(loaded: tuple, unrelated_dir: Path) -> None:
+    """The draft model's rows share one batched cache: whatever each request did since the last step (kept some
+    drafts, rejected the rest, moved on; fell 40 tokens behind; joined with a prompt longer than the prefill chunk;
+    left), each row's drafts are the model's own greedy tokens after that request's tokens, computed alone."""
+    model = load_draft_model(unrelated_dir, loaded[1])
+    drafter = DraftModel(model, None, prefill_step=8)
+
+    def alone(tokens: list[int], k: int) -> list[int]:
+        out: list[int] = []
+        for _ in range(k):
+            out.append(mx.argmax(model(mx.array([tokens + out]))[0, -1]).item())
+        return out
+
+    rng = random.Random(0)
+    sequences = {uid: [rng.randrange(259, 512) for _ in range(n)] for uid, n in ((1, 5), (2, 21), (3, 1))}
+    for step in range(8):
+        uids = sorted(sequences)
+        ks = [[4, 3, 0, 2][i % 4] for i in range(len(uids))]  # a request that does not speculate gets none
+        drafts = drafter.propose(uids, [sequences[u] for u in uids], ks)
+        for uid, k, written in zip(uids, ks, drafts, strict=True):
+            assert written == alone(sequences[uid], k), (step, uid)
+        for uid, written in zip(uids, drafts, strict=True):
+            sequences[uid] += [*written[: rng.randrange(len(written) + 1)], rng.randrange(259, 512)]
+        if step == 2:
+            sequences[2] += [rng.randrange(259, 512) for _ in range(40)]
+        if step == 3:
+            drafter.forget(1)
+            del sequences[1]
+            sequences[4] = [rng.randrange(259, 512) for _ in range(30)]
+    assert sorted(drafter.order) == sorted(u for i, u in enumerate(sorted(sequences)) if [4, 3, 0, 2][i % 4])
+    drafter.clear()
+    assert not drafter.order and drafter.caches is None
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(loaded: tuple, workdir: Path) -> None:
