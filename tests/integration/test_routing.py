@@ -100,7 +100,13 @@ async def test_later_turns_find_their_prefix_on_the_instance_that_has_it(
                       f"one instance busy with 3 long streams; {sum(uneven) / len(uneven):.0%})")  # fmt: skip
         even, uneven = report["cache-aware"]
         # every later turn found its conversation's earlier turns (a miss reuses nothing, or only the template's
-        # opening; a random model's answers do not re-tokenize alike, so a hit reuses the earlier prompts only)
-        assert min(even + uneven) >= HIT, report
+        # opening; a random model's answers do not re-tokenize alike, so a hit reuses the earlier prompts only).
+        # Beside the busy instance, at most one may be sent away: the rule itself does that when, at that moment,
+        # the instance holding it has more than SHARDLINE_ROUTE_SLACK (4) more in flight than the other, which
+        # the pauses make rare and a loaded machine possible (CI once: 15 of 16)
+        assert min(even) >= HIT, report
+        assert sum(s < HIT for s in uneven) <= 1, report
+        plain = report["least loaded"]
+        assert sum(s >= HIT for s in even + uneven) > sum(s >= HIT for s in plain[0] + plain[1]), report
         for instance in instances:
             await api.delete(f"/instances/{instance}")
