@@ -181,6 +181,10 @@ class InstanceCreate(BaseModel):
     revision: str | None = None
     speculative: Speculative | None = Field(None, description="omitted or null: off")
 
+    @property
+    def draft_model(self) -> str | None:
+        return self.speculative.draft_model if isinstance(self.speculative, DraftModel) else None
+
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
@@ -249,11 +253,9 @@ class InstanceOut(BaseModel):
         kind = ErrorType(s.error_type) if s.error_type else None
         drafts: Speculative | None = None
         if s.draft_tokens:
-            drafts = PromptLookup(num_draft_tokens=s.draft_tokens, max_batch=s.draft_max_batch)
-            if s.draft_model:
-                drafts = DraftModel(
-                    method="draft_model", draft_model=s.draft_model, **drafts.model_dump(exclude={"method"})
-                )
+            common = {"num_draft_tokens": s.draft_tokens, "max_batch": s.draft_max_batch}
+            drafts = (DraftModel(method="draft_model", draft_model=s.draft_model, **common) if s.draft_model
+                      else PromptLookup(**common))  # fmt: skip
         return out.model_copy(update={"shards": shards, "endpoint": s.endpoint, "recoveries": s.recoveries,
                                       "reason": s.reason, "error_type": kind, "incidents": list(s.incidents),
                                       "strategy_reason": s.strategy_reason or None,

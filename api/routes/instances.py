@@ -4,7 +4,7 @@ from fastapi import APIRouter, status
 
 from api.deps import ClientDep, InstancesDep, SettingsDep
 from api.instances import instance_status, list_instances
-from api.schemas import ADMIN_STATUSES, DraftModel, ErrorOut, InstanceCreate, InstanceOut, PreviewOut, error_responses
+from api.schemas import ADMIN_STATUSES, ErrorOut, InstanceCreate, InstanceOut, PreviewOut, error_responses
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import new_instance_id, serve_workflow_id
 from shardline.states import InstanceState, WorkState
@@ -35,7 +35,7 @@ async def create_instance(
         download_attempts=settings.download_attempts,
         draft_tokens=body.speculative.num_draft_tokens if body.speculative else 0,
         draft_max_batch=body.speculative.max_batch if body.speculative else DRAFT_MAX_BATCH,
-        draft_model=body.speculative.draft_model if isinstance(body.speculative, DraftModel) else None,
+        draft_model=body.draft_model,
     )
     await workflows.start_serving(client, inp)
     cache.forget()
@@ -47,8 +47,7 @@ async def preview_instance(body: InstanceCreate, client: ClientDep) -> PreviewOu
     """Where `POST /instances` with this body would place the model now, before anything is downloaded: the
     nodes, their layer ranges and bytes, the strategy and why; 409 (type `placement`) with the reason it does not
     fit."""
-    draft_model = body.speculative.draft_model if isinstance(body.speculative, DraftModel) else None
-    inp = PreviewInput(body.model, body.strategy or "auto", body.nodes, body.revision, draft_model)
+    inp = PreviewInput(body.model, body.strategy or "auto", body.nodes, body.revision, body.draft_model)
     try:
         preview = await asyncio.wait_for(workflows.preview(client, inp), PREVIEW_WAIT)
     except TimeoutError as err:

@@ -16,13 +16,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator, GenerationBatch
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from shardline.engine import speculative
 from shardline.engine.drafter import Drafter, PromptLookup
 from shardline.engine.grammar import GrammarProcessor, Grammars
-from shardline.engine.pipeline import whole_model_caches
+from shardline.engine.pipeline import trimmable
 from shardline.engine.protocol import Join, Step
 from shardline.engine.sampling import processors_for, sampler_for
 from shardline.types import DRAFT_MAX_BATCH
@@ -47,13 +47,6 @@ class Output:
     joined: list[int] = field(default_factory=list)  # request ids of the step's joins, in order
     responses: list[Response] = field(default_factory=list)  # a token per decoding request (more: speculation)
     kept: list[Kept] = field(default_factory=list)
-
-
-def trimmable(model: nn.Module) -> bool:
-    """Every layer's cache (on every rank) can be cut back to a shorter prefix: plain attention, no window that
-    may have rotated, no recurrent state."""
-    caches = whole_model_caches(model)
-    return can_trim_prompt_cache(caches) and not any(hasattr(c, "max_size") for c in caches)
 
 
 def covers(caches: list[Any], tokens: list[int]) -> bool:

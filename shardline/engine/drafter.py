@@ -15,11 +15,12 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
 from shardline.engine import protocol
+from shardline.engine.pipeline import trimmable
 
 MATCH_MIN, MATCH_MAX = 1, 3  # n-gram lengths tried for the lookup, longest first
 
@@ -178,8 +179,7 @@ def load_draft_model(path: Path, tokenizer: TokenizerWrapper) -> nn.Module:
             f"the draft model at {path.name} has another vocabulary ({len(own.get_vocab())} tokens) than the "
             f"served model ({len(tokenizer.get_vocab())}): its tokens would mean other text"
         )
-    caches = make_prompt_cache(model)
-    if not can_trim_prompt_cache(caches) or any(hasattr(c, "max_size") for c in caches):
+    if not trimmable(model):
         raise DraftRefused(f"the draft model at {path.name} keeps caches that cannot be cut back (a sliding "
                            "window or recurrent layers): rejected drafts could not be dropped")  # fmt: skip
     return model

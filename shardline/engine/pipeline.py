@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache
 
 from shardline.types import LayerRange
 
@@ -258,3 +258,10 @@ def whole_model_caches(model: nn.Module) -> list[Any]:
     """The caches of every layer of the model, split or not (what decides how its prefix cache is reused)."""
     split = getattr(model, "shardline_split", None)
     return split.full_caches() if split is not None else make_prompt_cache(model)
+
+
+def trimmable(model: nn.Module) -> bool:
+    """Every layer's cache (on every rank) can be cut back to a shorter prefix: plain attention, no window that
+    may have rotated, no recurrent state."""
+    caches = whole_model_caches(model)
+    return can_trim_prompt_cache(caches) and not any(hasattr(c, "max_size") for c in caches)

@@ -17,10 +17,11 @@ import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from shardline.engine import protocol, wake
-from shardline.engine.batch import Batch, trimmable
+from shardline.engine.batch import Batch
 from shardline.engine.drafter import Drafter, DraftModel, PromptLookup, load_draft_model
 from shardline.engine.generation import Job, Scheduler, follow
 from shardline.engine.loading import ModelRefused, init_group, load_shard, parameter_bytes, refused
+from shardline.engine.pipeline import trimmable
 from shardline.engine.prefix_cache import PrefixIndex
 from shardline.engine.server import Limits, bind, create_app, start_http
 from shardline.engine.spec import RunnerSpec

@@ -20,9 +20,10 @@ from typing import Any
 import mlx.core as mx
 
 from shardline.engine import protocol, wake
-from shardline.engine.batch import Batch, trimmable
+from shardline.engine.batch import Batch
 from shardline.engine.generation import Job, Scheduler, follow
 from shardline.engine.loading import init_group, load_shard, parameter_bytes
+from shardline.engine.pipeline import trimmable
 from shardline.engine.prefix_cache import PrefixIndex
 from shardline.engine.protocol import Sampling
 from shardline.engine.rank import PREFILL_STEP
