@@ -27,6 +27,8 @@ from api.routing import Balancer
 from shardline.settings import Settings
 from shardline.temporal import connect
 
+RUNNER_POOL_EXPIRY_S = 30.0  # less than a runner keeps an idle connection (shardline.engine.server.KEEP_ALIVE_S)
+
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
@@ -36,7 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.instances = InstanceCache(app.state.client)
         # no pool limit: a model with many streams open must never make another model's requests wait
         # for a connection (each runner bounds its own queue and answers 429 past it)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=RUNNER_POOL_EXPIRY_S)
         async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None), limits=limits) as http:
             app.state.http = http
             yield

@@ -16,7 +16,7 @@ from temporalio.service import RPCError
 from api.instances import InstanceCache
 from api.metrics import Metrics
 from api.routing import Balancer, prefixes
-from api.runners import RunnerLost, RunnerUnreachable, generate, tokenize
+from api.runners import RunnerDropped, RunnerLost, RunnerUnreachable, generate, tokenize
 from api.streaming import KEEPALIVE_S, Events
 from shardline.settings import Settings
 from shardline.states import InstanceState
@@ -166,6 +166,12 @@ class Inference:
                 self.in_flight.release(str(moved.endpoint))  # picked, never sent
                 raise
             return await first_event(self.generate(moved, body), self.settings.runner_silence)
+        except RunnerDropped as exc:
+            # nothing came back yet, so sending it again is safe: once, for a connection the runner closed as it
+            # was sent; a runner that is really gone is unreachable the second time (a 503, or resumed elsewhere)
+            log.info("generation.sent_again", model=model, reason=exc.detail)
+            again = await self.instance_for(model, body, key)
+            return await first_event(self.generate(again, body), self.settings.runner_silence)
         except HTTPException as exc:
             others = [i for i in await self.ready(model) if i.endpoint != instance.endpoint]
             if exc.status_code != 429 or not others:

@@ -31,6 +31,10 @@ class RunnerUnreachable(RunnerLost):
     """Not even connected: nothing was sent."""
 
 
+class RunnerDropped(RunnerLost):
+    """The connection broke (reset or closed by the runner's side) before or while it answered."""
+
+
 def refusal(response: httpx.Response, body: bytes) -> HTTPException:
     """The runner's 4xx/5xx as the API's own: the client's mistakes and a full queue keep their status."""
     try:
@@ -86,7 +90,7 @@ async def generate(
             raise RunnerUnreachable(f"the model's runner is unreachable ({exc}); the instance is recovering") from exc
         except httpx.TransportError as exc:
             detail = f"the model's runner went away ({exc}); the instance is recovering"
-            raise RunnerLost(detail, instance.instance_id) from exc
+            raise RunnerDropped(detail, instance.instance_id) from exc
     finally:
         in_flight.release(endpoint)
 

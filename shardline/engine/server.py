@@ -267,9 +267,17 @@ def bind(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family)
 
 
+# longer than the API keeps an idle connection (api.app.RUNNER_POOL_EXPIRY_S): were both 5 s (each library's default),
+# the runner could close one just as the API sends a request on it, and that request would fail with a reset
+KEEP_ALIVE_S = 75
+
+
 def start_http(app: FastAPI, sock: socket.socket, timeout: float = 30.0) -> uvicorn.Server:
     """Serve `app` on `sock` from a daemon thread; returns once it accepts connections."""
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=1))
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, timeout_graceful_shutdown=1, timeout_keep_alive=KEEP_ALIVE_S
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="http")
     thread.start()
     deadline = time.monotonic() + timeout
