@@ -3,9 +3,10 @@ where the instance is ready next, and its client sees one stream equal to an und
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -161,7 +162,7 @@ async def test_a_resume_gives_up_after_its_bound_and_says_why(cluster: Cluster, 
         instance = await start_instance(api, TINY, nodes=[node_id])
         assert (await wait_state(api, instance, {"ready", "failed"}))["state"] == "ready"
 
-        async def read(url: str, chunks: list[str]) -> APIError:
+        async def read(url: str, chunks: list[str], due: Callable[[], None] = lambda: None) -> APIError:
             openai = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
             with pytest.raises(APIError) as failed:
                 async for event in await openai.chat.completions.create(
@@ -172,34 +173,55 @@ async def test_a_resume_gives_up_after_its_bound_and_says_why(cluster: Cluster, 
                     stream=True,  # type: ignore[arg-type]
                 ):
                     chunks += [c.delta.content or "" for c in event.choices]
+                    due()
             return failed.value
 
         async def past(chunks: list[str], n: int) -> bool | None:
             return len(chunks) > n or None
 
-        async def runner() -> psutil.Process | None:
-            found = runners(homes)
-            return found[0] if found else None
-
+        # the runner serving now, and how many chunks had been read when it was first seen: the reader kills it
+        # itself once it has CUT_AT chunks more (a tiny model streams 3000 tokens in seconds: a kill from a poll
+        # could come after the stream had ended)
         chunks: list[str] = []
-        reading = asyncio.create_task(read(once, chunks))
-        for _ in range(2):
-            seen = len(chunks)
-            await eventually(lambda: past(chunks, seen + CUT_AT), 120, "the stream goes on")  # noqa: B023
-            (await eventually(runner, 60, "a runner")).kill()
-        failed = await reading
-        assert "was resumed 1 times: given up" in failed.message, failed.message
+        killed: list[int] = []
+        serving: dict[str, int] = {}
+
+        async def watch() -> None:
+            while True:
+                found = [p.pid for p in runners(homes) if p.pid not in killed]
+                if found and serving.get("pid") != found[0]:
+                    serving.update(pid=found[0], since=len(chunks))
+                await asyncio.sleep(0.1)
+
+        def kill_when_due() -> None:
+            pid = serving.get("pid")
+            if len(killed) < 2 and pid is not None and pid not in killed and len(chunks) >= serving["since"] + CUT_AT:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        watching = asyncio.create_task(watch())
+        try:
+            await eventually(lambda: past(list(serving), 0), 60, "the runner seen")
+            failed = await read(once, chunks, kill_when_due)
+        finally:
+            watching.cancel()
+        assert len(killed) == 2 and "was resumed 1 times: given up" in failed.message, (killed, failed.message)
 
         async def healed_twice() -> bool | None:
             now = (await api.get(f"/instances/{instance}")).json()
             return (now["state"] == "ready" and now["recoveries"] == 2) or None
 
         await eventually(healed_twice, 120, "ready again")
-        chunks = []
-        reading = asyncio.create_task(read(impatient, chunks))
-        await eventually(lambda: past(chunks, CUT_AT), 60, "the stream goes on")
-        cluster.signal(f"node-{node_id}", signal.SIGKILL)  # its runner dies with it; nothing else can serve
-        failed = await reading
+        node_killed: list[str] = []
+
+        def kill_node_when_due() -> None:  # its runner dies with it; nothing else can serve
+            if not node_killed and len(again) >= CUT_AT:
+                cluster.signal(f"node-{node_id}", signal.SIGKILL)
+                node_killed.append(node_id)
+
+        again: list[str] = []
+        failed = await read(impatient, again, kill_node_when_due)
+        assert node_killed, "the stream ended before its node was killed"
         assert "after 5 s" in failed.message and "not ready" in failed.message, failed.message
         # stopping it waits out its dead node's runner (seen: over 60 s on 2 busy cores)
         await api.delete(f"/instances/{instance}", timeout=300)
