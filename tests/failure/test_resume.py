@@ -108,10 +108,10 @@ async def test_streams_outlive_a_runner_killed_mid_stream(cluster: Cluster, api:
         expected = await every_api(cluster, TINY)
         before = resumed_count((await api.get("/metrics")).text, TINY)
 
+        (runner,) = runners(homes)  # found first: a scan of every process after the barrier can take a second
         at = asyncio.Barrier(len(REQUESTS) + 3)
         running = asyncio.create_task(every_api(cluster, TINY, at))
         await at.wait()
-        (runner,) = runners(homes)
         runner.kill()
         same(await running, expected)
 
