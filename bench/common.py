@@ -1,10 +1,11 @@
-"""What both benchmarks share: the product's default timeouts, the machine's figures, and a cluster of
-real processes (Temporal dev server, control worker, API, node workers) to time."""
+"""What the benchmarks share: the product's default timeouts, the machine's figures, a cluster of real processes
+(Temporal dev server, control worker, API, node workers) to time, and ranks of a bench's own on a loopback ring."""
 
 import json
 import os
 import platform
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ import httpx
 import psutil
 
 from tests.support.hub_mirror import HubMirror
-from tests.support.processes import Cluster
+from tests.support.processes import Cluster, free_port
 
 # the product's defaults, not the tests' short TIMEOUTS
 DEFAULTS = {"SHARDLINE_HEARTBEAT_TIMEOUT": "30", "SHARDLINE_NODE_WAIT": "300", "SHARDLINE_NODE_GRACE": "600"}
@@ -87,3 +88,27 @@ def save(out: Path, data: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
     print(f"\nwritten: {out}")
+
+
+def rank_result(command: list[str], root: Path, name: str, ranks: int = 2) -> Any:
+    """Run `command` as rank 0, with ranks 1.. beside it on a loopback ring started as mlx.launch starts them
+    (MLX_RANK, MLX_HOSTFILE), or alone with `ranks` 1; the JSON after rank 0's last `RESULT ` line."""
+    env = dict(os.environ)
+    peers: list[subprocess.Popen[bytes]] = []
+    logs = [root / f"{name}-rank{rank}.log" for rank in range(1, ranks)]
+    if ranks > 1:
+        hostfile = root / f"{name}-hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(ranks)]))
+        env["MLX_HOSTFILE"] = str(hostfile)
+        for rank, path in enumerate(logs, start=1):
+            with path.open("w") as log:
+                peers.append(subprocess.Popen(command, env={**env, "MLX_RANK": str(rank)}, stdout=log,
+                                              stderr=subprocess.STDOUT))  # fmt: skip
+    out = subprocess.run(command, env={**env, "MLX_RANK": "0"}, capture_output=True, text=True, timeout=1800)
+    for peer in peers:
+        peer.wait(60)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        others = "".join(f"\n{path.stem}:\n{path.read_text()[-3000:]}" for path in logs)
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}{others}")
+    return json.loads(lines[-1].removeprefix("RESULT "))

@@ -16,17 +16,14 @@ tokens of the two pipelines are the same. Writes bench/out/overlap_probe.json.
 import argparse
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, save
+from bench.common import machine, rank_result, save
 from bench.speed import SIZES, make_model
-from tests.support.processes import free_port
 
 PROMPT_TOKENS = 16
 OUT = Path(__file__).resolve().parent / "out" / "overlap_probe.json"
@@ -117,21 +114,7 @@ def rank_main(mode: str, model_dir: str, rows: int, steps: int) -> None:
 
 def run(mode: str, model_dir: Path, rows: int, steps: int, root: Path) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.overlap_probe", "rank", mode, str(model_dir), str(rows), str(steps)]
-    env = dict(os.environ)
-    peer = None
-    if mode != "single":
-        hostfile = root / f"{mode}-hosts.json"
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
-        env["MLX_HOSTFILE"] = str(hostfile)
-        with (root / f"{mode}-rank1.log").open("w") as log:
-            peer = subprocess.Popen(command, env={**env, "MLX_RANK": "1"}, stdout=log, stderr=subprocess.STDOUT)
-    out = subprocess.run(command, env={**env, "MLX_RANK": "0"}, capture_output=True, text=True, timeout=1800)
-    if peer is not None:
-        peer.wait(60)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"{mode} failed:\n{out.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
+    result: dict[str, Any] = rank_result(command, root, mode, ranks=1 if mode == "single" else 2)
     result["tok_s"] = rows * steps / result["seconds"]
     return result
 

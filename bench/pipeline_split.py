@@ -10,17 +10,14 @@ bench/out/pipeline_split.json.
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import save
+from bench.common import rank_result, save
 from bench.speed import SIZES, make_model
-from tests.support.processes import free_port
 
 PROMPT = "The scheduler keeps the state of the cluster in durable workflows, so nothing is lost on restart."
 
@@ -55,20 +52,8 @@ def rank_main(variant: str, model_dir: str, max_tokens: int, runs: int) -> None:
 
 
 def run_variant(variant: str, model_dir: Path, max_tokens: int, runs: int, root: Path) -> list[float]:
-    hostfile = root / f"{variant}-hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
     command = [sys.executable, "-m", "bench.pipeline_split", "rank", variant, str(model_dir)]
-    command += [str(max_tokens), str(runs)]
-    env = {**os.environ, "MLX_HOSTFILE": str(hostfile)}
-    peer_log = root / f"{variant}-rank1.log"
-    with peer_log.open("w") as log:
-        peer = subprocess.Popen(command, env={**env, "MLX_RANK": "1"}, stdout=log, stderr=subprocess.STDOUT)
-    out = subprocess.run(command, env={**env, "MLX_RANK": "0"}, capture_output=True, text=True, timeout=1800)
-    peer.wait(60)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}\nrank 1:\n{peer_log.read_text()[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return list(rank_result([*command, str(max_tokens), str(runs)], root, variant))
 
 
 def main() -> None:

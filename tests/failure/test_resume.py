@@ -199,9 +199,12 @@ async def test_a_resume_gives_up_after_its_bound_and_says_why(cluster: Cluster, 
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
+        async def runner_seen() -> bool | None:
+            return bool(serving) or None
+
         watching = asyncio.create_task(watch())
         try:
-            await eventually(lambda: past(list(serving), 0), 60, "the runner seen")
+            await eventually(runner_seen, 60, "the runner seen")
             failed = await read(once, chunks, kill_when_due)
         finally:
             watching.cancel()
