@@ -34,6 +34,7 @@ RUNNER_GAUGES = {  # rank 0's /stats field -> what the gauge says
     "cached_tokens": "Prompt tokens reused from the prefix cache, since the runner started",
     "draft_tokens": "Speculative draft tokens proposed (prompt lookup or a draft model), since the runner started",
     "accepted_draft_tokens": "Speculative draft tokens the model accepted, since the runner started",
+    "overlapped_steps": "Decoding steps a pipeline ran with every rank busy on its own micro-batch, since it started",
 }
 log = structlog.get_logger(__name__)
 

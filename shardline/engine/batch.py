@@ -9,7 +9,7 @@ rank keeps the KV state of a finished request under the same entry id (the reque
 """
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from shardline.engine import speculative
+from shardline.engine import overlap, speculative
 from shardline.engine.drafter import Drafter, PromptLookup
 from shardline.engine.grammar import GrammarProcessor, Grammars
 from shardline.engine.pipeline import trimmable
@@ -77,6 +77,7 @@ class Batch:
         self.grammar_of: dict[int, GrammarProcessor] = {}  # each constrained request's, while it runs
         self.drafts_of: dict[int, int] = {}  # each speculating request's draft length, while it runs
         self.tally = speculative.Tally()
+        self.overlapped = 0  # forward passes run overlapped (overlap.py)
         self.finished: list[int] = []
         self.generator = BatchGenerator(model, **self.options)
         self.store: dict[int, list[Any]] = {}
@@ -104,6 +105,33 @@ class Batch:
         return sum(self.sizes.values())
 
     def apply(self, step: Step) -> Output:
+        """One forward pass, after `step`'s changes."""
+        return next(self.run(step, 1))
+
+    def run(self, step: Step, steps: int) -> Iterator[Output]:
+        """`steps` forward passes, the first after `step`'s changes: an Output each. Every rank runs them alike;
+        on a pipeline, passes of a batch that is all decoding are overlapped (overlap.py)."""
+        left = steps
+        out = self._change(step)
+        while left > 0:
+            if not out.joined and not self.drafts_of and self._overlappable():
+                gen = self.generator
+                with mx.stream(gen._stream):
+                    passes = overlap.run(gen._generation_batch, left)
+                self.overlapped += len(passes)
+                for n, responses in enumerate(passes):
+                    out = out if n == 0 else self._change(Step())
+                    out.responses = responses
+                    yield self._ended(out)
+                return
+            speculated = self._speculate() if self.drafts_of and not out.joined else None
+            out.responses = speculated if speculated is not None else self.generator.next()[1]
+            left -= 1
+            yield self._ended(out)
+            if left:
+                out = self._change(Step())
+
+    def _change(self, step: Step) -> Output:
         out = Output()
         for uid in [*self.finished, *step.leaves]:
             self.grammar_of.pop(uid, None)
@@ -119,16 +147,27 @@ class Batch:
             for uid, (caches, tokens) in left.items():
                 out.kept += self._keep(uid, caches, tokens)
         out.joined = [self._insert(join) for join in step.joins]
-        speculated = self._speculate() if self.drafts_of and not step.joins else None
-        out.responses = speculated if speculated is not None else self.generator.next()[1]
+        if step.drops:
+            self._report()
+        return out
+
+    def _ended(self, out: Output) -> Output:
         for r in out.responses:
             if r.finish_reason is not None:
                 out.kept += self._keep(r.uid, r.prompt_cache, r.all_tokens)
                 self.finished.append(r.uid)  # its grammar's verdict is read before the next step
                 self.drafter.forget(r.uid)
-        if (step.drops or out.kept) and self.report is not None:
-            self.report({"event": "stats", "cache_bytes": self.store_bytes})
+        if out.kept:
+            self._report()
         return out
+
+    def _report(self) -> None:
+        if self.report is not None:
+            self.report({"event": "stats", "cache_bytes": self.store_bytes})
+
+    def _overlappable(self) -> bool:
+        gen = self.generator
+        return not len(gen._prompt_batch) and not gen._unprocessed_sequences and overlap.usable(gen._generation_batch)
 
     def _speculate(self) -> list[Response] | None:
         """A speculative step when the batch is all decoding and can take one (speculative.py); else None."""

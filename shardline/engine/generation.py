@@ -158,9 +158,10 @@ class Scheduler:
         if self.group is not None:
             protocol.send_step(self.group, step, self.check, steps)
         started, tokens = time.monotonic(), []
+        passes = self.batch.run(step, steps)
         for i in range(steps):
             try:
-                out = self.batch.apply(step if i == 0 else Step())
+                out = next(passes)
             except Exception as error:
                 if self.group is not None:
                     raise  # the other ranks may be mid-collective: only a restart of every rank is safe
@@ -291,7 +292,5 @@ def follow(batch: Batch, group: mx.distributed.Group, alarm: socket.socket | Non
         # going on would feed the pipeline tokens rank 0 never reported.
         if expected != check:
             raise RanksDiverged(f"rank 0 sampled tokens summing to {expected}, this rank {check}")
-        tokens = []
-        for i in range(steps):
-            tokens += [r.token for r in batch.apply(step if i == 0 else Step()).responses]
+        tokens = [r.token for out in batch.run(step, steps) for r in out.responses]
         check = protocol.checksum(tokens)

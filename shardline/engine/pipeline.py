@@ -50,6 +50,8 @@ class Split:
     kinds: list[tuple]  # every layer's cache kind, in the whole model
     full_caches: Callable[[], list[Any]]  # the whole model's caches (what a one-rank model would make)
     widened: list[Any] = field(default_factory=list)
+    overlapped: bool = False  # no gather after the last layer: only rank 0's logits are real (overlap.py)
+    sent: mx.array | None = None  # what this rank's last layer sent in the forward pass built last
 
     def own(self, index: int) -> bool:
         return index in self.layers
@@ -72,8 +74,9 @@ class Stage(nn.Module):
         h = self.layer(x, *args, **kwargs)
         if self.send:
             h = mx.distributed.send(h, split.rank - 1, group=split.group)
+            split.sent = h
             tie(split.widened[self.index] if split.widened else None, h)
-        if self.gather:
+        if self.gather and not split.overlapped:
             h = mx.distributed.all_gather(h, group=split.group)[: h.shape[0]]
         return h
 

@@ -156,4 +156,5 @@ def stats(scheduler: Scheduler) -> dict[str, Any]:
         }  # fmt: skip
     tally = scheduler.batch.tally
     drafts = {"draft_tokens": tally.drafted, "accepted_draft_tokens": tally.accepted}
-    return {**asdict(scheduler.stats), **cache, **drafts, "max_batch": scheduler.max_batch}
+    batch = {"overlapped_steps": scheduler.batch.overlapped, "max_batch": scheduler.max_batch}
+    return {**asdict(scheduler.stats), **cache, **drafts, **batch}

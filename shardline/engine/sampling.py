@@ -42,6 +42,10 @@ class SeededSampler:
         self.key, draw = mx.random.split(self.key)
         return mx.random.categorical(logits, key=draw)
 
+    def skip(self) -> None:
+        """The draw another rank made from this stream (overlap.py): the next draw is the one after it."""
+        self.key, _ = mx.random.split(self.key)
+
     def distribution(self, logprobs: mx.array) -> mx.array:
         return mx.softmax(self.shaped(logprobs), axis=-1)
 

@@ -98,6 +98,32 @@ async def test_eight_concurrent_requests_batch_and_match_mlx_lm_alone(
     assert (await stats(served.endpoint))["requests"] >= len(PROMPTS)
 
 
+LENGTHS = [24, 5, 17, 9, 24, 12, 3, 20]  # rows leave the batch at different steps
+SEEDED = {1: 11, 4: 12, 6: 13}  # these rows sample, each from its own seed
+
+
+@pytest.mark.parametrize("instance", ["batch_pipe2", "pipe3"])
+async def test_a_pipeline_overlaps_micro_batches_and_answers_as_mlx_lm_alone(
+    instance: str, request: pytest.FixtureRequest, qwen_dir: Path, references
+) -> None:
+    """Every rank busy on its own micro-batch (overlap.py): greedy and seeded rows, leaving at different steps and
+    joining while others decode, answer exactly as mlx_lm alone."""
+    served: Served = request.getfixturevalue(instance)
+    before = (await stats(served.endpoint))["overlapped_steps"]
+    sampling = [{"temperature": 1.2, "top_p": 0.95, "seed": SEEDED[i]} if i in SEEDED else {} for i in range(8)]
+
+    async def one(i: int) -> Timed:
+        if i >= 5:
+            await asyncio.sleep(0.3)  # joins a batch already decoding
+        return await timed(served.endpoint, body(PROMPTS[i], LENGTHS[i], **sampling[i]))
+
+    results = await asyncio.gather(*(one(i) for i in range(8)))
+    for i, result in enumerate(results):
+        assert result.tokens == references(qwen_dir, PROMPTS[i], LENGTHS[i], **sampling[i]), PROMPTS[i]
+    assert len({tuple(results[i].tokens) for i in SEEDED}) == len(SEEDED)
+    assert (await stats(served.endpoint))["overlapped_steps"] - before >= 10
+
+
 @pytest.fixture(scope="module")
 def draft_pipe2(workdir: Path, qwen_dir: Path) -> Iterator[Served]:
     """A 2-rank pipeline whose drafts a draft model writes on rank 0 (the model itself: its drafts are mostly right)."""
