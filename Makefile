@@ -43,7 +43,7 @@ bench: install
 	$(BIN)/python -m bench.speculative
 	$(BIN)/python -m bench.pipeline_split
 	$(BIN)/python -m bench.idle_first_token
-	$(BIN)/python -m bench.overlap_probe
+	$(BIN)/python -m bench.pipeline_overlap
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

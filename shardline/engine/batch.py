@@ -63,6 +63,7 @@ class Batch:
         prefill_step: int,
         draft_max_batch: int = DRAFT_MAX_BATCH,
         drafter: Drafter | None = None,
+        overlap: bool = True,
     ) -> None:
         self.options = {
             "stop_tokens": [[t] for t in sorted(tokenizer.eos_token_ids)],
@@ -77,9 +78,10 @@ class Batch:
         self.grammar_of: dict[int, GrammarProcessor] = {}  # each constrained request's, while it runs
         self.drafts_of: dict[int, int] = {}  # each speculating request's draft length, while it runs
         self.tally = speculative.Tally()
-        self.overlapped = 0  # forward passes run overlapped (overlap.py)
+        self.overlapped = 0  # forward passes run so
         self.finished: list[int] = []
-        self.generator = BatchGenerator(model, **self.options)
+        self.overlap = overlap  # a pipeline prefills and decodes in micro-batches (overlap.py) where it can
+        self.generator = self._generator()
         self.store: dict[int, list[Any]] = {}
         self.sizes: dict[int, int] = {}
         self.report: Callable[[dict], None] | None = None  # told the store's size each time it changes
@@ -91,11 +93,18 @@ class Batch:
         """A fresh generator after a failed step (its state is unknown); the prefix cache is intact."""
         uids = self.generator._uid_count
         self.generator.close()
-        self.generator = BatchGenerator(self.model, **self.options)
+        self.generator = self._generator()
         # its uids go on from the old one's: the prefix cache keys entries by uid, and a new uid 0 would name an
         # entry already stored (a KeyError in every later step that reused it, found by schemathesis)
         self.generator._uid_count = uids
         self.drafter.clear()
+
+    def _generator(self) -> BatchGenerator:
+        generator = BatchGenerator(self.model, **self.options)
+        if self.overlap:
+            prompts = generator._prompt_batch  # kept for the generator's life, extended and filtered in place
+            prompts.prompt = lambda tokens: overlap.prompt(prompts, tokens)  # type: ignore[method-assign]
+        return generator
 
     def __len__(self) -> int:
         return len(self.generator._generation_batch) + len(self.generator._prompt_batch)
@@ -114,7 +123,7 @@ class Batch:
         left = steps
         out = self._change(step)
         while left > 0:
-            if not out.joined and not self.drafts_of and self._overlappable():
+            if left > 1 and not out.joined and self.overlapping():
                 gen = self.generator
                 with mx.stream(gen._stream):
                     passes = overlap.run(gen._generation_batch, left)
@@ -165,9 +174,14 @@ class Batch:
         if self.report is not None:
             self.report({"event": "stats", "cache_bytes": self.store_bytes})
 
+    def overlapping(self) -> bool:
+        """Whether a run of passes without joins would be overlapped now."""
+        return self.overlap and not self.drafts_of and self._overlappable()
+
     def _overlappable(self) -> bool:
         gen = self.generator
-        return not len(gen._prompt_batch) and not gen._unprocessed_sequences and overlap.usable(gen._generation_batch)
+        pending = len(gen._prompt_batch) or gen._unprocessed_sequences
+        return not pending and overlap.usable(gen._generation_batch)
 
     def _speculate(self) -> list[Response] | None:
         """A speculative step when the batch is all decoding and can take one (speculative.py); else None."""

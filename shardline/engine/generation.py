@@ -21,7 +21,7 @@ import mlx.core as mx
 import structlog
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from shardline.engine import protocol, wake
+from shardline.engine import overlap, protocol, wake
 from shardline.engine.batch import Batch, Kept, Output, Response
 from shardline.engine.channels import Channels
 from shardline.engine.prefix_cache import PrefixIndex
@@ -148,10 +148,14 @@ class Scheduler:
 
     def steps_ahead(self) -> int:
         """Forward passes to run before the next message to the other ranks: one while someone waits to
-        join, else as many as take about SYNC_S (a stop string or a client gone is acted on after them)."""
+        join, else as many as take about SYNC_S (a stop string or a client gone is acted on after them), and
+        never fewer than a run of micro-batches needs to pay for filling and draining the pipeline."""
         if self.group is None or (self.jobs.qsize() and len(self.running) < self.max_batch):
             return 1
-        return max(1, min(MAX_STEPS_AHEAD, int(SYNC_S / max(self.step_s, 1e-4))))
+        fit = int(SYNC_S / max(self.step_s, 1e-4))
+        if self.batch.overlapping():
+            fit = max(fit, overlap.MIN_STEPS)
+        return max(1, min(MAX_STEPS_AHEAD, fit))
 
     def run_step(self, step: Step, joined: list[Job]) -> None:
         steps = self.steps_ahead()

@@ -10,8 +10,9 @@ mlx_lm's step (tokens, counts, stop tokens, finishes, each finished row's cache)
 steps, on every rank alike, after any run. A rank that samples nothing advances each seeded row's random stream
 as rank 0 draws from it, so later steps sample what they would have.
 
-It runs in place of `steps` of mlx_lm's steps when the batch is all decoding, has two rows or more, and no row
-has logits processors (a grammar or a penalty is computed from tokens on every rank: mlx_lm's steps then).
+It runs in place of `steps` (two or more) of mlx_lm's steps when the batch is all decoding, has two rows or
+more, and no row has logits processors (a grammar or a penalty is computed from tokens on every rank: mlx_lm's steps
+then).
 Messages follow one order on every rank (micro-batches 0..N-1, step after step), so each pair of ranks reads
 them as they were sent.
 """
@@ -21,13 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import GenerationBatch
+from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 from mlx_lm.sample_utils import greedy_sampler
 
 from shardline.engine.pipeline import Split
 from shardline.engine.sampling import SeededSampler
 
 Response = GenerationBatch.Response
+# A run fills the pipeline (rank 0 waits for the first micro-batch) and drains it (rank N-1 waits for the last
+# tokens), and copies the batch's KV state into its micro-batches and back: a run is at least this many steps
+# (rank 0 asks for as many: generation.py), so that costs about an eighth of a 2-rank run
+MIN_STEPS = 4
 NO_LOGPROBS = mx.array(0.0)  # what a rank other than 0 holds in place of log-probabilities it never computes
 
 
@@ -43,8 +48,8 @@ class Micro:
     keep: list[int] = field(default_factory=list)  # rank N-1: which of those to keep (the rest finished)
 
 
-def split_of(gb: GenerationBatch) -> Split | None:
-    return getattr(gb.model, "shardline_split", None)
+def split_of(batch: GenerationBatch | PromptProcessingBatch) -> Split | None:
+    return getattr(batch.model, "shardline_split", None)
 
 
 def usable(gb: GenerationBatch) -> bool:
@@ -188,3 +193,36 @@ def merge(gb: GenerationBatch, micros: list[Micro], rank: int) -> None:
     gb._next_tokens = mx.concatenate([m.inputs for m in left if m.inputs is not None])
     gb._next_logprobs = [p for m in left for p in m.logprobs] if rank == 0 else [NO_LOGPROBS] * len(keep)
     gb._current_tokens, gb._current_logprobs = None, []
+
+
+def plain_attention(split: Split) -> bool:
+    """Every layer of the whole model (not only this rank's: every rank must decide alike) has a plain KV cache,
+    whose rows can be cut apart and merged back after prompts were added with right padding."""
+    return all(kind[0] == "KVCache" for kind in split.kinds)
+
+
+def prompt(batch: PromptProcessingBatch, tokens: list[list[int]]) -> None:
+    """mlx_lm's prompt processing (PromptProcessingBatch.prompt) on a pipeline, the rows in one micro-batch per rank
+    processed one after the other: rank 0 processes one micro-batch's prompts while rank N-1 already processes the
+    next's. No token comes back (nobody reads a prompt's logits: every rank's caches are all it leaves), so the
+    ranks need no message beyond the hidden states; the micro-batches' caches are then merged back in order."""
+    split = split_of(batch)
+    caches = batch.prompt_cache
+    if split is None or split.size < 2 or len(tokens) < 2 or not plain_attention(split):
+        PromptProcessingBatch.prompt(batch, tokens)
+        return
+    parts = []
+    for rows in cut(len(tokens), split.size):
+        part = copy.copy(batch)  # its token lists are the batch's own: processing adds the prompts to both
+        part.uids = [batch.uids[i] for i in rows]
+        part.tokens = [batch.tokens[i] for i in rows]
+        part.prompt_cache = [copy.copy(c) for c in caches]
+        for c in part.prompt_cache:
+            c.filter(rows)
+        PromptProcessingBatch.prompt(part, [tokens[i] for i in rows])
+        parts.append(part)
+    merged = parts[0].prompt_cache
+    for part in parts[1:]:
+        for c, other in zip(merged, part.prompt_cache, strict=True):
+            c.extend(other)
+    batch.prompt_cache = merged

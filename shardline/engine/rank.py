@@ -61,7 +61,8 @@ class Rank:
             self.alarm.close()  # rank 0 is never woken
             self.alarm = None
         self.batch = Batch(self.model, self.tokenizer, prefill_step=PREFILL_STEP,
-                           draft_max_batch=self.spec.draft_max_batch, drafter=drafter)  # fmt: skip
+                           draft_max_batch=self.spec.draft_max_batch, drafter=drafter,
+                           overlap=self.spec.overlap)  # fmt: skip
 
     def run(self, report: Report) -> None:
         """Until rank 0 is told to stop (SIGTERM/SIGINT); raises when the ring breaks."""

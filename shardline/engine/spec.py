@@ -38,6 +38,7 @@ class RunnerSpec:
     draft_max_batch: int = DRAFT_MAX_BATCH  # speculate only while at most this many requests decode (every rank alike)
     draft_method: str = "prompt_lookup"  # where drafts come from (every rank alike): prompt_lookup | draft_model
     draft_model_path: str = ""  # draft_model: the draft model's directory, on rank 0 ("" on the others)
+    overlap: bool = True  # pipeline: decode in micro-batches that keep every rank busy (every rank alike; overlap.py)
     secret: str = ""  # rank 0 answers /generate and /stats only with `Authorization: Bearer <secret>`; "" = open
 
     def __post_init__(self) -> None:

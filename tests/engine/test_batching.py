@@ -122,6 +122,12 @@ async def test_a_pipeline_overlaps_micro_batches_and_answers_as_mlx_lm_alone(
         assert result.tokens == references(qwen_dir, PROMPTS[i], LENGTHS[i], **sampling[i]), PROMPTS[i]
     assert len({tuple(results[i].tokens) for i in SEEDED}) == len(SEEDED)
     assert (await stats(served.endpoint))["overlapped_steps"] - before >= 10
+    # rows that finished in micro-batches left their KV state in the prefix cache, exactly their tokens; two
+    # prompts that reuse it are prefilled as micro-batches too
+    again = await asyncio.gather(*(timed(served.endpoint, body(PROMPTS[i], 6)) for i in (0, 2)))
+    for i, result in zip((0, 2), again, strict=True):
+        assert result.final["cached_tokens"] > 0
+        assert result.tokens == references(qwen_dir, PROMPTS[i], 6), PROMPTS[i]
 
 
 @pytest.fixture(scope="module")
