@@ -175,8 +175,9 @@ class Batch:
             self.report({"event": "stats", "cache_bytes": self.store_bytes})
 
     def overlapping(self) -> bool:
-        """Whether a run of passes without joins would be overlapped now."""
-        return self.overlap and not self.drafts_of and self._overlappable()
+        """Whether a run of passes without joins would be overlapped now: not while it would speculate."""
+        speculating = self.drafts_of and len(self.generator._generation_batch) <= self.draft_max_batch
+        return self.overlap and not speculating and self._overlappable()
 
     def _overlappable(self) -> bool:
         gen = self.generator

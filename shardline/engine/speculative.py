@@ -51,7 +51,8 @@ def step(gb: GenerationBatch, draft_tokens: list[int], drafter: Drafter, tally: 
     width = max(len(d) for d in drafts)
     if width == 0:
         return None
-    # rows with shorter drafts are padded with a repeat of their token: a draft like any other, judged as such
+    # rows with shorter drafts are padded with a repeat of their token, which is computed but never judged: a row
+    # without drafts samples from its first position only, as plain decoding does (a seeded one draws as it would)
     padded = [[t, *d, *[t] * (width - len(d))] for t, d in zip(first, drafts, strict=True)]
     logits = gb.model(mx.array(padded), cache=gb.prompt_cache)
     processors = gb.logits_processors or [()] * len(gb.uids)
@@ -61,7 +62,7 @@ def step(gb: GenerationBatch, draft_tokens: list[int], drafter: Drafter, tally: 
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, width + 1, V)
     mx.eval(logprobs)
     samplers = gb.samplers or [None] * len(gb.uids)
-    verdicts = [judge(samplers[i] or gb.fallback_sampler, logprobs[i], padded[i][1:]) for i in range(len(gb.uids))]
+    verdicts = [judge(samplers[i] or gb.fallback_sampler, logprobs[i], drafts[i]) for i in range(len(gb.uids))]
 
     emitted: list[list[tuple[int, mx.array]]] = []
     finish: list[str | None] = []
