@@ -21,47 +21,18 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from activities.runner import runner_env
 from bench.batching import Target, burst, start_mlx_server, stop_group, user_prompt
 from bench.common import machine, save
-from bench.speed import SIZES, make_model, read_event, stop_procs
-from shardline.engine.spec import RunnerSpec, pipeline_layers
-from tests.support.processes import REPO, free_port
+from bench.speed import SIZES, make_model, start_runners, stop_procs
 
 OUT = Path(__file__).resolve().parent / "out" / "pipeline_overlap.json"
-READY_S = 900.0
-
-
-def start_runners(root: Path, model_dir: Path, splits: list[int], overlap: bool) -> tuple[list[Any], str]:
-    root.mkdir(parents=True, exist_ok=True)
-    hosts = [f"127.0.0.1:{free_port()}" for _ in splits] if len(splits) > 1 else []
-    env = {**runner_env("auto"), "PYTHONPATH": str(REPO)}
-    procs: list[subprocess.Popen[bytes]] = []
-    for rank in range(len(splits)):
-        if len(splits) == 1:
-            spec = RunnerSpec(str(model_dir))
-        else:
-            spec = RunnerSpec(str(model_dir), "pipeline", rank, len(splits), pipeline_layers(splits, rank), splits,
-                              hosts, overlap=overlap)  # fmt: skip
-        path = root / f"rank{rank}.json"
-        path.write_text(spec.to_json())
-        with open(root / f"rank{rank}.log", "ab") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "shardline.engine.runner", str(path)], env=env,
-                                          cwd=REPO, stdout=subprocess.PIPE, stderr=log))  # fmt: skip
-    try:
-        return procs, read_event(procs[0], READY_S)["endpoint"]
-    except Exception:
-        stop_procs(procs)
-        raise
+REQUEST_S = 900.0
 
 
 async def generate(client: httpx.AsyncClient, endpoint: str, messages: list[dict], max_tokens: int) -> dict:
@@ -80,7 +51,7 @@ async def generate(client: httpx.AsyncClient, endpoint: str, messages: list[dict
 
 async def runner_burst(endpoint: str, prompts: list[list[dict]], max_tokens: int) -> list[dict]:
     limits = httpx.Limits(max_connections=len(prompts) + 4)
-    async with httpx.AsyncClient(timeout=READY_S, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=REQUEST_S, limits=limits) as client:
         return list(await asyncio.gather(*(generate(client, endpoint, p, max_tokens) for p in prompts)))
 
 

@@ -369,22 +369,36 @@ def stop_procs(procs: list[subprocess.Popen[bytes]]) -> None:
         stop_process(proc)
 
 
-def time_runners(root: Path, model_dir: Path, splits: list[int], max_tokens: int, runs: int) -> dict[str, Any]:
+def start_runners(
+    root: Path, model_dir: Path, splits: list[int], overlap: bool = True
+) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """Runner processes of one instance, no cluster: one holding the whole model (`splits` of one rank) or a
+    pipeline with shardline's split; the processes and rank 0's endpoint once it is ready."""
     root.mkdir(parents=True, exist_ok=True)
-    hosts = [f"127.0.0.1:{free_port()}" for _ in splits]
+    hosts = [f"127.0.0.1:{free_port()}" for _ in splits] if len(splits) > 1 else []
     env = {**runner_env("auto"), "PYTHONPATH": str(REPO)}  # the BLAS a node would give its runners
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        started = time.perf_counter()
         for rank in range(len(splits)):
-            spec = RunnerSpec(str(model_dir), "pipeline", rank, len(splits), pipeline_layers(splits, rank), splits,
-                              hosts)  # fmt: skip
+            spec = RunnerSpec(str(model_dir))
+            if len(splits) > 1:
+                spec = RunnerSpec(str(model_dir), "pipeline", rank, len(splits), pipeline_layers(splits, rank),
+                                  splits, hosts, overlap=overlap)  # fmt: skip
             spec_path = root / f"rank{rank}.json"
             spec_path.write_text(spec.to_json())
             command = [sys.executable, "-m", "shardline.engine.runner", str(spec_path)]
             with open(root / f"rank{rank}.log", "ab") as log:
                 procs.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=log))
-        endpoint = read_event(procs[0], READY_TIMEOUT)["endpoint"]
+        return procs, read_event(procs[0], READY_TIMEOUT)["endpoint"]
+    except Exception:
+        stop_procs(procs)
+        raise
+
+
+def time_runners(root: Path, model_dir: Path, splits: list[int], max_tokens: int, runs: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    procs, endpoint = start_runners(root, model_dir, splits)
+    try:
         ready_s = time.perf_counter() - started
         watch = {f"rank{i}": psutil.Process(p.pid) for i, p in enumerate(procs)}
         warm_up(lambda: time_generate(endpoint, max_tokens), attempts=1)

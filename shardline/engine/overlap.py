@@ -68,6 +68,23 @@ def cut(rows: int, parts: int) -> list[list[int]]:
     return [list(range(bounds[p], bounds[p + 1])) for p in range(parts) if bounds[p + 1] > bounds[p]]
 
 
+def rows_of(caches: list[Any], rows: list[int]) -> list[Any]:
+    """Copies of a batch's caches holding only `rows` (the batch's own are left as they are)."""
+    part = [copy.copy(c) for c in caches]
+    for c in part:
+        c.filter(rows)
+    return part
+
+
+def merged(parts: list[list[Any]]) -> list[Any]:
+    """Micro-batches' caches back into one batch's, their rows in order (the first part's caches are extended)."""
+    caches = parts[0]
+    for part in parts[1:]:
+        for c, other in zip(caches, part, strict=True):
+            c.extend(other)
+    return caches
+
+
 def run(gb: GenerationBatch, steps: int) -> list[list[Response]]:
     """`steps` steps of the whole batch, overlapped; each step's responses, as mlx_lm's step would give them."""
     split = split_of(gb)
@@ -76,12 +93,9 @@ def run(gb: GenerationBatch, steps: int) -> list[list[Response]]:
     mx.eval(gb._next_tokens)
     micros = []
     for rows in cut(len(gb.uids), size):
-        caches = [copy.copy(c) for c in gb.prompt_cache]
-        for c in caches:
-            c.filter(rows)
         inputs = gb._next_tokens[mx.array(rows)].astype(mx.int32)
         logprobs = [gb._next_logprobs[i] for i in rows] if rank == 0 else []
-        micros.append(Micro(rows, caches, inputs, logprobs))
+        micros.append(Micro(rows, rows_of(gb.prompt_cache, rows), inputs, logprobs))
     out: list[list[Response]] = []
     split.overlapped = True
     try:
@@ -126,8 +140,7 @@ def micro_step(gb: GenerationBatch, micro: Micro, split: Split) -> list[Response
     assert micro.inputs is not None
     inputs = micro.inputs
     logits = gb.model(inputs[:, None], cache=micro.caches)
-    samplers = [gb.samplers[i] if gb.samplers else None for i in micro.rows]
-    samplers = [s or gb.fallback_sampler for s in samplers]
+    samplers = [(gb.samplers[i] if gb.samplers else None) or gb.fallback_sampler for i in micro.rows]
     if rank == 0:
         logprobs = logits[:, -1, :]
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
@@ -185,11 +198,7 @@ def merge(gb: GenerationBatch, micros: list[Micro], rank: int) -> None:
     if not left:
         gb._next_tokens = None
         return
-    caches = left[0].caches
-    for m in left[1:]:
-        for c, other in zip(caches, m.caches, strict=True):
-            c.extend(other)
-    gb.prompt_cache = caches
+    gb.prompt_cache = merged([m.caches for m in left])
     gb._next_tokens = mx.concatenate([m.inputs for m in left if m.inputs is not None])
     gb._next_logprobs = [p for m in left for p in m.logprobs] if rank == 0 else [NO_LOGPROBS] * len(keep)
     gb._current_tokens, gb._current_logprobs = None, []
@@ -207,7 +216,6 @@ def prompt(batch: PromptProcessingBatch, tokens: list[list[int]]) -> None:
     next's. No token comes back (nobody reads a prompt's logits: every rank's caches are all it leaves), so the
     ranks need no message beyond the hidden states; the micro-batches' caches are then merged back in order."""
     split = split_of(batch)
-    caches = batch.prompt_cache
     if split is None or split.size < 2 or len(tokens) < 2 or not plain_attention(split):
         PromptProcessingBatch.prompt(batch, tokens)
         return
@@ -216,13 +224,7 @@ def prompt(batch: PromptProcessingBatch, tokens: list[list[int]]) -> None:
         part = copy.copy(batch)  # its token lists are the batch's own: processing adds the prompts to both
         part.uids = [batch.uids[i] for i in rows]
         part.tokens = [batch.tokens[i] for i in rows]
-        part.prompt_cache = [copy.copy(c) for c in caches]
-        for c in part.prompt_cache:
-            c.filter(rows)
+        part.prompt_cache = rows_of(batch.prompt_cache, rows)
         PromptProcessingBatch.prompt(part, [tokens[i] for i in rows])
-        parts.append(part)
-    merged = parts[0].prompt_cache
-    for part in parts[1:]:
-        for c, other in zip(merged, part.prompt_cache, strict=True):
-            c.extend(other)
-    batch.prompt_cache = merged
+        parts.append(part.prompt_cache)
+    batch.prompt_cache = merged(parts)
