@@ -27,6 +27,8 @@ T = TypeVar("T")
 CANCEL_WINS = "cancel-always-ends-canceled"
 # an online node that did not pick the work up in time (200 downloads starving its cores) gets the next attempt
 UNPICKED_RETRIED = "unpicked-work-retried-while-online"
+# a lost attempt on a node that missed its presence heartbeat under the same load waits for it to report again
+LOST_WAITS_FOR_NODE = "lost-attempt-waits-for-node"
 
 # calls on the control worker's own queue: short, and retried by the server (the control worker restarts)
 CONTROL_ACTIVITY: dict[str, Any] = {
@@ -135,6 +137,27 @@ async def node_is_online(node_id: str) -> bool:
     return state == NodeState.ONLINE
 
 
+async def node_comes_back(node_id: str, within_s: float) -> bool:
+    """Whether the node is online, or reports online again within `within_s`. The load that loses an attempt's
+    dispatch can also delay the node's presence heartbeat, so a live node may read offline for a moment: its next
+    presence puts it back online. A departed node, or one that never joined, never comes back."""
+    deadline = workflow.now() + timedelta(seconds=within_s)
+    while True:
+        state = await workflow.execute_activity(contracts.node_state, node_id, **CONTROL_ACTIVITY)
+        if state == NodeState.ONLINE:
+            return True
+        if state in (NodeState.DEPARTED, NodeState.UNKNOWN) or workflow.now() >= deadline:
+            return False
+        await workflow.sleep(min(5.0, max(1.0, within_s / 6)))
+
+
+async def node_takes_work(err: ActivityError, node_id: str, heartbeat_s: float) -> bool:
+    """After an attempt the node did not take or never started: whether it is there to take the next."""
+    if never_started(err) and workflow.patched(LOST_WAITS_FOR_NODE):
+        return await node_comes_back(node_id, heartbeat_s)
+    return await node_is_online(node_id)
+
+
 async def between_attempts(step: Awaitable[T], node_id: str, reason: str) -> T:
     """A back-off or a node check between attempts: a cancel there ends the workflow CANCELED too."""
     try:
@@ -182,9 +205,10 @@ async def run_on_node(
             # poll the worker no longer waits on: the attempt is lost though the node is alive. Try again then,
             # but not for a node that is gone.
             # (histories recorded before UNPICKED_RETRIED ended at once when the work was not picked up)
+            # (histories recorded before LOST_WAITS_FOR_NODE asked once whether the node was online)
             lost = never_started(err) or (not_picked_up(err) and workflow.patched(UNPICKED_RETRIED))
             if not worth_retrying(err) and not (
-                lost and await between_attempts(node_is_online(node_id), node_id, reason)
+                lost and await between_attempts(node_takes_work(err, node_id, heartbeat_s), node_id, reason)
             ):
                 break
             set_state(WorkState.RETRYING, f"attempt {attempt} of {attempts} failed: {reason}")

@@ -291,6 +291,31 @@ class FailingNode(FakeNode):
             raise self.errors.pop(0)
 
 
+class LostDispatchNode(FakeNode):
+    """Alive, but on an overloaded server: its first download attempt went to a poll it no longer acted on (no
+    heartbeat ever), and its presence heartbeat was late under the same load, so it reads offline for its next
+    `offline_reads` state checks (`None`: it never comes back)."""
+
+    def __init__(self, client: Client, offline_reads: int | None = 2, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self.offline_reads = offline_reads
+        self.state_reads = 0
+
+    @property
+    def alive(self) -> bool:
+        if self.downloads and (self.offline_reads is None or self.state_reads < self.offline_reads):
+            self.state_reads += 1
+            return False
+        return super().alive
+
+    @implements(contracts.download_model)
+    async def download_model(self, req: DownloadRequest) -> DownloadResult:
+        if not self.downloads:
+            self.downloads.append(req)
+            await self._hang()
+        return await super().download_model(req)
+
+
 class FakeControl:
     """The control worker's reads of the cluster: the nodes alive are online with their memory; the model's
     profile, and who uses a model, are what the test chose."""

@@ -18,6 +18,7 @@ from tests.support.fake_nodes import (
     FailingNode,
     FakeCluster,
     FakeNode,
+    LostDispatchNode,
     details_of,
     model_files,
     new_id,
@@ -97,6 +98,30 @@ async def test_a_node_dead_mid_way_ends_it_within_heartbeat_and_node_wait(fake_c
     assert message == f"node {node.node_id} unavailable: it did not pick the work up within {NODE_WAIT_S:g} s"
     assert await workflow_clock(handle) < timedelta(seconds=HEARTBEAT_S + 1 + NODE_WAIT_S + 2 * LAG)
     assert len(node.downloads) == 1
+
+
+async def test_a_lost_attempt_waits_for_a_node_that_reads_offline_for_a_moment(fake_cluster: FakeCluster) -> None:
+    """The load that loses an attempt's dispatch can delay the node's presence too: it must not fail the download."""
+    node = await fake_cluster.node(LostDispatchNode, offline_reads=2)
+    assert isinstance(node, LostDispatchNode)
+    inp = DownloadInput(node.node_id, new_model(), node_wait_s=NODE_WAIT_S, heartbeat_timeout_s=HEARTBEAT_S)
+    handle = await fake_cluster.start_download(inp)
+    result = await handle.result()
+    assert result.files == model_files(node.layers)
+    assert len(node.downloads) == 2 and node.state_reads == 2
+
+
+async def test_a_lost_attempt_on_a_node_that_stays_offline_ends_within_two_heartbeats(
+    fake_cluster: FakeCluster,
+) -> None:
+    node = await fake_cluster.node(LostDispatchNode, offline_reads=None)
+    inp = DownloadInput(node.node_id, new_model(), node_wait_s=NODE_WAIT_S, heartbeat_timeout_s=HEARTBEAT_S)
+    handle = await fake_cluster.start_download(inp)
+    message = await failure(handle, ErrorType.NODE_UNAVAILABLE)
+    assert message == f"node {node.node_id} unavailable: no heartbeat for {HEARTBEAT_S:g} s"
+    assert len(node.downloads) == 1  # not tried again: it never came back
+    # the lost attempt's heartbeat timeout, then as long again for the node to report: bounded, not looping
+    assert await workflow_clock(handle) < timedelta(seconds=2 * HEARTBEAT_S + 5 + 2 * LAG)
 
 
 async def test_retries_after_a_transient_failure_then_completes(fake_cluster: FakeCluster) -> None:
