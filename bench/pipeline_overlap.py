@@ -1,7 +1,7 @@
 """Overlapped pipelining (shardline/engine/overlap.py): many streams on a 2-rank pipeline, micro-batches or not.
 
     .venv/bin/python -m bench.pipeline_overlap [--size 576x12] [--dtype float16] [--streams 8] [--max-tokens 48]
-                                               [--rounds 2] [--no-mlx-server]
+                                               [--rounds 2] [--rank0-layers N] [--no-mlx-server]
 
 Every target runs on this machine, no cluster, and is sent the same `streams` chat requests at once (greedy, short
 prompts, so decoding decides), --rounds times:
@@ -13,7 +13,9 @@ prompts, so decoding decides), --rounds times:
 Aggregate tok/s = completion tokens / (last token - first send); decoding tok/s = the tokens after each stream's
 first / (last token - the latest first token), prefill left out; medians of the rounds. Prints overlapped ÷
 sequential, overlapped ÷ `mlx_lm.server --pipeline` (issue 18's goal: 2x), what fraction of 2 x one node the
-pipeline reaches, and whether the two pipelines answered with the same tokens. Writes
+pipeline reaches, and whether the two pipelines answered with the same tokens. First it times one decode step of
+the whole model in one process at `streams` rows and at half: their ratio is the most micro-batches can gain on
+this machine (the fixed cost of a small matmul decides it), and decoding's gain is printed as a fraction of it. Writes
 bench/out/pipeline_overlap.json. Reports, never gates.
 """
 
@@ -71,6 +73,31 @@ def decoding(runs: list[dict]) -> float:
     return after / (max(r["last"] for r in runs) - max(firsts))
 
 
+def micro_batch_ceiling(model_dir: Path, rows: int, parts: int = 2, steps: int = 24) -> dict:
+    """The most micro-batches can gain on this machine: with `parts` ranks that each compute one micro-batch of
+    rows/parts at once, a step takes as long as a step of rows/parts rows, against a step of all `rows` on one rank
+    after the other. Timed here on the whole model in one process (every rank's layers scale alike)."""
+    import mlx.core as mx  # only here: the rest of the bench needs no MLX
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = load(str(model_dir))[0]
+
+    def step_s(n: int) -> float:
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.array([[1 + i % 97 for i in range(32)]] * n), cache=cache))
+        token = mx.full((n, 1), 7, dtype=mx.int32)
+        for _ in range(4):
+            mx.eval(model(token, cache=cache))
+        started = time.perf_counter()
+        for _ in range(steps):
+            mx.eval(model(token, cache=cache))
+        return (time.perf_counter() - started) / steps
+
+    whole, micro = step_s(rows), step_s(max(1, rows // parts))
+    return {"rows": rows, "step_ms": whole * 1e3, "micro_step_ms": micro * 1e3, "ceiling": whole / micro}
+
+
 def time_runners(root: Path, model_dir: Path, splits: list[int], overlap: bool, args: argparse.Namespace) -> dict:
     procs, endpoint = start_runners(root, model_dir, splits, overlap)
     try:
@@ -108,6 +135,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rank0-layers", type=int, help="layers rank 0 holds (default: half)")
     parser.add_argument("--no-mlx-server", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -115,10 +143,12 @@ def main() -> None:
         root = Path(tmp)
         model_dir = make_model(root / "model", args.size, args.dtype)
         layers = SIZES[args.size]["num_layers"]
+        first = args.rank0_layers or layers // 2
+        ceiling = micro_batch_ceiling(model_dir, args.streams)
         rows: dict[str, dict] = {}
         rows["one node"] = time_runners(root / "one", model_dir, [layers], True, args)
-        rows["sequential"] = time_runners(root / "seq", model_dir, [layers // 2, layers - layers // 2], False, args)
-        rows["overlapped"] = time_runners(root / "ovl", model_dir, [layers // 2, layers - layers // 2], True, args)
+        rows["sequential"] = time_runners(root / "seq", model_dir, [first, layers - first], False, args)
+        rows["overlapped"] = time_runners(root / "ovl", model_dir, [first, layers - first], True, args)
         if not args.no_mlx_server:
             rows["mlx_lm.server --pipeline"] = time_mlx_server(root / "mlx", model_dir, args)
     same = rows["sequential"]["answers"] == rows["overlapped"]["answers"]
@@ -131,7 +161,15 @@ def main() -> None:
             ratios[f"{what}: overlapped ÷ mlx_lm.server --pipeline (goal 2.0)"] = (
                 ovl / rows["mlx_lm.server --pipeline"][key]
             )
-    print(f"{args.size} {args.dtype}, {args.streams} streams x {args.max_tokens} tokens, {machine()['cores']} cores")
+    ratios["decoding: overlapped ÷ sequential, of its ceiling here"] = (
+        ratios["decoding: overlapped ÷ sequential"] / ceiling["ceiling"]
+    )
+    print(f"{args.size} {args.dtype}, {args.streams} streams x {args.max_tokens} tokens, {machine()['cores']} cores, "
+          f"rank 0 holds {first} of {layers} layers")  # fmt: skip
+    print(
+        f"  one decode step of the whole model: {ceiling['step_ms']:.1f} ms for {args.streams} rows, "
+        f"{ceiling['micro_step_ms']:.1f} ms for half: micro-batches gain at most {ceiling['ceiling']:.2f}x here"
+    )
     for name, row in rows.items():
         print(f"  {name:<26} {row['tok_s']:7.1f} tok/s aggregate, {row['decode_tok_s']:7.1f} decoding")
     for name, ratio in ratios.items():
@@ -142,7 +180,8 @@ def main() -> None:
     for row in rows.values():
         row.pop("answers", None)
     save(args.out, {"machine": machine(), "size": args.size, "dtype": args.dtype, "streams": args.streams,
-                    "max_tokens": args.max_tokens, "rows": rows, "ratios": ratios, "same_tokens": same})  # fmt: skip
+                    "max_tokens": args.max_tokens, "rank0_layers": first, "ceiling": ceiling, "rows": rows,
+                    "ratios": ratios, "same_tokens": same})  # fmt: skip
 
 
 if __name__ == "__main__":
