@@ -73,10 +73,10 @@ def decoding(runs: list[dict]) -> float:
     return after / (max(r["last"] for r in runs) - max(firsts))
 
 
-def micro_batch_ceiling(model_dir: Path, rows: int, parts: int = 2, steps: int = 24) -> dict:
-    """The most micro-batches can gain on this machine: with `parts` ranks that each compute one micro-batch of
-    rows/parts at once, a step takes as long as a step of rows/parts rows, against a step of all `rows` on one rank
-    after the other. Timed here on the whole model in one process (every rank's layers scale alike)."""
+def micro_batch_ceiling(model_dir: Path, rows: int, steps: int = 24) -> dict:
+    """The most micro-batches can gain on this machine: with 2 ranks that each compute one micro-batch of half the
+    rows at once, a step takes as long as a step of half the rows, against a step of all `rows` on one rank after
+    the other. Timed here on the whole model in one process (every rank's layers scale alike)."""
     import mlx.core as mx  # only here: the rest of the bench needs no MLX
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
@@ -94,7 +94,7 @@ def micro_batch_ceiling(model_dir: Path, rows: int, parts: int = 2, steps: int =
             mx.eval(model(token, cache=cache))
         return (time.perf_counter() - started) / steps
 
-    whole, micro = step_s(rows), step_s(max(1, rows // parts))
+    whole, micro = step_s(rows), step_s(max(1, rows // 2))
     return {"rows": rows, "step_ms": whole * 1e3, "micro_step_ms": micro * 1e3, "ceiling": whole / micro}
 
 

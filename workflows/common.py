@@ -132,11 +132,6 @@ def not_picked_up(err: ActivityError) -> bool:
     return isinstance(err.cause, TimeoutError) and err.cause.type == TimeoutType.SCHEDULE_TO_START
 
 
-async def node_is_online(node_id: str) -> bool:
-    state = await workflow.execute_activity(contracts.node_state, node_id, **CONTROL_ACTIVITY)
-    return state == NodeState.ONLINE
-
-
 async def node_comes_back(node_id: str, within_s: float) -> bool:
     """Whether the node is online, or reports online again within `within_s`. The load that loses an attempt's
     dispatch can also delay the node's presence heartbeat, so a live node may read offline for a moment: its next
@@ -152,10 +147,10 @@ async def node_comes_back(node_id: str, within_s: float) -> bool:
 
 
 async def node_takes_work(err: ActivityError, node_id: str, heartbeat_s: float) -> bool:
-    """After an attempt the node did not take or never started: whether it is there to take the next."""
-    if never_started(err) and workflow.patched(LOST_WAITS_FOR_NODE):
-        return await node_comes_back(node_id, heartbeat_s)
-    return await node_is_online(node_id)
+    """After an attempt the node did not take or never started: whether it is there to take the next (one it never
+    started waits a heartbeat timeout for the node to come back; else only whether it is online now)."""
+    lost = never_started(err) and workflow.patched(LOST_WAITS_FOR_NODE)
+    return await node_comes_back(node_id, heartbeat_s if lost else 0.0)
 
 
 async def between_attempts(step: Awaitable[T], node_id: str, reason: str) -> T:

@@ -133,7 +133,7 @@ class Batch:
                     out.responses = responses
                     yield self._ended(out)
                 return
-            speculated = self._speculate() if self.drafts_of and not out.joined else None
+            speculated = self._speculate() if self._may_speculate() and not out.joined else None
             out.responses = speculated if speculated is not None else self.generator.next()[1]
             left -= 1
             yield self._ended(out)
@@ -175,9 +175,12 @@ class Batch:
             self.report({"event": "stats", "cache_bytes": self.store_bytes})
 
     def overlapping(self) -> bool:
-        """Whether a run of passes without joins would be overlapped now: not while it would speculate."""
-        speculating = self.drafts_of and len(self.generator._generation_batch) <= self.draft_max_batch
-        return self.overlap and not speculating and self._overlappable()
+        """Whether a run of passes without joins would be overlapped now: not while it may speculate."""
+        return self.overlap and not self._may_speculate() and self._overlappable()
+
+    def _may_speculate(self) -> bool:
+        """A request asks for drafts and few enough decode (speculation keeps priority over micro-batches then)."""
+        return bool(self.drafts_of) and len(self.generator._generation_batch) <= self.draft_max_batch
 
     def _overlappable(self) -> bool:
         gen = self.generator
@@ -188,8 +191,6 @@ class Batch:
         """A speculative step when the batch is all decoding and can take one (speculative.py); else None."""
         gen = self.generator
         if len(gen._prompt_batch) or gen._unprocessed_sequences or not speculative.usable(gen._generation_batch):
-            return None
-        if len(gen._generation_batch) > self.draft_max_batch:
             return None
         gb = gen._generation_batch
         with mx.stream(gen._stream):
