@@ -5,7 +5,7 @@ rank and on a 2-rank pipeline of the same model, same run.
 
 Requests come one at a time, 0.3-0.7 s apart (a random phase of the other ranks' naps between idle headers);
 each asks for one token. The pipeline's extra time over one rank is the hidden state's trip between the ranks,
-plus, before rank 0 woke the others, up to a nap (0.19 s). Writes bench/out/idle_first_token.json.
+plus, before rank 0 woke the others, up to a nap (0.49 s). Writes bench/out/idle_first_token.json.
 """
 
 import argparse

@@ -28,7 +28,7 @@ OP_LEAVE, OP_DROP, OP_JOIN = 1, 2, 3
 # op, entry, reuse, max_tokens, temperature, top_p, seed low, seed high, prompt length, options length;
 # then the prompt's tokens, then the options (Sampling's other fields, JSON, 4 bytes a word)
 JOIN_FIELDS = 10
-POLL_S = 0.2
+POLL_S = 0.5
 # A rank waiting in a ring collective spins a core (MLX's socket thread busy-polls), so
 # between idle headers the other ranks sleep, waking just before rank 0's next one.
 # The price: a request that arrives while idle may wait up to POLL_S for them.
