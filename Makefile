@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python -m bench.pipeline_split
 	$(BIN)/python -m bench.idle_first_token
 	$(BIN)/python -m bench.pipeline_overlap
+	$(BIN)/python -m bench.ring_wait
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -17,6 +17,7 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.resources import CacheLedger
+from activities.ring_wait import ring_wait_library
 from shardline import contracts
 from shardline.contracts import implements
 from shardline.engine.spec import RunnerSpec
@@ -89,11 +90,11 @@ def blas_works(lib: str) -> bool:
     return works
 
 
-def runner_env(blas: str) -> dict[str, str]:
+def runner_env(blas: str, ring_wait: str = "poll") -> dict[str, str]:
     env = dict(os.environ)
-    preload = optimized_blas(blas)
+    preload = [p for p in (optimized_blas(blas), ring_wait_library(ring_wait), env.get("LD_PRELOAD")) if p]
     if preload:
-        env["LD_PRELOAD"] = " ".join(p for p in (preload, env.get("LD_PRELOAD", "")) if p)
+        env["LD_PRELOAD"] = " ".join(preload)
     return env
 
 
@@ -124,7 +125,7 @@ class ShardActivities:
         except ValueError as exc:
             raise error(ErrorType.BAD_INPUT, f"cannot run shard {spec.rank}: {exc}") from exc
         log_path = spec_path.with_suffix(".log")
-        env = await asyncio.to_thread(runner_env, self._settings.runner_blas)
+        env = await asyncio.to_thread(runner_env, self._settings.runner_blas, self._settings.runner_ring_wait)
         with open(log_path, "ab") as runner_log:  # noqa: ASYNC230 - a local append, instant
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "shardline.engine.runner", str(spec_path),

@@ -1,6 +1,7 @@
 """Every SHARDLINE_* setting, read once at each entry point and passed down."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +53,11 @@ class Settings(BaseSettings):
     runner_blas: str = Field(
         default="auto",
         description="BLAS for MLX runners on Linux: auto (cmeel-openblas if installed), reference, or a path",
+    )
+    runner_ring_wait: Literal["poll", "spin"] = Field(
+        default="poll",
+        description="How a runner on Linux waits for its ring peers: poll (sleeps until data comes; a 1 KB shim "
+        "built once with the C compiler) or spin (MLX's own loop: a core busy per waiting rank)",
     )
     api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds")
     api_port: int = Field(default=8000, description="Port of the HTTP API")

@@ -29,9 +29,10 @@ OP_LEAVE, OP_DROP, OP_JOIN = 1, 2, 3
 # then the prompt's tokens, then the options (Sampling's other fields, JSON, 4 bytes a word)
 JOIN_FIELDS = 10
 POLL_S = 0.5
-# A rank waiting in a ring collective spins a core (MLX's socket thread busy-polls), so
-# between idle headers the other ranks sleep, waking just before rank 0's next one (about 10 ms
-# of spinning a header: 2.5 % of a core while idle at 0.5 s, 6 % at 0.2 s). Rank 0 wakes them
+# Without the ring-wait shim (ring_wait.c: macOS, or SHARDLINE_RUNNER_RING_WAIT=spin) a rank waiting
+# in a ring collective spins a core (MLX's socket thread busy-polls), so between idle headers the
+# other ranks sleep, waking just before rank 0's next one (yet an idle 2-rank instance measured 22 %
+# of a core so, against under 1 % with the shim). Rank 0 wakes them
 # when a request comes (wake.py), so only a lost wake-up makes a request wait, up to POLL_S.
 NAP_S = POLL_S - 0.01
 NO_ENTRY = -1

@@ -11,6 +11,7 @@ from typing import Any
 from mlx_lm import load, stream_generate
 from mlx_lm.utils import load_tokenizer
 
+from activities.runner import runner_env
 from shardline.engine.spec import RunnerSpec, pipeline_layers
 from tests.support.matrix_ranks import MAX_TOKENS
 from tests.support.processes import free_port
@@ -64,10 +65,11 @@ def run_matrix(cases: list[Case], workdir: Path, name: str) -> list[dict[str, An
     plan_path.write_text(json.dumps(plan))
     logs = [workdir / f"{name}.rank{r}.log" for r in range(size)]
     procs = []
+    env = runner_env("reference")  # as a node starts runners (ranks wait without spinning), on the wheel's BLAS
     for rank in range(size):
         with logs[rank].open("w") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "tests.support.matrix_ranks", str(plan_path),
-                                           str(rank)], stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+                                           str(rank)], stdout=log, stderr=subprocess.STDOUT, env=env))  # fmt: skip
     deadline = time.monotonic() + TIMEOUT_S
     try:  # until every rank is done, one has failed (the others would wait for it on the ring), or the deadline
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:

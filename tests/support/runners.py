@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from activities.runner import runner_env
 from shardline.engine.spec import RunnerSpec, pipeline_layers
 from shardline.model_files import INDEX_FILE, files_to_fetch
 from tests.support.processes import free_port
@@ -38,7 +39,7 @@ class Runner:
         return [line for line in lines if line.get("event") == "request.done"]
 
 
-def spawn(spec: RunnerSpec, workdir: Path, name: str) -> Runner:
+def spawn(spec: RunnerSpec, workdir: Path, name: str, ring_wait: str = "poll") -> Runner:
     spec_path = workdir / f"{name}.json"
     spec_path.write_text(spec.to_json(), encoding="utf-8")
     log = workdir / f"{name}.log"
@@ -48,6 +49,7 @@ def spawn(spec: RunnerSpec, workdir: Path, name: str) -> Runner:
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
+            env=runner_env("reference", ring_wait),  # as a node starts it (SHARDLINE_RUNNER_RING_WAIT), wheel's BLAS
         )
     return Runner(proc, log)
 
@@ -110,9 +112,11 @@ class Served:
 
 
 @contextmanager
-def serving(specs: list[RunnerSpec], workdir: Path, name: str, start_s: float = START_TIMEOUT_S) -> Iterator[Served]:
+def serving(
+    specs: list[RunnerSpec], workdir: Path, name: str, start_s: float = START_TIMEOUT_S, ring_wait: str = "poll"
+) -> Iterator[Served]:
     """All ranks at once (the ring needs them all); stopped through rank 0, which must stop the rest."""
-    runners = [spawn(spec, workdir, f"{name}-rank{spec.rank}") for spec in specs]
+    runners = [spawn(spec, workdir, f"{name}-rank{spec.rank}", ring_wait) for spec in specs]
     try:
         events = [runner.event(start_s) for runner in runners]
         for rank, event in enumerate(events):

@@ -1,6 +1,7 @@
 """The pure parts of the node activities: error sorting, byte counting, delete rules."""
 
 import errno
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -111,6 +112,21 @@ def test_runner_blas_choice() -> None:
     assert optimized_blas("/opt/lib/libblis.so") == "/opt/lib/libblis.so"
     auto = optimized_blas("auto")
     assert auto is None or (auto.endswith("libopenblas.so.0") and blas_works(auto))
+
+
+def test_ring_wait_library_is_built_once_or_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from activities.ring_wait import ring_wait_library
+    from activities.runner import runner_env
+
+    assert ring_wait_library("spin") is None
+    built = ring_wait_library("poll", tmp_path / "ok")
+    if sys.platform == "linux":
+        assert built is not None and Path(built).stat().st_size > 0 and Path(built).parent == tmp_path / "ok"
+        assert Path(built).name in runner_env("reference", "poll")["LD_PRELOAD"]  # the machine's copy
+        assert "ring_wait" not in runner_env("reference", "spin").get("LD_PRELOAD", "")
+    for compiler in ("/nonexistent/cc", "false"):  # none, or one that fails: runners go without (they spin)
+        monkeypatch.setenv("CC", compiler)
+        assert ring_wait_library("poll", tmp_path / compiler.strip("/").replace("/", "-")) is None
 
 
 class WeightServer(BaseHTTPRequestHandler):
