@@ -120,6 +120,12 @@ class InstanceCache:
         finally:
             self._at = time.monotonic()
 
+    def learn(self, status: InstanceStatus) -> None:
+        """A status read from the instance's workflow just now (GET /instances/<id>): a client told "ready" there
+        must not be told "not ready" here until the next refresh."""
+        if any(i.instance_id == status.instance_id for i in self._instances):
+            self._instances = [status if i.instance_id == status.instance_id else i for i in self._instances]
+
     def forget(self) -> None:
         """After this API started or stopped an instance: the next request asks Temporal first."""
         self._at = 0.0

@@ -3,7 +3,7 @@ import asyncio
 from fastapi import APIRouter, status
 
 from api.deps import ClientDep, InstancesDep, SettingsDep
-from api.instances import instance_status, list_instances
+from api.instances import InstanceCache, instance_status, list_instances
 from api.schemas import ADMIN_STATUSES, ErrorOut, InstanceCreate, InstanceOut, PreviewOut, error_responses
 from shardline.errors import ErrorType, ShardlineError
 from shardline.ids import new_instance_id, serve_workflow_id
@@ -63,16 +63,19 @@ async def get_instances(client: ClientDep, all: bool = False) -> list[InstanceOu
     return [InstanceOut.from_status(s) for s in await list_instances(client, running_only=not all)]
 
 
-async def found(client: ClientDep, instance_id: str) -> InstanceOut:
+async def found(client: ClientDep, instance_id: str, cache: InstanceCache | None = None) -> InstanceOut:
     current = await instance_status(client, serve_workflow_id(instance_id))
     if current is None:
         raise ShardlineError(ErrorType.NOT_FOUND, f"no instance {instance_id}: see GET /instances")
+    if cache is not None:
+        cache.learn(current)
     return InstanceOut.from_status(current)
 
 
 @router.get("/{instance_id}", response_model=InstanceOut)
-async def get_instance(instance_id: str, client: ClientDep) -> InstanceOut:
-    return await found(client, instance_id)
+async def get_instance(instance_id: str, client: ClientDep, cache: InstancesDep) -> InstanceOut:
+    """The instance as its workflow says now; chat requests routed by this API see the same from then on."""
+    return await found(client, instance_id, cache)
 
 
 @router.delete("/{instance_id}", response_model=InstanceOut)

@@ -89,3 +89,20 @@ async def test_a_runner_that_keeps_dropping_is_a_503_naming_it() -> None:
             await served.start("org/m", {"prompt": "hi"})
         assert refused.value.status_code == 503 and "went away" in refused.value.detail
         assert seen[0] == 2 and served.in_flight.counts == {}  # sent again once, not in a loop
+
+
+async def test_an_instance_seen_ready_by_get_is_served_at_once() -> None:
+    """GET /instances/<id> reads the workflow; a chat request right after it must not get the cache's older
+    "recovering" (seen: a test told ready, then 503 "recovering (starting runners)" within the cache's second)."""
+    async with runner_that_drops(first=0) as (endpoint, _), httpx.AsyncClient() as http:
+        served = inference(endpoint, http)
+        cache = served.instances
+        cache._instances = [InstanceStatus("i-1", "org/m", InstanceState.RECOVERING, "single")]
+        with pytest.raises(HTTPException) as refused:
+            await served.start("org/m", {"prompt": "hi"})
+        assert refused.value.status_code == 503 and "recovering" in refused.value.detail
+        cache.learn(InstanceStatus("i-1", "org/m", InstanceState.READY, "single", endpoint=endpoint))
+        cache.learn(InstanceStatus("i-2", "org/other", InstanceState.READY, "single", endpoint=endpoint))
+        events = await served.start("org/m", {"prompt": "hi"})
+        assert [e.get("text") for e in [e async for e in events if e is not None] if "token" in e] == ["Hi"]
+        assert [i.instance_id for i in cache._instances] == ["i-1"]  # only what the cache lists is updated
