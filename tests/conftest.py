@@ -28,9 +28,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest files first (`pytest.mark.slow(<seconds alone>)`), the rest as collected: `make test` hands
-    whole files to its workers in this order, so the long drills start at once instead of ending last.
-    `--reverse` turns every file's tests, and the files, the other way round first."""
+    """The longest files first (`pytest.mark.slow(<seconds>)`: how long each took in `make test`), the rest as
+    collected: `make test` hands whole files to its workers in this order, so the long drills start at once instead
+    of ending last, and wall-bound files (the time-skipping workflows) overlap the CPU-bound ones instead of ending
+    the run on one busy core. `--reverse` turns every file's tests, and the files, the other way round first."""
     if config.getoption("reverse"):
         items.reverse()
 

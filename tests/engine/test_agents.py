@@ -20,6 +20,8 @@ from tests.support.model_factory import (
 )
 from tests.support.runners import PROMPT, Served, body, generate, rank_specs, serving
 
+pytestmark = pytest.mark.slow(26)  # seconds in make test: tests/conftest.py starts the longest files first
+
 SCHEMA = {
     "type": "object",
     "properties": {

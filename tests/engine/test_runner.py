@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.support.runners import (
     CHAT,
@@ -23,6 +24,8 @@ from tests.support.runners import (
     rank_specs,
     spawn,
 )  # fmt: skip
+
+pytestmark = pytest.mark.slow(36)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 async def test_single_llama_matches_mlx_lm(single_llama: Served, llama_dir: Path, references) -> None:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 from shardline.ids import download_workflow_id, node_workflow_id, serve_workflow_id
@@ -13,6 +14,8 @@ from tests.support.serving import runners, running_nodes, start_instance, wait_s
 from tests.support.waits import eventually, start_download, wait_download, wait_node, wait_progress
 from workflows.client import start_delete
 from workflows.delete import DeleteInput
+
+pytestmark = pytest.mark.slow(45)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 def shardline(cluster: Cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -3,6 +3,7 @@
 import json
 
 import httpx
+import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from shardline.ids import delete_workflow_id
@@ -20,6 +21,8 @@ from tests.support.waits import (
     wait_progress,
 )
 from workflows.download import DownloadInput
+
+pytestmark = pytest.mark.slow(27)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 async def test_download_completes_and_repeat_fetches_nothing(

@@ -100,8 +100,15 @@ class Cluster:
             stop_process(proc)
 
     def stop_all(self) -> None:
-        for name in sorted(self.procs, key=lambda n: n == "temporal"):  # the server last: workers exit at once
-            self.stop(name)
+        """Every process at once, then the server: workers exit at once while it is up."""
+        procs = [self.procs.pop(name) for name in list(self.procs) if name != "temporal"]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in procs:
+            stop_process(proc)
+        self.stop("temporal")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -29,6 +29,8 @@ from tests.support.fake_nodes import (
 from tests.support.waits import eventually
 from workflows.download import DownloadInput, DownloadWorkflow
 
+pytestmark = pytest.mark.slow(35)  # seconds in make test: tests/conftest.py starts the longest files first
+
 LAG = THROTTLE.total_seconds() + 1.5  # a heartbeat sent late by the throttle, and the workers' round trips
 
 

@@ -4,6 +4,7 @@ grace period, online again when it returns in time; presence that fails fast bac
 import time
 from datetime import timedelta
 
+import pytest
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -19,6 +20,8 @@ from tests.support.fake_nodes import (
 )
 from tests.support.waits import eventually
 from workflows.node import BACKOFF_MAX_S, NodeInput, NodeWorkflow, presence_backoff
+
+pytestmark = pytest.mark.slow(20)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 def test_backoff_doubles_to_a_cap_and_resets_after_a_healthy_run() -> None:
