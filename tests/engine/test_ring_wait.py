@@ -56,7 +56,7 @@ def test_a_rank_waiting_for_its_peer_sleeps(tmp_path: Path) -> None:
     assert waiting["got"] == [299_997.0, 299_998.0, 299_999.0]  # 1.2 MB arrived whole, and went back
     assert waiting["wall_s"] > 0.8 * WAIT_S, waiting  # it did wait (it may leave the joining all_sum later)
     # MLX's loop alone spins in recv() the whole wait (about WAIT_S of CPU on an idle core, see test below)
-    assert waiting["cpu_s"] < 0.25 * WAIT_S, waiting
+    assert waiting["cpu_s"] < 0.1 * WAIT_S, waiting
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the shim is for Linux runners (LD_PRELOAD)")
@@ -65,4 +65,6 @@ def test_spin_is_mlx_own_loop(tmp_path: Path) -> None:
     assert "ring_wait" not in runner_env("reference", "spin").get("LD_PRELOAD", "")
     _, waiting = ring(tmp_path, "spin")
     assert waiting["got"] == [299_997.0, 299_998.0, 299_999.0]
-    assert waiting["cpu_s"] > 0.25 * WAIT_S, waiting  # what the shim saves: without it, the wait is spent spinning
+    # what the shim saves: without it the wait is spent spinning (a whole core on an idle machine; on 2 cores
+    # shared with make test's other workers, a quarter or more); with it, under 2 %
+    assert waiting["cpu_s"] > 0.1 * WAIT_S, waiting
