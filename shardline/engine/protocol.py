@@ -31,9 +31,9 @@ JOIN_FIELDS = 10
 POLL_S = 0.5
 # Without the ring-wait shim (ring_wait.c: macOS, or SHARDLINE_RUNNER_RING_WAIT=spin) a rank waiting
 # in a ring collective spins a core (MLX's socket thread busy-polls), so between idle headers the
-# other ranks sleep, waking just before rank 0's next one (yet an idle 2-rank instance measured 22 %
-# of a core so, against under 1 % with the shim). Rank 0 wakes them
-# when a request comes (wake.py), so only a lost wake-up makes a request wait, up to POLL_S.
+# other ranks sleep, waking just before rank 0's next one (even so, an idle 2-rank instance measured
+# 22 % of a core spinning, under 1 % with the shim). Rank 0 wakes them when a request comes
+# (wake.py), so only a lost wake-up makes a request wait, up to POLL_S.
 NAP_S = POLL_S - 0.01
 NO_ENTRY = -1
 

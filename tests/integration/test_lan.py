@@ -20,7 +20,7 @@ from tests.support.netns import Pair, can_make_namespaces, separate_lan
 from tests.support.processes import REPO, TIMEOUTS
 
 WHY_NOT = can_make_namespaces()
-pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.slow(30)]  # s alone
+pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.slow(30)]  # s in make test
 
 API_PORT = 8000  # a fresh namespace: the defaults are free
 GET_NODES = "import httpx, sys; print(httpx.get(sys.argv[1], timeout=5).text)"
