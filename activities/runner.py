@@ -20,6 +20,7 @@ from activities.resources import CacheLedger
 from activities.ring_wait import ring_wait_library
 from shardline import contracts
 from shardline.contracts import implements
+from shardline.engine.forkserver import Forked, ForkServer, ForkServerGone
 from shardline.engine.spec import RunnerSpec
 from shardline.errors import ErrorType, error
 from shardline.model_files import model_path
@@ -104,12 +105,90 @@ def log_tail(path: Path, chars: int = 600) -> str:
     return ""
 
 
+class ForkedProcess:
+    """A runner from the fork server, as run_shard uses an asyncio subprocess."""
+
+    def __init__(self, child: Forked, stdout: asyncio.StreamReader, transport: asyncio.BaseTransport) -> None:
+        self._child = child
+        self.pid = child.pid
+        self.stdout = stdout
+        self._transport = transport
+        loop = asyncio.get_running_loop()
+        self._exit: asyncio.Future[int] = loop.create_future()
+        child.on_exit(lambda code: loop.call_soon_threadsafe(self._settle, code))
+
+    @classmethod
+    async def start(cls, server: ForkServer, spec_path: Path, stderr: int) -> "ForkedProcess":
+        child = await asyncio.to_thread(server.start, [str(spec_path)], stderr)
+        reader = asyncio.StreamReader()
+        pipe = open(child.stdout_fd, "rb", buffering=0)  # noqa: ASYNC230, SIM115 - a pipe's fd; the transport owns it
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        return cls(child, reader, transport)
+
+    def _settle(self, code: int) -> None:
+        if not self._exit.done():
+            self._exit.set_result(code)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exit.result() if self._exit.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)  # wait_for's timeout must not cancel the exit itself
+
+    def terminate(self) -> None:
+        self._child.terminate()
+
+    def kill(self) -> None:
+        self._child.kill()
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+RunnerProcess = asyncio.subprocess.Process | ForkedProcess
+
+
 class ShardActivities:
     def __init__(self, client: Client, settings: Settings, node_id: str, ledger: CacheLedger | None = None) -> None:
         self._client = client
         self._settings = settings
         self._node_id = node_id
         self._ledger = ledger or CacheLedger()
+        self._forkserver: ForkServer | None = None
+
+    async def _start_beating(self, spec_path: Path, runner_log: int) -> RunnerProcess:
+        """Start the runner, heartbeating meanwhile: a node's first runner waits for the BLAS probe and the fork
+        server's imports (seconds on a busy machine). A cancel meanwhile stops the runner once it has started."""
+        start = asyncio.ensure_future(self._start_runner(spec_path, runner_log))
+        try:
+            while not start.done():
+                activity.heartbeat("starting")
+                await asyncio.wait({start}, timeout=TICK)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await stop_process(await start)
+            raise
+        return start.result()
+
+    async def _start_runner(self, spec_path: Path, runner_log: int) -> RunnerProcess:
+        """Forked from this node's fork server (started by the first runner, on the event loop's thread: the
+        main one, which its lifeline follows), or a new `python -m shardline.engine.runner`."""
+        env = await asyncio.to_thread(runner_env, self._settings.runner_blas, self._settings.runner_ring_wait)
+        if self._settings.runner_fork and sys.platform == "linux":
+            if self._forkserver is None:
+                self._forkserver = ForkServer(env)
+            try:
+                return await ForkedProcess.start(self._forkserver, spec_path, runner_log)
+            except ForkServerGone as exc:
+                log.warning("runner.forkserver_gone", error=str(exc))  # the next runner starts a new one
+                self._forkserver = None
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shardline.engine.runner", str(spec_path),
+            stdout=asyncio.subprocess.PIPE, stderr=runner_log, env=env,
+        )  # fmt: skip
 
     @implements(contracts.run_shard)
     async def run_shard(self, spec: ShardSpec) -> None:
@@ -125,13 +204,9 @@ class ShardActivities:
         except ValueError as exc:
             raise error(ErrorType.BAD_INPUT, f"cannot run shard {spec.rank}: {exc}") from exc
         log_path = spec_path.with_suffix(".log")
-        env = await asyncio.to_thread(runner_env, self._settings.runner_blas, self._settings.runner_ring_wait)
         with open(log_path, "ab") as runner_log:  # noqa: ASYNC230 - a local append, instant
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "shardline.engine.runner", str(spec_path),
-                stdout=asyncio.subprocess.PIPE, stderr=runner_log, env=env,
-            )  # fmt: skip
-        logger.info("runner.started", pid=proc.pid)
+            proc = await self._start_beating(spec_path, runner_log.fileno())
+        logger.info("runner.started", pid=proc.pid, forked=isinstance(proc, ForkedProcess))
         key = f"{spec.instance_id}/{spec.rank}/{spec.generation}"
         events: asyncio.Task[None] | None = None
         try:
@@ -157,7 +232,7 @@ class ShardActivities:
             await stop_process(proc)
             logger.info("runner.stopped", returncode=proc.returncode)
 
-    async def _follow_events(self, proc: asyncio.subprocess.Process, key: str) -> None:
+    async def _follow_events(self, proc: RunnerProcess, key: str) -> None:
         """Read what the runner reports while it serves (and so never let its stdout pipe fill)."""
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
@@ -166,7 +241,7 @@ class ShardActivities:
                 if event.get("event") == "stats":
                     self._ledger.by_runner[key] = int(event["cache_bytes"])
 
-    async def _until_ready(self, proc: asyncio.subprocess.Process, log_path: Path) -> dict[str, object]:
+    async def _until_ready(self, proc: RunnerProcess, log_path: Path) -> dict[str, object]:
         assert proc.stdout is not None
         line_task = asyncio.ensure_future(proc.stdout.readline())
         deadline = time.monotonic() + self._settings.load_timeout
@@ -198,12 +273,13 @@ class ShardActivities:
             line_task = asyncio.ensure_future(proc.stdout.readline())
 
 
-async def stop_process(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
-    if proc.returncode is not None:
-        return
-    proc.terminate()
-    try:
-        await asyncio.wait_for(proc.wait(), grace)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+async def stop_process(proc: RunnerProcess, grace: float = 5.0) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    if isinstance(proc, ForkedProcess):
+        proc.close()

@@ -1,19 +1,21 @@
 """Runner processes on loopback, and the requests tests send them (tests/engine)."""
 
+import functools
 import json
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 
 from activities.runner import runner_env
+from shardline.engine.forkserver import Forked, ForkServer
 from shardline.engine.spec import RunnerSpec, pipeline_layers
 from shardline.model_files import INDEX_FILE, files_to_fetch
 from tests.support.processes import free_port
@@ -25,12 +27,13 @@ CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
 
 @dataclass
 class Runner:
-    proc: subprocess.Popen[str]
+    proc: Forked
+    events: TextIO
     log: Path
 
     def event(self, timeout: float = START_TIMEOUT_S) -> dict:
         with ThreadPoolExecutor(1) as pool:
-            line = pool.submit(self.proc.stdout.readline).result(timeout)
+            line = pool.submit(self.events.readline).result(timeout)
         assert line, f"runner exited ({self.proc.poll()}) without an event:\n{self.log.read_text()[-3000:]}"
         return json.loads(line)
 
@@ -39,19 +42,19 @@ class Runner:
         return [line for line in lines if line.get("event") == "request.done"]
 
 
+@functools.cache
+def forkserver(ring_wait: str) -> ForkServer:
+    """As a node starts runners (forked; SHARDLINE_RUNNER_RING_WAIT), on the wheel's BLAS: one per pytest worker."""
+    return ForkServer(runner_env("reference", ring_wait))
+
+
 def spawn(spec: RunnerSpec, workdir: Path, name: str, ring_wait: str = "poll") -> Runner:
     spec_path = workdir / f"{name}.json"
     spec_path.write_text(spec.to_json(), encoding="utf-8")
     log = workdir / f"{name}.log"
     with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shardline.engine.runner", str(spec_path)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=runner_env("reference", ring_wait),  # as a node starts it (SHARDLINE_RUNNER_RING_WAIT), wheel's BLAS
-        )
-    return Runner(proc, log)
+        proc = forkserver(ring_wait).start([str(spec_path)], err.fileno())
+    return Runner(proc, open(proc.stdout_fd, encoding="utf-8"), log)
 
 
 def stop_all(runners: list[Runner]) -> list[int | None]:
