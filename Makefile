@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python -m bench.idle_first_token
 	$(BIN)/python -m bench.pipeline_overlap
 	$(BIN)/python -m bench.ring_wait
+	$(BIN)/python -m bench.runner_start
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
