@@ -20,7 +20,7 @@ from tests.support.model_factory import (
 )
 from tests.support.runners import PROMPT, Served, body, generate, rank_specs, serving
 
-pytestmark = pytest.mark.slow(26)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(6)  # seconds in make test: tests/conftest.py starts the longest files first
 
 SCHEMA = {
     "type": "object",

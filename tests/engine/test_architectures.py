@@ -23,7 +23,7 @@ from tests.support.matrix import Case, References, mismatches, prompts, run_matr
 from tests.support.runners import node_copy
 
 # the first test also waits for its ring's whole run (every model, ~40 s alone): on 2 loaded cores it took 242 s
-pytestmark = [pytest.mark.slow(75), pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow(83), pytest.mark.timeout(900)]
 
 QUANTIZED = {  # name: (architecture, bits, mixed per-layer bits, tied embeddings)
     "llama-q4": ("llama", 4, False, False),

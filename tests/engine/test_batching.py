@@ -23,7 +23,7 @@ from tests.support.runners import (
     spawn,
 )  # fmt: skip
 
-pytestmark = pytest.mark.slow(75)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(31)  # seconds in make test: tests/conftest.py starts the longest files first
 
 PROMPTS: list[str | list[dict]] = [
     PROMPT,

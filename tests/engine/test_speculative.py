@@ -20,7 +20,7 @@ from shardline.engine.sampling import SeededSampler
 from shardline.engine.speculative import judge
 from tests.support.model_factory import make_tiny_model
 
-pytestmark = pytest.mark.slow(29)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(11)  # seconds in make test: tests/conftest.py starts the longest files first
 
 # Prompts that repeat themselves, as an agent's edit repeats the file it read: lookups find drafts.
 PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9, 10, 11, 12, 7, 8], [20, 21, 20, 21, 20], [5, 6, 40, 41, 42, 5, 6]]

@@ -14,7 +14,7 @@ from tests.support.serving import running_nodes
 from tests.support.waits import scheduled_activities, start_download, wait_download, wait_node, wait_progress
 
 WHY_NOT = can_mount()
-pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.slow(40)]
+pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.slow(36)]
 
 
 def models_disk(cluster: Cluster, node_id: str) -> Path:

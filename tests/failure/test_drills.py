@@ -19,7 +19,7 @@ from tests.support.relay import Relay
 from tests.support.serving import MESSAGES, reference, start_instance, start_nodes, wait_state
 from tests.support.waits import scheduled_activities, start_download, wait_download, wait_progress
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(85)]  # slow: s in make test
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(82)]  # slow: s in make test
 OUTAGE_S = 20.0
 STREAM_TOKENS, STREAM_PAUSE_S = 400, 0.1  # a stream that lasts 40 s or more
 

@@ -11,7 +11,7 @@ from tests.conftest import TIMEOUTS, TINY, Cluster
 from tests.support.serving import greedy, running_nodes, start_instance, wait_state
 from tests.support.waits import wait_node
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(32)]
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(27)]
 HEARTBEAT = float(TIMEOUTS["SHARDLINE_HEARTBEAT_TIMEOUT"])
 
 

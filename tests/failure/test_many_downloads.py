@@ -19,7 +19,7 @@ from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.waits import download, eventually, scheduled_activities, start_download_workflow, wait_node
 from workflows.download import DownloadInput
 
-pytestmark = pytest.mark.slow(80)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(106)  # seconds in make test: tests/conftest.py starts the longest files first
 # per node: 120 downloads in all (300 cost a fifth of the whole suite's CPU: a fetch process and a workflow each)
 MODELS = 40
 

@@ -31,7 +31,7 @@ NODE_WAIT = float(TIMEOUTS["SHARDLINE_NODE_WAIT"])
 GRACE = float(TIMEOUTS["SHARDLINE_NODE_GRACE"])
 SLACK = 10.0  # scheduling, retry back-off and polling on a busy 2-core machine
 
-pytestmark = pytest.mark.slow(170)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(155)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 async def event_count(client: Client, workflow_id: str) -> int:

@@ -22,7 +22,7 @@ from tests.support.streams import REQUESTS, same, streams
 from tests.support.waits import download, eventually, start_download, wait_download, wait_node, wait_progress
 
 WHY_NOT = can_make_namespaces()
-pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.slow(120)]  # s in make test
+pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.slow(73)]  # s in make test
 
 HEARTBEAT = float(TIMEOUTS["SHARDLINE_HEARTBEAT_TIMEOUT"])
 NODE_WAIT = float(TIMEOUTS["SHARDLINE_NODE_WAIT"])

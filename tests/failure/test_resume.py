@@ -23,7 +23,7 @@ from tests.support.serving import MESSAGES, runners, running_nodes, start_instan
 from tests.support.streams import CUT_AT, LONG, REQUESTS, Streamed, same, stream, streams
 from tests.support.waits import eventually
 
-pytestmark = pytest.mark.slow(215)
+pytestmark = pytest.mark.slow(89)
 
 
 async def anthropic_stream(cluster: Cluster, model: str, at: asyncio.Barrier | None, tokens: int) -> Streamed:

@@ -21,7 +21,7 @@ from tests.support.hub_mirror import HubMirror, publish_model
 from tests.support.model_factory import make_tool_model, tool_call_text
 from tests.support.serving import running_nodes, start_instance, wait_state
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(27)]
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(13)]
 CLAUDE_MODEL, CODEX_MODEL = "test-org/claude-agent", "test-org/codex-agent"
 ANSWER = "The proof file is written."
 COMMAND = "echo done > proof.txt"

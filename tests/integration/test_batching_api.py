@@ -17,7 +17,7 @@ from tests.conftest import TINY, Cluster
 from tests.support.serving import MESSAGES, metric, running_nodes, start_instance, wait_state
 from tests.support.waits import eventually
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(35)]
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(33)]
 NODE = "batch-a"
 LONG = 300  # tokens: long enough that the requests overlap
 

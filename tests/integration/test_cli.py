@@ -15,7 +15,7 @@ from tests.support.waits import eventually, start_download, wait_download, wait_
 from workflows.client import start_delete
 from workflows.delete import DeleteInput
 
-pytestmark = pytest.mark.slow(45)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(25)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 def shardline(cluster: Cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

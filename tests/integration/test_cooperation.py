@@ -29,7 +29,7 @@ from workflows.download import DownloadInput
 
 HUB_TIMEOUT = 2
 
-pytestmark = pytest.mark.slow(140)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(130)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from tests.support.serving import MAX_TOKENS, MESSAGES, reference, start_instanc
 from tests.support.waits import start_download, start_download_workflow, wait_download, wait_node, wait_progress
 from workflows.download import DownloadInput
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(65)]  # slow: s in make test
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(43)]  # slow: s in make test
 FLAGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]  # fmt: skip
 SCREENSHOT = Path("/tmp/dashboard.png")

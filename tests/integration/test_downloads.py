@@ -22,7 +22,7 @@ from tests.support.waits import (
 )
 from workflows.download import DownloadInput
 
-pytestmark = pytest.mark.slow(27)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(16)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 async def test_download_completes_and_repeat_fetches_nothing(

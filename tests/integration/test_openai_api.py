@@ -15,7 +15,7 @@ from openai import AsyncOpenAI, BadRequestError
 from tests.conftest import QWEN, Cluster
 from tests.support.serving import MESSAGES, reference, served
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(25)]
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(22)]
 
 
 @pytest.fixture(scope="module")

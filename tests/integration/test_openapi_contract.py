@@ -20,7 +20,7 @@ from tests.conftest import TOOLS, Cluster
 from tests.support.processes import REPO
 from tests.support.serving import running_nodes, start_instance, wait_state
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(100), pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow(86), pytest.mark.timeout(900)]
 # fixed: the suite asks the same questions each run (set SCHEMATHESIS_SEED, or run the CLI without --seed, to explore)
 SEED = int(os.environ.get("SCHEMATHESIS_SEED", "2026"))
 

@@ -17,7 +17,7 @@ from tests.conftest import TINY, Cluster
 from tests.support.processes import free_port, wait_http
 from tests.support.serving import running_nodes, start_instance, wait_state
 
-pytestmark = pytest.mark.slow(22)
+pytestmark = pytest.mark.slow(21)
 TURNS = 3
 HIT = 0.3  # a later turn's cached share when it found its conversation
 

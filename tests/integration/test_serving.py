@@ -27,7 +27,7 @@ from tests.support.serving import (
 )
 from tests.support.waits import eventually
 
-pytestmark = pytest.mark.slow(110)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(54)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 @pytest.mark.parametrize("size", [2, 3])

@@ -23,7 +23,7 @@ from tests.support.processes import REPO, free_port, wait_http
 from tests.support.serving import MESSAGES, start_instance, wait_state
 from tests.support.waits import eventually, start_download, wait_download
 
-pytestmark = pytest.mark.slow(100)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(73)  # seconds in make test: tests/conftest.py starts the longest files first
 
 
 def start_up(home: Path, ports: dict[str, int], hub: str, **settings: str) -> subprocess.Popen[bytes]:

@@ -36,7 +36,7 @@ from tests.support.waits import eventually
 from workflows.download import DownloadInput
 from workflows.serve import InstanceStatus, ServeInput, ServingWorkflow
 
-pytestmark = pytest.mark.slow(36)  # seconds in make test: tests/conftest.py starts the longest files first
+pytestmark = pytest.mark.slow(35)  # seconds in make test: tests/conftest.py starts the longest files first
 
 Handle = WorkflowHandle[ServingWorkflow, InstanceStatus]
 
