@@ -133,7 +133,8 @@ class ForkServer:
                 reply = self._replies.get(timeout=REPLY_S)
             except (OSError, Empty) as exc:
                 os.close(read_end)
-                raise ForkServerGone(f"the fork server did not answer: {exc}") from exc
+                self.gone = True  # a late reply would answer the next request: never ask this server again
+                raise ForkServerGone(f"the fork server did not answer: {exc!r}") from exc
             finally:
                 os.close(write_end)
             if reply is None:
