@@ -246,7 +246,8 @@ def fork_runner(argv: list[str], fds: list[int], closing: list[int]) -> int:
             os.close(fd)
         hold(server)
         setproctitle.setproctitle(" ".join([sys.executable, "-m", "shardline.engine.runner", *argv]))
-        code = runner.main(["runner", *argv])
+        sys.argv = [runner.__file__, *argv]  # what `python -m shardline.engine.runner` would have
+        code = runner.main(sys.argv)
     finally:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
