@@ -107,7 +107,7 @@ class ForkServer:
 
     def __init__(self, env: dict[str, str]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._proc = subprocess.Popen(
+        self.process = subprocess.Popen(
             [sys.executable, "-m", "shardline.engine.forkserver", str(os.getpid()), str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), env=env,
         )  # fmt: skip
@@ -153,8 +153,8 @@ class ForkServer:
         """Stop the server; its children die with it (SIGKILL), as when the node worker dies."""
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        self._proc.kill()
-        self._proc.wait()
+        self.process.kill()
+        self.process.wait()
 
     def _listen(self) -> None:
         while True:
@@ -171,7 +171,7 @@ class ForkServer:
                 self._exit(int(event["exit"]), int(event["code"]))
         self.gone = True
         self._replies.put(None)
-        self._proc.wait()
+        self.process.wait()
         with self._state:
             orphans = list(self._children.values())
         for child in orphans:  # the kernel kills them with the server (their death signal)

@@ -40,7 +40,7 @@ def test_a_forked_runner_looks_and_ends_like_one_started_as_a_command(workdir: P
         with (workdir / "forked-waits.log").open("wb") as log:
             child = server.start([str(spec)], log.fileno())
         runner = psutil.Process(child.pid)
-        assert runner.ppid() == server._proc.pid
+        assert runner.ppid() == server.process.pid
         command = f"-m shardline.engine.runner {spec}"  # what ps and the tests see, once the child has set it
         deadline = time.monotonic() + 10
         while not " ".join(runner.cmdline()).endswith(command) and time.monotonic() < deadline:
@@ -48,7 +48,7 @@ def test_a_forked_runner_looks_and_ends_like_one_started_as_a_command(workdir: P
         assert " ".join(runner.cmdline()).endswith(command)
         child.kill()
         assert child.wait(10) == -signal.SIGKILL  # Popen's convention, reported by the server that reaped it
-        assert gone(child.pid, within=2) and server._proc.poll() is None  # the server goes on
+        assert gone(child.pid, within=2) and server.process.poll() is None  # the server goes on
     finally:
         server.close()
 
@@ -81,7 +81,7 @@ from activities.runner import runner_env
 from shardline.engine.forkserver import ForkServer
 server = ForkServer(runner_env("reference"))
 child = server.start([sys.argv[1]], 2)
-print(server._proc.pid, child.pid, flush=True)
+print(server.process.pid, child.pid, flush=True)
 time.sleep(600)
 """
 
@@ -105,7 +105,7 @@ def test_a_killed_server_takes_its_runners_and_says_so(workdir: Path, qwen_dir: 
     server = ForkServer(runner_env("reference"))
     with (workdir / "server-killed.log").open("wb") as log:
         child = server.start([str(waiting_spec(workdir, qwen_dir, "server-killed"))], log.fileno())
-    os.kill(server._proc.pid, signal.SIGKILL)
+    os.kill(server.process.pid, signal.SIGKILL)
     assert child.wait(15) == -signal.SIGKILL  # killed with the server, and its owner knows
     assert gone(child.pid, within=5)
     with pytest.raises(ForkServerGone):
@@ -130,8 +130,8 @@ async def test_a_node_forks_its_runners_and_starts_them_anew_when_it_cannot(tmp_
         assert isinstance(forked, ForkedProcess) and code == 2 and "first.json" in event["message"]
         server = shards._forkserver
         assert server is not None
-        os.kill(server._proc.pid, signal.SIGKILL)
-        await asyncio.to_thread(server._proc.wait)
+        os.kill(server.process.pid, signal.SIGKILL)
+        await asyncio.to_thread(server.process.wait)
         await asyncio.sleep(0.5)  # the server's end reaches its client
         fallback, event, code = await start(shards, "second")  # started as a command, and a new server next time
         assert isinstance(fallback, asyncio.subprocess.Process) and code == 2 and "second.json" in event["message"]
