@@ -98,8 +98,14 @@ async def test_a_killed_up_brings_its_instance_back_ready_by_itself(tmp_path: Pa
             instance_id = await start_instance(http, TINY)
             first = await wait_state(http, instance_id, {"ready", "failed"}, timeout=120)
             assert first["state"] == "ready", first
+        processes = family(up)  # up, its pieces, the node's fork server and the runner forked from it
+        commands = [" ".join(p.cmdline()) for p in processes]
+        assert any("shardline.engine.forkserver" in c for c in commands), commands
+        assert any("shardline.engine.runner" in c for c in commands), commands
         up.kill()
         up.wait(10)
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        assert alive == [], f"outlived `up`: {[p.cmdline()[:4] for p in alive]}"
         up = start_up(home, ports, hub.endpoint, **quick)
         wait_http(f"http://127.0.0.1:{ports['api']}/healthz", timeout=90)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['api']}", timeout=60) as http:
