@@ -158,6 +158,7 @@ class ShardActivities:
         self._node_id = node_id
         self._ledger = ledger or CacheLedger()
         self._forkserver: ForkServer | None = None
+        self._fork = settings.runner_fork and sys.platform == "linux"
 
     async def _start_beating(self, spec_path: Path, runner_log: int) -> RunnerProcess:
         """Start the runner, heartbeating meanwhile: a node's first runner waits for the BLAS probe and the fork
@@ -177,13 +178,16 @@ class ShardActivities:
         """Forked from this node's fork server (started by the first runner, on the event loop's thread: the
         main one, which its lifeline follows), or a new `python -m shardline.engine.runner`."""
         env = await asyncio.to_thread(runner_env, self._settings.runner_blas, self._settings.runner_ring_wait)
-        if self._settings.runner_fork and sys.platform == "linux":
+        if self._fork:
             if self._forkserver is None:
                 self._forkserver = ForkServer(env)
             try:
                 return await ForkedProcess.start(self._forkserver, spec_path, runner_log)
             except ForkServerGone as exc:
-                log.warning("runner.forkserver_gone", error=str(exc))  # the next runner starts a new one
+                # one that had forked runners was killed: the next runner starts a new one; one that never could
+                # (this system lacks what it needs, e.g. pidfds before Linux 5.3) is not started again
+                self._fork = self._forkserver.started > 0
+                log.warning("runner.forkserver_gone", error=str(exc), forking=self._fork)
                 self._forkserver = None
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "shardline.engine.runner", str(spec_path),

@@ -119,6 +119,7 @@ class ForkServer:
         self._lock = threading.Lock()  # one start at a time: replies come in the order of requests
         self._state = threading.Lock()
         self.gone = False
+        self.started = 0  # runners forked so far
         threading.Thread(target=self._listen, name="forkserver", daemon=True).start()
 
     def start(self, argv: list[str], stderr: int) -> Forked:
@@ -147,6 +148,7 @@ class ForkServer:
                 code = self._early.pop(pid, None)
             if code is not None:
                 self._exit(pid, code)
+            self.started += 1
             return child
 
     def close(self) -> None:

@@ -145,6 +145,15 @@ async def test_a_node_forks_its_runners_and_starts_them_anew_when_it_cannot(tmp_
     proc, _, code = await start(plain, "fourth")
     assert isinstance(proc, asyncio.subprocess.Process) and code == 2
 
+    # a server that dies before it ever forks a runner (a system without pidfds, say) is not started again
+    broken = ShardActivities(None, settings, "n3")  # type: ignore[arg-type]
+    broken._forkserver = ForkServer(runner_env("reference"))
+    broken._forkserver.process.kill()
+    await asyncio.to_thread(broken._forkserver.process.wait)
+    for name in ("fifth", "sixth"):
+        proc, _, code = await start(broken, name)
+        assert isinstance(proc, asyncio.subprocess.Process) and code == 2 and broken._forkserver is None
+
 
 async def test_a_node_heartbeats_while_its_first_runner_starts_and_a_cancel_then_leaves_none(
     workdir: Path, qwen_dir: Path, tmp_path: Path
