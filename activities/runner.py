@@ -20,6 +20,7 @@ from activities.resources import CacheLedger
 from activities.ring_wait import ring_wait_library
 from shardline import contracts
 from shardline.contracts import implements
+from shardline.engine import runner
 from shardline.engine.forkserver import Forked, ForkServer, ForkServerGone
 from shardline.engine.spec import RunnerSpec
 from shardline.errors import ErrorType, error
@@ -190,9 +191,8 @@ class ShardActivities:
                 log.warning("runner.forkserver_gone", error=str(exc), forking=self._fork)
                 self._forkserver = None
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shardline.engine.runner", str(spec_path),
-            stdout=asyncio.subprocess.PIPE, stderr=runner_log, env=env,
-        )  # fmt: skip
+            *runner.command(str(spec_path)), stdout=asyncio.subprocess.PIPE, stderr=runner_log, env=env
+        )
 
     @implements(contracts.run_shard)
     async def run_shard(self, spec: ShardSpec) -> None:

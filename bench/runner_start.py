@@ -13,7 +13,6 @@ import json
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import psutil
 
 from activities.runner import runner_env
 from bench.common import machine, save
+from shardline.engine import runner
 from shardline.engine.forkserver import ForkServer
 from tests.support.model_factory import make_tiny_model
 from tests.support.runners import rank_specs
@@ -32,8 +32,8 @@ Start = Callable[[Path, IO[bytes]], tuple[Any, IO[str]]]
 
 
 def exec_start(spec: Path, log: IO[bytes]) -> tuple[Any, IO[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "shardline.engine.runner", str(spec)], stdout=subprocess.PIPE,
-                            stderr=log, text=True, env=runner_env("reference"))  # fmt: skip
+    proc = subprocess.Popen(runner.command(str(spec)), stdout=subprocess.PIPE, stderr=log, text=True,
+                            env=runner_env("reference"))  # fmt: skip
     assert proc.stdout is not None
     return proc, proc.stdout
 

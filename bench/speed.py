@@ -38,6 +38,7 @@ from temporalio.client import Client
 
 from activities.runner import blas_works, optimized_blas, runner_env
 from bench.common import cluster_logs, cluster_on_mirror, machine, save, start_node, wait_for
+from shardline.engine.runner import command as runner_command
 from shardline.engine.spec import RunnerSpec, pipeline_layers
 from tests.support.hub_mirror import publish_model
 from tests.support.model_factory import make_tiny_model
@@ -386,7 +387,7 @@ def start_runners(
                                   splits, hosts, overlap=overlap)  # fmt: skip
             spec_path = root / f"rank{rank}.json"
             spec_path.write_text(spec.to_json())
-            command = [sys.executable, "-m", "shardline.engine.runner", str(spec_path)]
+            command = runner_command(str(spec_path))
             with open(root / f"rank{rank}.log", "ab") as log:
                 procs.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=log))
         return procs, read_event(procs[0], READY_TIMEOUT)["endpoint"]

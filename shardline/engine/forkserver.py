@@ -247,7 +247,7 @@ def fork_runner(argv: list[str], fds: list[int], closing: list[int]) -> int:
         for fd in fds:
             os.close(fd)
         hold(server)
-        setproctitle.setproctitle(" ".join([sys.executable, "-m", "shardline.engine.runner", *argv]))
+        setproctitle.setproctitle(" ".join(runner.command(*argv)))
         sys.argv = [runner.__file__, *argv]  # what `python -m shardline.engine.runner` would have
         code = runner.main(sys.argv)
     finally:

@@ -25,6 +25,11 @@ log = structlog.get_logger(__name__)
 EXIT_FAILED, EXIT_START, EXIT_REFUSED = 1, 2, 3
 
 
+def command(spec_path: str) -> list[str]:
+    """A runner started as a process; a forked one (forkserver.py) shows the same in `ps`."""
+    return [sys.executable, "-m", "shardline.engine.runner", spec_path]
+
+
 def claim_stdout() -> TextIO:
     """A private handle on stdout for the events; fd 1 itself now points at stderr."""
     sys.stdout.flush()

@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from shardline.engine.runner import command
 from tests.support.runners import (
     CHAT,
     PROMPT,
@@ -147,9 +148,7 @@ def test_missing_weight_file_fails_with_exit_code_2(workdir: Path, qwen_dir: Pat
 def test_bad_spec_fails_with_exit_code_2(workdir: Path, qwen_dir: Path) -> None:
     spec_path = workdir / "bad.json"
     spec_path.write_text(json.dumps({"model_path": str(qwen_dir), "strategy": "pipeline", "world_size": 1}))
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardline.engine.runner", str(spec_path)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run(command(str(spec_path)), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     message = "strategy 'pipeline' does not fit world size 1"
     assert json.loads(proc.stdout) == {"event": "error", "message": message, "refused": False}
